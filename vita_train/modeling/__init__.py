@@ -1,0 +1,1 @@
+"""VITA on Mask2Former, one module per part of the architecture."""

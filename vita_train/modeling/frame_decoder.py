@@ -1,0 +1,107 @@
+"""Mask2Former's masked-attention transformer decoder, run per frame; yields VITA's frame queries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .position_encoding import sine_position_encoding
+from .transformer_layers import MLP, CrossAttentionLayer, FFNLayer, SelfAttentionLayer
+
+
+@dataclass
+class FrameDecoderOutput:
+    """Per-frame outputs: queries of the requested layers (decoder_norm applied), and per layer logits/masks."""
+
+    frame_queries: list[Tensor]  # each (B, Nf, C), oldest first, the last is the final layer
+    pred_logits: list[Tensor]  # each (B, Nf, K+1), one per prediction (initial + every layer)
+    pred_masks: list[Tensor]  # each (B, Nf, H/4, W/4); empty at inference unless asked for
+
+
+class MaskedAttentionDecoder(nn.Module):
+    """Queries attend to one feature level per layer (coarse to fine, cycling), masked by the previous masks."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        hidden_dim: int = 256,
+        num_queries: int = 100,
+        num_heads: int = 8,
+        ffn_dim: int = 2048,
+        num_layers: int = 9,
+        mask_dim: int = 256,
+        num_levels: int = 3,
+    ) -> None:
+        super().__init__()
+        self.num_heads, self.num_layers, self.num_levels = num_heads, num_layers, num_levels
+        self.transformer_self_attention_layers = nn.ModuleList(
+            SelfAttentionLayer(hidden_dim, num_heads) for _ in range(num_layers)
+        )
+        self.transformer_cross_attention_layers = nn.ModuleList(
+            CrossAttentionLayer(hidden_dim, num_heads) for _ in range(num_layers)
+        )
+        self.transformer_ffn_layers = nn.ModuleList(FFNLayer(hidden_dim, ffn_dim) for _ in range(num_layers))
+        self.decoder_norm = nn.LayerNorm(hidden_dim)
+        self.query_feat = nn.Embedding(num_queries, hidden_dim)
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        self.level_embed = nn.Embedding(num_levels, hidden_dim)
+        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
+        self.hidden_dim = hidden_dim
+
+    def _heads(self, output: Tensor, mask_features: Tensor, size: tuple[int, int] | None, want_mask: bool):
+        decoded = self.decoder_norm(output)
+        logits = self.class_embed(decoded)
+        if size is None and not want_mask:
+            return decoded, logits, None, None
+        masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(decoded), mask_features)
+        attn_mask = None
+        if size is not None:
+            resized = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
+            # blocked where the predicted mask is below 0.5 (sigmoid, not the sign: they differ near 0)
+            attn_mask = (resized.sigmoid().flatten(2) < 0.5).detach()
+        return decoded, logits, masks, attn_mask
+
+    def forward(
+        self, features: list[Tensor], mask_features: Tensor, num_query_layers: int = 1, with_masks: bool = False
+    ) -> FrameDecoderOutput:
+        """features: [/32, /16, /8] (B, C, h, w); mask_features (B, D, H/4, W/4).
+
+        ``num_query_layers``: how many final layers' queries to return (1 at inference, 3 to train VITA).
+        ``with_masks``: also return every prediction's masks (training); inference skips the last einsum.
+        """
+        srcs, poss, sizes = [], [], []
+        for i, x in enumerate(features):
+            sizes.append((x.shape[-2], x.shape[-1]))
+            poss.append(sine_position_encoding(x, self.hidden_dim // 2).flatten(2).transpose(1, 2))
+            srcs.append(x.flatten(2).transpose(1, 2) + self.level_embed.weight[i].view(1, 1, -1))
+        b = features[0].shape[0]
+        query_pos = self.query_embed.weight.unsqueeze(0).expand(b, -1, -1)
+        output = self.query_feat.weight.unsqueeze(0).expand(b, -1, -1)
+
+        queries, logits_all, masks_all = [], [], []
+        _, logits, masks, attn_mask = self._heads(output, mask_features, sizes[0], with_masks)
+        logits_all.append(logits)
+        if with_masks:
+            masks_all.append(masks)
+        for i in range(self.num_layers):
+            level = i % self.num_levels
+            # a query whose mask blocks everything attends everywhere instead
+            attn_mask = attn_mask & ~attn_mask.all(-1, keepdim=True)
+            output = self.transformer_cross_attention_layers[i](
+                output, srcs[level], pos=query_pos, memory_pos=poss[level], mask=attn_mask.unsqueeze(1)
+            )
+            output = self.transformer_self_attention_layers[i](output, pos=query_pos)
+            output = self.transformer_ffn_layers[i](output)
+            last = i == self.num_layers - 1
+            next_size = None if last else sizes[(i + 1) % self.num_levels]
+            decoded, logits, masks, attn_mask = self._heads(output, mask_features, next_size, with_masks)
+            logits_all.append(logits)
+            if with_masks:
+                masks_all.append(masks)
+            if i >= self.num_layers - num_query_layers:
+                queries.append(decoded)
+        return FrameDecoderOutput(queries, logits_all, masks_all)

@@ -1,0 +1,125 @@
+"""Mask2Former's multi-scale deformable-attention pixel decoder (MSDeformAttnPixelDecoder)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .ms_deform_attn import MSDeformAttn
+from .position_encoding import sine_position_encoding
+
+
+class DeformableEncoderLayer(nn.Module):
+    """Post-norm deformable self-attention + ReLU FFN."""
+
+    def __init__(self, dim: int, ffn_dim: int, num_levels: int, num_heads: int, num_points: int) -> None:
+        super().__init__()
+        self.self_attn = MSDeformAttn(dim, num_levels, num_heads, num_points)
+        self.norm1 = nn.LayerNorm(dim)
+        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
+        """src, pos (N, S, C)."""
+        src = self.norm1(src + self.self_attn(src + pos, reference_points, src, shapes))
+        return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
+
+
+class DeformableEncoder(nn.Module):
+    """Stack of deformable encoder layers with a learned per-level embedding."""
+
+    def __init__(self, dim: int, ffn_dim: int, num_layers: int, num_levels: int, num_heads: int, num_points: int):
+        super().__init__()
+        self.level_embed = nn.Parameter(torch.zeros(num_levels, dim))
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList(
+            DeformableEncoderLayer(dim, ffn_dim, num_levels, num_heads, num_points) for _ in range(num_layers)
+        )
+        nn.init.normal_(self.level_embed)
+
+
+def reference_points(shapes: list[tuple[int, int]], device: torch.device) -> Tensor:
+    """(1, S, 2) pixel centres (x, y) of every level, normalised to [0, 1]."""
+    refs = []
+    for h, w in shapes:
+        ref_y, ref_x = torch.meshgrid(
+            torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
+            torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
+            indexing="ij",
+        )
+        refs.append(torch.stack((ref_x.reshape(-1) / w, ref_y.reshape(-1) / h), -1))
+    return torch.cat(refs, 0)[None]
+
+
+class ConvGN(nn.Module):
+    """Conv2d (no bias) + GroupNorm, optionally ReLU (detectron2 Conv2d with norm='GN')."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, groups: int, relu: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cout, cin, kernel, kernel))
+        nn.init.kaiming_uniform_(self.weight, a=1)
+        self.norm = nn.GroupNorm(groups, cout)
+        self.padding = kernel // 2
+        self.relu = relu
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Conv, GroupNorm, optional ReLU."""
+        x = self.norm(F.conv2d(x, self.weight, None, 1, self.padding))
+        return F.relu(x) if self.relu else x
+
+
+class MSDeformAttnPixelDecoder(nn.Module):
+    """res2..res5 -> (mask features /4 pre-projection, multi-scale [/32, /16, /8]).
+
+    The deformable encoder runs over res5, res4, res3 (coarse to fine); res2 joins through one FPN step.
+    """
+
+    def __init__(
+        self,
+        in_channels: dict[str, int],
+        conv_dim: int = 256,
+        mask_dim: int = 256,
+        num_heads: int = 8,
+        num_levels: int = 3,
+        num_points: int = 4,
+        enc_layers: int = 6,
+        ffn_dim: int = 1024,
+        norm_groups: int = 32,
+    ) -> None:
+        super().__init__()
+        self.transformer_features = ["res5", "res4", "res3"][:num_levels]
+        self.input_proj = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(in_channels[f], conv_dim, 1), nn.GroupNorm(norm_groups, conv_dim))
+            for f in self.transformer_features
+        )
+        self.transformer = DeformableEncoder(conv_dim, ffn_dim, enc_layers, num_levels, num_heads, num_points)
+        self.adapter_1 = ConvGN(in_channels["res2"], conv_dim, 1, norm_groups, relu=False)
+        self.layer_1 = ConvGN(conv_dim, conv_dim, 3, norm_groups, relu=True)
+        self.mask_features = nn.Conv2d(conv_dim, mask_dim, 1)
+        self.conv_dim = conv_dim
+
+    def forward(self, features: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """Returns (out /4 before the mask-feature conv, [out /32, out /16, out /8])."""
+        srcs, pos, shapes = [], [], []
+        for lvl, name in enumerate(self.transformer_features):
+            x = features[name].float()
+            src = self.input_proj[lvl](x)
+            shapes.append((src.shape[-2], src.shape[-1]))
+            srcs.append(src.flatten(2).transpose(1, 2))
+            p = sine_position_encoding(x, self.conv_dim // 2).flatten(2).transpose(1, 2)
+            pos.append(p + self.transformer.level_embed[lvl].view(1, 1, -1))
+        src = torch.cat(srcs, 1)
+        pos_all = torch.cat(pos, 1)
+        refs = reference_points(shapes, src.device)
+        for layer in self.transformer.encoder.layers:
+            src = layer(src, pos_all, refs, shapes)
+        n = src.shape[0]
+        outs = [
+            part.transpose(1, 2).reshape(n, self.conv_dim, h, w)
+            for part, (h, w) in zip(src.split([h * w for h, w in shapes], dim=1), shapes)
+        ]
+        lateral = self.adapter_1(features["res2"].float())
+        y = lateral + F.interpolate(outs[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+        return self.layer_1(y), outs

@@ -1,0 +1,31 @@
+"""Normalised sine positional encoding (DETR / Mask2Former), computed from a feature map's shape."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def sine_position_encoding(feature: Tensor, num_pos_feats: int, temperature: float = 10000.0) -> Tensor:
+    """(1, 2*num_pos_feats, H, W) encoding for a (N, C, H, W) feature; y channels first, then x.
+
+    No padding mask: the padded area counts as image, as in the official code.
+    """
+    h, w = feature.shape[-2:]
+    device = feature.device
+    eps, scale = 1e-6, 2 * math.pi
+    ones = torch.ones((1, h, w), device=device, dtype=torch.float32)
+    y_embed = ones.cumsum(1)
+    x_embed = ones.cumsum(2)
+    y_embed = y_embed / (y_embed[:, -1:, :] + eps) * scale
+    x_embed = x_embed / (x_embed[:, :, -1:] + eps) * scale
+    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
+    pos_x = x_embed[:, :, :, None] / dim_t
+    pos_y = y_embed[:, :, :, None] / dim_t
+    # sin on even channels, cos on odd ones, interleaved
+    pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
+    pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
+    return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)

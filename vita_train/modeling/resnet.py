@@ -1,0 +1,114 @@
+"""ResNet backbone as detectron2 builds it for Mask2Former: frozen batch norm, outputs res2..res5."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """Batch norm with fixed statistics and affine parameters, all stored as buffers."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features) - eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """y = (x - mean) / sqrt(var + eps) * weight + bias."""
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
+
+
+class ConvNorm(nn.Module):
+    """Conv2d without bias followed by FrozenBN (detectron2's Conv2d with ``norm``)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cout, cin, kernel, kernel))
+        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+        self.stride, self.padding = stride, padding
+        self.norm = FrozenBatchNorm2d(cout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Convolution then frozen normalisation."""
+        return self.norm(F.conv2d(x, self.weight, None, self.stride, self.padding))
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (strided unless stride_in_1x1) -> 1x1 with a projection shortcut when shapes change."""
+
+    def __init__(self, cin: int, cout: int, width: int, stride: int, stride_in_1x1: bool = False) -> None:
+        super().__init__()
+        s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.shortcut = ConvNorm(cin, cout, 1, stride) if cin != cout else None
+        self.conv1 = ConvNorm(cin, width, 1, s1)
+        self.conv2 = ConvNorm(width, width, 3, s3, 1)
+        self.conv3 = ConvNorm(width, cout, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Residual bottleneck."""
+        out = F.relu_(self.conv1(x))
+        out = F.relu_(self.conv2(out))
+        out = self.conv3(out)
+        return F.relu_(out + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class Stem(nn.Module):
+    """7x7/2 conv + FrozenBN + ReLU + 3x3/2 max pool."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv1 = ConvNorm(cin, cout, 7, 2, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Stride-4 stem features."""
+        return F.max_pool2d(F.relu_(self.conv1(x)), kernel_size=3, stride=2, padding=1)
+
+
+class ResNet(nn.Module):
+    """Bottleneck ResNet returning {"res2": stride 4, ..., "res5": stride 32} NCHW features."""
+
+    def __init__(
+        self,
+        stage_blocks: Sequence[int] = (3, 4, 6, 3),
+        stem_out_channels: int = 64,
+        res2_out_channels: int = 256,
+        bottleneck_channels: int = 64,
+        stride_in_1x1: bool = False,
+        in_chans: int = 3,
+    ) -> None:
+        super().__init__()
+        self.stem = Stem(in_chans, stem_out_channels)
+        cin, cout, width = stem_out_channels, res2_out_channels, bottleneck_channels
+        self.out_channels: dict[str, int] = {}
+        self.out_strides: dict[str, int] = {}
+        self.stage_names = []
+        for s, n in enumerate(stage_blocks):
+            name = f"res{s + 2}"
+            blocks = []
+            for i in range(n):
+                stride = 2 if (i == 0 and s > 0) else 1
+                blocks.append(Bottleneck(cin, cout, width, stride, stride_in_1x1))
+                cin = cout
+            self.add_module(name, nn.Sequential(*blocks))
+            self.stage_names.append(name)
+            self.out_channels[name] = cout
+            self.out_strides[name] = 4 * 2**s
+            cout, width = cout * 2, width * 2
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """x (B, 3, H, W) normalised, padded to /32."""
+        x = self.stem(x)
+        out = {}
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+            out[name] = x
+        return out

@@ -1,0 +1,112 @@
+"""Post-norm attention and feed-forward layers shared by the frame decoder and VITA.
+
+Parameter names follow ``nn.MultiheadAttention`` (packed ``in_proj_weight``) so official weights load
+unchanged; tensors are batch-first (N, L, C) throughout.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class MultiheadAttention(nn.Module):
+    """Multi-head attention with packed q/k/v projections, batch-first, additive or boolean mask."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"attention width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """query (N, Lq, C), key/value (N, Lk, C); mask broadcastable to (N, heads, Lq, Lk).
+
+        A boolean mask is True where attention is NOT allowed (the nn.MultiheadAttention convention);
+        a float mask is added to the logits.
+        """
+        n, lq, c = query.shape
+        h = self.num_heads
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        q = F.linear(query, w_q, b_q).view(n, lq, h, c // h).transpose(1, 2)
+        k = F.linear(key, w_k, b_k).view(n, -1, h, c // h).transpose(1, 2)
+        v = F.linear(value, w_v, b_v).view(n, -1, h, c // h).transpose(1, 2)
+        if mask is not None and mask.dtype == torch.bool:
+            mask = ~mask  # scaled_dot_product_attention takes True = allowed
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out_proj(out.transpose(1, 2).reshape(n, lq, c))
+
+
+class SelfAttentionLayer(nn.Module):
+    """x = LN(x + SelfAttn(q=k=x+pos, v=x))."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.self_attn = MultiheadAttention(dim, num_heads)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, pos: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> Tensor:
+        """x (N, L, C); pos broadcastable to x."""
+        qk = x if pos is None else x + pos
+        return self.norm(x + self.self_attn(qk, qk, x, mask))
+
+
+class CrossAttentionLayer(nn.Module):
+    """x = LN(x + Attn(q=x+pos, k=memory+memory_pos, v=memory))."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.multihead_attn = MultiheadAttention(dim, num_heads)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(
+        self,
+        x: Tensor,
+        memory: Tensor,
+        pos: Optional[Tensor] = None,
+        memory_pos: Optional[Tensor] = None,
+        mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """x (N, Lq, C), memory (N, Lk, C)."""
+        q = x if pos is None else x + pos
+        k = memory if memory_pos is None else memory + memory_pos
+        return self.norm(x + self.multihead_attn(q, k, memory, mask))
+
+
+class FFNLayer(nn.Module):
+    """x = LN(x + W2 ReLU(W1 x))."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(dim, hidden)
+        self.linear2 = nn.Linear(hidden, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (..., C)."""
+        return self.norm(x + self.linear2(F.relu(self.linear1(x))))
+
+
+class MLP(nn.Module):
+    """Linear layers with ReLU between them (none after the last)."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, num_layers: int) -> None:
+        super().__init__()
+        dims = [in_dim] + [hidden] * (num_layers - 1) + [out_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (..., in_dim) -> (..., out_dim)."""
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x

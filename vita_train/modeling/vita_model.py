@@ -1,0 +1,120 @@
+"""The whole VITA model: per-frame detector (backbone, pixel decoder, frame decoder) and the VITA module."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from .frame_decoder import MaskedAttentionDecoder
+from .pixel_decoder import MSDeformAttnPixelDecoder
+from .resnet import ResNet
+from .swin import SwinTransformer
+from .vita_module import VitaModule, VitaOutput
+
+
+@dataclass
+class DetectorOutput:
+    """Per-frame outputs of the detector for a batch of B frames."""
+
+    frame_queries: Tensor  # (B, Nf, C) last decoder layer, after decoder_norm
+    frame_logits: Tensor  # (B, Nf, K+1), no-object in the last column
+    mask_features: Tensor  # (B, D, Hp/4, Wp/4), VITA's mask features (vita_mask_features applied)
+
+
+def build_backbone(config: ModelConfig) -> nn.Module:
+    """ResNet or Swin, from the config."""
+    if config.backbone == "resnet":
+        r = config.resnet
+        return ResNet(r.stage_blocks, r.stem_out_channels, r.res2_out_channels, r.bottleneck_channels, r.stride_in_1x1)
+    s = config.swin
+    return SwinTransformer(
+        embed_dim=s.embed_dim,
+        depths=s.depths,
+        num_heads=s.num_heads,
+        window_size=s.window_size,
+        mlp_ratio=s.mlp_ratio,
+        patch_size=s.patch_size,
+        patch_norm=s.patch_norm,
+    )
+
+
+class VitaModel(nn.Module):
+    """VITA on Mask2Former. ``detect`` runs per frame, ``track`` once over all frames' queries."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        pd, fd, vc = config.pixel_decoder, config.frame_decoder, config.vita
+        self.backbone = build_backbone(config)
+        self.pixel_decoder = MSDeformAttnPixelDecoder(
+            self.backbone.out_channels,
+            conv_dim=pd.conv_dim,
+            mask_dim=pd.mask_dim,
+            num_heads=pd.num_heads,
+            num_levels=pd.num_levels,
+            num_points=pd.num_points,
+            enc_layers=pd.enc_layers,
+            ffn_dim=pd.ffn_dim,
+            norm_groups=pd.norm_groups,
+        )
+        self.frame_decoder = MaskedAttentionDecoder(
+            config.num_classes,
+            hidden_dim=fd.hidden_dim,
+            num_queries=fd.num_queries,
+            num_heads=fd.num_heads,
+            ffn_dim=fd.ffn_dim,
+            num_layers=fd.num_layers,
+            mask_dim=pd.mask_dim,
+            num_levels=pd.num_levels,
+        )
+        self.vita = VitaModule(
+            config.num_classes,
+            num_frame_queries=fd.num_queries,
+            hidden_dim=vc.hidden_dim,
+            num_queries=vc.num_queries,
+            num_heads=vc.num_heads,
+            ffn_dim=vc.ffn_dim,
+            enc_layers=vc.enc_layers,
+            dec_layers=vc.dec_layers,
+            window=vc.window,
+            enforce_input_proj=vc.enforce_input_proj,
+            conv_dim=pd.conv_dim,
+            mask_dim=pd.mask_dim,
+            sim_embed_frame=vc.sim_embed_frame,
+            sim_embed_clip=vc.sim_embed_clip,
+        )
+        inp = config.input
+        self.register_buffer("pixel_mean", torch.tensor(inp.pixel_mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(inp.pixel_std).view(1, -1, 1, 1), persistent=False)
+
+    def normalize_and_pad(self, images: Tensor) -> Tensor:
+        """(B, 3, Hr, Wr) RGB in 0..255 (uint8 or float) -> normalised, zero-padded to the size divisibility."""
+        x = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
+        d = self.config.input.size_divisibility
+        h, w = x.shape[-2:]
+        if d > 1:
+            x = F.pad(x, (0, (-w) % d, 0, (-h) % d))  # after normalisation, as detectron2's ImageList
+        return x
+
+    def detect(self, images: Tensor, num_query_layers: int = 1) -> DetectorOutput:
+        """Frames already resized (B, 3, Hr, Wr) -> frame queries, frame logits and mask features."""
+        x = self.normalize_and_pad(images)
+        features = self.backbone(x)
+        out4, multi_scale = self.pixel_decoder(features)
+        frame_mask_features = self.pixel_decoder.mask_features(out4)
+        decoded = self.frame_decoder(multi_scale, frame_mask_features, num_query_layers=num_query_layers)
+        return DetectorOutput(
+            frame_queries=decoded.frame_queries[-1],
+            frame_logits=decoded.pred_logits[-1],
+            mask_features=self.vita.vita_mask_features(out4),
+        )
+
+    def track(self, frame_queries: Tensor, query_index: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """All T frames' queries (T, N, C) -> video class logits (cQ, K+1) and mask embeddings (cQ, D)."""
+        out: VitaOutput = self.vita(frame_queries.unsqueeze(0), query_index)
+        return out.pred_logits[0], out.pred_mask_embed[0]
