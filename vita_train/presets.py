@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from .config import FrameDecoderConfig, InputConfig, ModelConfig, ResNetConfig, SwinConfig, TestConfig
+from .config import (
+    FrameDecoderConfig,
+    InputConfig,
+    ModelConfig,
+    PixelDecoderConfig,
+    ResNetConfig,
+    SwinConfig,
+    TestConfig,
+    VitaConfig,
+)
 from .data.class_names import DATASET_CLASSES
 
 _BACKBONES = {
@@ -32,11 +41,31 @@ def _preset(backbone: str, dataset: str) -> ModelConfig:
     )
 
 
-PRESET_NAMES: tuple[str, ...] = tuple(f"vita_{b}_{d}" for b in _BACKBONES for d in _DATASETS)
+def _tiny() -> ModelConfig:
+    """A small R-50-layout model (the official fixtures' widths) for demos, tests and smoke training."""
+    names = DATASET_CLASSES["ytvis_2019"]
+    return ModelConfig(
+        name="vita_tiny",
+        dataset="ytvis_2019",
+        num_classes=len(names),
+        class_names=names,
+        backbone="resnet",
+        resnet=ResNetConfig(stem_out_channels=16, res2_out_channels=64, bottleneck_channels=16),
+        swin=None,
+        pixel_decoder=PixelDecoderConfig(conv_dim=64, mask_dim=64, num_heads=4, enc_layers=2),
+        frame_decoder=FrameDecoderConfig(hidden_dim=64, num_queries=20, num_heads=4, ffn_dim=128, num_layers=3),
+        vita=VitaConfig(hidden_dim=64, num_queries=10, num_heads=4, ffn_dim=128, enc_layers=3, dec_layers=2),
+        input=InputConfig(min_size_test=128),
+    )
+
+
+PRESET_NAMES: tuple[str, ...] = tuple(f"vita_{b}_{d}" for b in _BACKBONES for d in _DATASETS) + ("vita_tiny",)
 
 
 def preset(name: str) -> ModelConfig:
     """The config of a released model, e.g. ``vita_r50_ytvis19`` or ``vita_swinl_ovis``."""
+    if name == "vita_tiny":
+        return _tiny()
     for b in _BACKBONES:
         for d in _DATASETS:
             if name == f"vita_{b}_{d}":

@@ -60,6 +60,8 @@ def read_checkpoint(path: Path) -> Any:
         if zipfile.is_zipfile(path) or "zip" in first.lower() or isinstance(e, EOFError):
             raise CheckpointError(f"{path} is truncated or corrupt ({first}); download or copy it again") from None
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({first})") from None
+    except Exception as e:  # the weights-only unpickler fails in many ways on arbitrary bytes
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
 
 
 def _tensor_state(raw: Any, path: Path) -> dict[str, Tensor]:
@@ -129,6 +131,12 @@ def _class_names(dataset: Optional[str], num_classes: int) -> tuple[str, tuple[s
     return key, names
 
 
+def _arch_label(arch: dict[str, Any]) -> str:
+    if arch["backbone"] == "resnet":
+        return f"r{arch['resnet'].depth}"
+    return f"swin{arch['swin'].embed_dim}"
+
+
 def _apply_overrides(cfg: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
     dotted: dict[str, Any] = {}
     for key, value in overrides.items():
@@ -139,7 +147,14 @@ def _apply_overrides(cfg: ModelConfig, overrides: dict[str, Any]) -> ModelConfig
     return cfg.replace(**dotted) if dotted else cfg
 
 
-def _config_for_official(state: dict[str, Tensor], settings: dict[str, Any], overrides: dict[str, Any]) -> ModelConfig:
+def config_for_official_state(
+    state: Mapping[str, Tensor], settings: Optional[dict[str, Any]] = None, overrides: Optional[dict[str, Any]] = None
+) -> ModelConfig:
+    """The full config of an official checkpoint: architecture from the weights (our key layout), the rest
+    from detectron2 ``settings`` (dotted keys, see settings_from_detectron2), else the released defaults.
+    ``overrides`` may hold ``dataset`` and ``class_names``; the ones used are removed from it."""
+    settings = dict(settings or {})
+    overrides = overrides if overrides is not None else {}
     arch = official.infer_config(state)
     dataset = overrides.pop("dataset", None) or settings.pop("dataset", None)
     settings.pop("dataset", None)
@@ -148,7 +163,7 @@ def _config_for_official(state: dict[str, Tensor], settings: dict[str, Any], ove
     key, names = _class_names(dataset, arch["num_classes"])
     if "class_names" in overrides:
         names = tuple(overrides.pop("class_names"))
-    cfg = ModelConfig(dataset=key, class_names=names, name=f"vita_{arch['backbone']}_{key}", **arch)
+    cfg = ModelConfig(dataset=key, class_names=names, name=f"vita_{_arch_label(arch)}_{key}", **arch)
     values = _released_defaults(arch["backbone"], dataset_key(key) or key)
     values.update(settings)
     return cfg.replace(**values)
@@ -214,7 +229,7 @@ def load_model(
             )
         state = official.from_official(state)
         given, settings = _resolve_config_source(config, path)
-        cfg = given or _config_for_official(state, settings, overrides)
+        cfg = given or config_for_official_state(state, settings, overrides)
     cfg = _apply_overrides(cfg, overrides)
     model = VitaModel(cfg)
     _load_weights(model, state, path)

@@ -1,0 +1,1 @@
+"""Datasets: class names of the released datasets and synthetic clips."""
