@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from pycocotools import mask as mask_utils
 from . import VitaModel, load_model, preset
 from .data.synthetic import moving_shapes_clip
 from .inference import VideoPrediction, predict_video
+from .utils.atomic import atomic_write
 
 
 def ytvis_records(pred: VideoPrediction, video_id: int) -> list[dict]:
@@ -29,19 +28,6 @@ def ytvis_records(pred: VideoPrediction, video_id: int) -> list[dict]:
             rle["counts"] = rle["counts"].decode("ascii")
         records.append({"video_id": video_id, "score": score, "category_id": label + 1, "segmentations": rles})
     return records
-
-
-def write_json_atomic(obj: object, path: Path) -> None:
-    """Write JSON through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -57,7 +43,8 @@ def _demo(args: argparse.Namespace) -> int:
     pred = predict_video(model, frames)
     elapsed = time.perf_counter() - start
     out = Path(args.out)
-    write_json_atomic(ytvis_records(pred, video_id=1), out)
+    records = ytvis_records(pred, video_id=1)
+    atomic_write(out, lambda f: json.dump(records, f), binary=False)
     names = model.config.label_names()
     print(f"segmented a generated {len(frames)}-frame 120x160 clip with {note}")
     print(f"{elapsed / len(frames):.3f} s/frame on {torch.get_num_threads()} threads; wrote {len(pred.scores)} instances to {out}")

@@ -49,30 +49,21 @@ def is_official_layout(state: Mapping[str, Any]) -> bool:
     return any(k.startswith(("sem_seg_head.", "vita_module.")) for k in state)
 
 
+def _rename(key: str, pairs: tuple[tuple[str, str], ...]) -> str:
+    for old, new in pairs:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
+
+
 def from_official(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Official keys -> our keys; ignored loss buffers dropped; unknown prefixes kept (reported later)."""
-    out = {}
-    for key, value in state.items():
-        if key in IGNORED_KEYS:
-            continue
-        for theirs, ours in PREFIXES:
-            if key.startswith(theirs):
-                key = ours + key[len(theirs) :]
-                break
-        out[key] = value
-    return out
+    return {_rename(k, PREFIXES): v for k, v in state.items() if k not in IGNORED_KEYS}
 
 
-def to_official(state: Mapping[str, Tensor], num_classes: int | None = None) -> dict[str, Tensor]:
+def to_official(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Our keys -> official keys (the inverse of from_official, without the loss buffers)."""
-    out = {}
-    for key, value in state.items():
-        for theirs, ours in PREFIXES:
-            if key.startswith(ours):
-                key = theirs + key[len(ours) :]
-                break
-        out[key] = value
-    return out
+    return {_rename(k, tuple((b, a) for a, b in PREFIXES)): v for k, v in state.items()}
 
 
 def _indices(state: Mapping[str, Tensor], pattern: str) -> list[int]:
