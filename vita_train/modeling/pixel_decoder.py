@@ -101,7 +101,12 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.conv_dim = conv_dim
 
     def forward(self, features: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
-        """Returns (out /4 before the mask-feature conv, [out /32, out /16, out /8])."""
+        """Returns (out /4 before the mask-feature conv, [out /32, out /16, out /8]), always in float32."""
+        # the official pixel decoder opts out of mixed precision: deformable sampling is fp32-sensitive
+        with torch.autocast(device_type=features["res2"].device.type, enabled=False):
+            return self._forward(features)
+
+    def _forward(self, features: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
         srcs, pos, shapes = [], [], []
         for lvl, name in enumerate(self.transformer_features):
             x = features[name].float()

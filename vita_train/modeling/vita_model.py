@@ -114,7 +114,16 @@ class VitaModel(nn.Module):
             mask_features=self.vita.vita_mask_features(out4),
         )
 
-    def track(self, frame_queries: Tensor, query_index: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-        """All T frames' queries (T, N, C) -> video class logits (cQ, K+1) and mask embeddings (cQ, D)."""
-        out: VitaOutput = self.vita(frame_queries.unsqueeze(0), query_index)
+    def mask_features(self, images: Tensor) -> Tensor:
+        """VITA's mask features only (B, D, Hp/4, Wp/4): the frame decoder is skipped (second-pass recompute)."""
+        out4, _ = self.pixel_decoder(self.backbone(self.normalize_and_pad(images)))
+        return self.vita.vita_mask_features(out4)
+
+    def track(
+        self, frame_queries: Tensor, query_index: Optional[Tensor] = None, window: Optional[int] = None
+    ) -> tuple[Tensor, Tensor]:
+        """All T frames' queries (T, N, C) -> video class logits (cQ, K+1) and mask embeddings (cQ, D).
+
+        ``query_index`` (T, N): each token's frame-query slot (after pruning); ``window`` overrides W."""
+        out: VitaOutput = self.vita(frame_queries.unsqueeze(0), query_index, window=window)
         return out.pred_logits[0], out.pred_mask_embed[0]

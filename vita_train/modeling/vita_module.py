@@ -111,10 +111,9 @@ class VitaModule(nn.Module):
     def _layer(self, i: int, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         return self.enc_ffn[i](self.enc_self_attn[i](x, mask=mask))
 
-    def _window_layer(self, i: int, x: Tensor, num_frames: int) -> Tensor:
-        """Attention inside consecutive windows; padded frames are masked as keys."""
+    def _window_layer(self, i: int, x: Tensor, num_frames: int, w: int) -> Tensor:
+        """Attention inside consecutive windows of ``w`` frames; padded frames are masked as keys."""
         b, tp, n, c = x.shape
-        w = self.window
         nw = tp // w
         windows = x.reshape(b * nw, w * n, c)
         mask = None
@@ -123,10 +122,9 @@ class VitaModule(nn.Module):
             mask = key_pad.expand(b, nw, 1, 1, w, n).reshape(b * nw, 1, 1, w * n)
         return self._layer(i, windows, mask).view(b, tp, n, c)
 
-    def _shifted_window_layer(self, i: int, x: Tensor, num_frames: int) -> Tensor:
+    def _shifted_window_layer(self, i: int, x: Tensor, num_frames: int, w: int) -> Tensor:
         """Attention inside windows shifted by ceil(W/2) frames, masking wrapped and padded frames."""
         b, tp, n, c = x.shape
-        w = self.window
         nw = tp // w
         h = math.ceil(w / 2)
         first_mask, last_mask = shifted_edge_masks(num_frames, tp, w)
@@ -144,36 +142,43 @@ class VitaModule(nn.Module):
         out = torch.cat([p if p.dim() == 4 else p.unsqueeze(1) for p in parts], dim=1)
         return torch.roll(out.view(b, tp, n, c), -h, dims=1)
 
-    def encode(self, tokens: Tensor, shifted: Optional[bool] = None) -> Tensor:
+    def encode(self, tokens: Tensor, shifted: Optional[bool] = None, window: Optional[int] = None) -> Tensor:
         """tokens (B, T, N, C) after input projection -> encoded (B, T, N, C).
 
         ``shifted``: use the shifted window on odd layers (the official inference); defaults to
-        ``not self.training`` because the official training never shifts.
+        ``not self.training`` because the official training never shifts. ``window`` overrides W
+        (0 = full attention over all frames).
         """
         if shifted is None:
             shifted = not self.training
+        w = self.window if window is None else window
         b, t, n, c = tokens.shape
-        if self.window == 0:
+        if w == 0:
             x = tokens.reshape(b, t * n, c)
             for i in range(len(self.enc_self_attn)):
                 x = self._layer(i, x)
             return x.view(b, t, n, c)
-        x, t = pad_frames(tokens, self.window)
+        x, t = pad_frames(tokens, w)
         for i in range(len(self.enc_self_attn)):
             if shifted and i % 2 == 1:
-                x = self._shifted_window_layer(i, x, t)
+                x = self._shifted_window_layer(i, x, t, w)
             else:
-                x = self._window_layer(i, x, t)
+                x = self._window_layer(i, x, t, w)
         return x[:, :t]
 
     # ----- Object Decoder ---------------------------------------------------------------------------
     def forward(
-        self, frame_queries: Tensor, query_index: Optional[Tensor] = None, all_layers: bool = False
+        self,
+        frame_queries: Tensor,
+        query_index: Optional[Tensor] = None,
+        all_layers: bool = False,
+        window: Optional[int] = None,
     ) -> VitaOutput:
         """frame_queries (B, T, N, C); query_index (T, N) or (B, T, N): the frame-query slot of each token
-        (defaults to 0..N-1, i.e. no pruning). ``all_layers`` adds every decoder layer's heads (training)."""
+        (defaults to 0..N-1, i.e. no pruning). ``all_layers`` adds every decoder layer's heads (training).
+        ``window`` overrides the encoder window W."""
         b, t, n, c = frame_queries.shape
-        tokens = self.encode(self.input_proj_dec(frame_queries))
+        tokens = self.encode(self.input_proj_dec(frame_queries), window=window)
         fq_embed = self.sim_embed_frame(tokens) if (all_layers and self.sim_embed_frame is not None) else None
         if query_index is None:
             pos = self.fq_pos.weight[:n].view(1, 1, n, c).expand(b, t, n, c)
