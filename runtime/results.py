@@ -79,6 +79,14 @@ class Instance:
             raise ValueError("every frame of this instance is empty; pass size=(height, width)")
         return np.zeros(size, dtype=bool)
 
+    def box(self, t: int) -> Optional[list[float]]:
+        """[x, y, w, h] in frame ``t``: the stored box, else computed from the mask; None where empty."""
+        if self.boxes[t] is not None:
+            return [float(v) for v in self.boxes[t]]
+        if self.masks[t] is None:
+            return None
+        return [float(v) for v in mask_utils.toBbox(_rle_for_coco(self.masks[t]))]
+
     def area(self) -> list[int]:
         """Mask area in pixels, per frame (0 where empty)."""
         return [0 if rle is None else int(mask_utils.area(_rle_for_coco(rle))) for rle in self.masks]

@@ -1,0 +1,115 @@
+"""Command line of the runtime.
+
+  python -m runtime VIDEO --model PATH --out results.json [--render overlay.mp4] [--prune-ratio R] ...
+  python -m runtime --demo [--out-dir DIR]
+  python -m runtime dataset --ytvis-json valid.json --frames ROOT --model PATH --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .segmenter import ModelPathError
+from .video_io import VideoInputError
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="official detectron2 checkpoint, one of ours, or an export directory")
+    p.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], help="default: from what --model is")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--prune-ratio", type=float, default=1.0, help="top-r token pruning; 1.0 = off")
+    p.add_argument("--window", type=int, help="VITA encoder window (0 = full attention)")
+    p.add_argument("--topk", type=int, help="instances per video")
+    p.add_argument("--min-size", type=int, help="test-time shortest edge")
+    p.add_argument("--batch-size", type=int, help="frames per detector call")
+    p.add_argument("--feature-policy", default="auto", choices=["auto", "device", "host", "recompute"])
+    p.add_argument("--progress", action="store_true", help="show progress bars")
+
+
+def _options(args: argparse.Namespace) -> dict:
+    return dict(
+        prune_ratio=args.prune_ratio,
+        window=args.window,
+        topk=args.topk,
+        min_size=args.min_size,
+        batch_size=args.batch_size,
+        feature_policy=args.feature_policy,
+        progress=args.progress,
+    )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def _segment_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m runtime", description="Segment every instance of a video with VITA.")
+    p.add_argument("video", nargs="?", help="video file, frame folder")
+    p.add_argument("--out", help="results JSON to write")
+    p.add_argument("--render", help="overlay video to write (.mp4, .mkv, ...)")
+    p.add_argument("--demo", action="store_true", help="segment a generated clip with the built-in model")
+    p.add_argument("--out-dir", default="vita_demo", help="--demo: where to write its files")
+    _add_run_options(p)
+    args = p.parse_args(argv)
+    if args.demo:
+        from .demo import run_demo
+
+        run_demo(Path(args.out_dir), progress=args.progress)
+        return 0
+    if not args.video or not args.model or not args.out:
+        p.error("VIDEO, --model and --out are required (or use --demo)")
+    video, out = Path(args.video), Path(args.out)
+    for target in [out] + ([Path(args.render)] if args.render else []):
+        if _same_file(target, video) or _same_file(target, Path(args.model)):
+            p.error(f"{target} is one of the inputs; choose another output path")
+    from .segmenter import load
+
+    segmenter = load(args.model, backend=args.backend, device=args.device, dtype=args.dtype)
+    result = segmenter.segment(args.video, **_options(args))
+    result.save(out)
+    if args.render:
+        result.render(args.render, args.video)
+    logging.getLogger("runtime").info("%d instances over %d frames -> %s", len(result.instances), result.num_frames, out)
+    return 0
+
+
+def _dataset_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m runtime dataset", description="YouTube-VIS submission file for a dataset.")
+    p.add_argument("--ytvis-json", required=True, type=Path)
+    p.add_argument("--frames", required=True, type=Path, help="root the json's file_names are relative to")
+    p.add_argument("--out", required=True, type=Path)
+    _add_run_options(p)
+    args = p.parse_args(argv)
+    if not args.model:
+        p.error("--model is required")
+    from .dataset import run_dataset
+    from .segmenter import load
+
+    segmenter = load(args.model, backend=args.backend, device=args.device, dtype=args.dtype)
+    run_dataset(segmenter, args.ytvis_json, args.frames, args.out, **_options(args))
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of ``python -m runtime`` / ``vita-segment``."""
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if argv and argv[0] == "dataset":
+            return _dataset_main(argv[1:])
+        return _segment_main(argv)
+    except (VideoInputError, ModelPathError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Backends run the two graphs (per-frame detector, token engine); the streaming loop is shared."""

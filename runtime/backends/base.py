@@ -1,0 +1,73 @@
+"""What the streaming loop needs from a backend. Arrays are the backend's own (torch tensors, numpy)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol, Sequence
+
+import numpy as np
+
+
+@dataclass
+class Detection:
+    """One detector batch after optional pruning."""
+
+    tokens: Any  # (B, N, C) frame queries kept
+    query_index: Optional[np.ndarray]  # (B, N) slot of each kept token, None when nothing was pruned
+    mask_features: Any  # (B, D, Hp/4, Wp/4)
+
+
+@dataclass
+class Selection:
+    """Top-k (video query, class) pairs."""
+
+    scores: np.ndarray  # (k,) class probabilities
+    labels: np.ndarray  # (k,)
+    query_index: np.ndarray  # (k,)
+
+
+class MaskHead(Protocol):
+    """Masks of the selected video queries, chunk by chunk, accumulating the mask-quality score."""
+
+    def masks(self, mask_features: Any) -> np.ndarray:
+        """(t, D, h, w) features -> (k, t, H, W) bool masks at the original size."""
+
+    def mask_quality(self) -> np.ndarray:
+        """(k,) mean soft mask inside the hard mask over all chunks so far."""
+
+
+class Backend(Protocol):
+    """A loaded model that can detect, track and make masks."""
+
+    config: Any  # vita_train.config.ModelConfig
+    device: str
+
+    def detect(self, frames: np.ndarray, prune_ratio: float) -> Detection:
+        """(B, Hr, Wr, 3) uint8 resized RGB frames -> tokens and mask features."""
+
+    def mask_features(self, frames: np.ndarray) -> Any:
+        """Mask features only (second pass of the recompute policy)."""
+
+    def track(self, tokens: Sequence[Any], query_index: Optional[Sequence[np.ndarray]], window: Optional[int]) -> tuple[np.ndarray, Any]:
+        """All frames' tokens -> (video class logits (Nv, K+1) numpy, mask embeddings)."""
+
+    def select(self, logits: np.ndarray, k: int) -> Selection:
+        """The official top-k over (video query, class) pairs."""
+
+    def mask_head(self, mask_embed: Any, selection: Selection, resized: tuple[int, int], padded: tuple[int, int], orig: tuple[int, int]) -> MaskHead:
+        """A MaskHead for the selected queries."""
+
+    def concat(self, arrays: Sequence[Any]) -> Any:
+        """Concatenate along the first axis."""
+
+    def to_host(self, features: Any) -> np.ndarray:
+        """Features to host memory in float16."""
+
+    def from_host(self, features: np.ndarray) -> Any:
+        """Host float16 features back to the backend's compute type."""
+
+    def nbytes(self, features: Any) -> int:
+        """Bytes held by ``features``."""
+
+    def device_budget(self) -> int:
+        """Bytes of device memory features may take under the auto policy."""

@@ -1,0 +1,103 @@
+"""The PyTorch backend: runs vita_train's model (CPU or CUDA; float32, float16/bfloat16 on CUDA)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from vita_train.inference.postprocess import MaskScorer, select_topk
+from vita_train.inference.pruning import prune_frame_queries
+from vita_train.modeling.vita_model import VitaModel
+
+from .base import Detection, Selection
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Without a device budget, CPU "device" memory is host memory: keep fp32 features up to this many bytes.
+_CPU_FEATURE_BUDGET = 1 << 30
+
+
+class _TorchMaskHead:
+    def __init__(self, scorer: MaskScorer) -> None:
+        self.scorer = scorer
+
+    def masks(self, mask_features: torch.Tensor) -> np.ndarray:
+        return self.scorer.masks(mask_features).cpu().numpy()
+
+    def mask_quality(self) -> np.ndarray:
+        return self.scorer.mask_quality().cpu().numpy()
+
+
+class TorchBackend:
+    """Backend over a VitaModel; ``dtype`` float16/bfloat16 runs under CUDA autocast (pixel decoder fp32)."""
+
+    def __init__(self, model: VitaModel, device: Optional[str] = None, dtype: str = "float32") -> None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU; use device='cpu'")
+        if dtype != "float32" and not device.startswith("cuda"):
+            raise ValueError(f"dtype {dtype} needs a CUDA device; on {device} use float32")
+        self.model = model.to(device).eval()
+        self.config = model.config
+        self.device = device
+        self.dtype = dtype
+
+    def _autocast(self):
+        if self.dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=_DTYPES[self.dtype])
+
+    def _images(self, frames: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(frames)).to(self.device).permute(0, 3, 1, 2)
+
+    @torch.no_grad()
+    def detect(self, frames: np.ndarray, prune_ratio: float) -> Detection:
+        with self._autocast():
+            out = self.model.detect(self._images(frames))
+        tokens, index = prune_frame_queries(out.frame_queries.float(), out.frame_logits, prune_ratio)
+        return Detection(tokens, None if index is None else index.cpu().numpy(), out.mask_features.float())
+
+    @torch.no_grad()
+    def mask_features(self, frames: np.ndarray) -> torch.Tensor:
+        with self._autocast():
+            return self.model.mask_features(self._images(frames)).float()
+
+    @torch.no_grad()
+    def track(self, tokens: Sequence[torch.Tensor], query_index: Optional[Sequence[np.ndarray]], window: Optional[int]):
+        queries = torch.cat(list(tokens))
+        index = None
+        if query_index is not None:
+            index = torch.from_numpy(np.concatenate(list(query_index))).to(self.device)
+        with self._autocast():
+            logits, embed = self.model.track(queries, index, window=window)
+        return logits.float().cpu().numpy(), embed.float()
+
+    def select(self, logits: np.ndarray, k: int) -> Selection:
+        sel = select_topk(torch.from_numpy(logits), k)
+        return Selection(sel.scores.numpy(), sel.labels.numpy(), sel.query_index.numpy())
+
+    def mask_head(self, mask_embed, selection: Selection, resized, padded, orig) -> _TorchMaskHead:
+        index = torch.from_numpy(selection.query_index).to(mask_embed.device)
+        return _TorchMaskHead(MaskScorer(mask_embed[index], resized, padded, orig))
+
+    def concat(self, arrays: Sequence[Any]) -> Any:
+        return torch.cat(list(arrays))
+
+    def to_host(self, features: torch.Tensor) -> np.ndarray:
+        return features.to(torch.float16).cpu().numpy()
+
+    def from_host(self, features: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(features).to(self.device).float()
+
+    def nbytes(self, features: torch.Tensor) -> int:
+        return features.numel() * features.element_size()
+
+    def device_budget(self) -> int:
+        if self.device.startswith("cuda"):
+            free, _ = torch.cuda.mem_get_info(torch.device(self.device))
+            return int(free * 0.4)
+        return _CPU_FEATURE_BUDGET

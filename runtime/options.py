@@ -1,0 +1,45 @@
+"""Options of a segmentation run, as a typed dataclass (YAML round-trip through dataclasses.asdict)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+FEATURE_POLICIES = ("auto", "device", "host", "recompute")
+
+
+@dataclass
+class SegmentOptions:
+    """How ``segment`` runs; None means "the model's own setting"."""
+
+    prune_ratio: float = 1.0  # top-r pruning of frame queries; 1.0 = off (bit-identical to no pruning)
+    window: Optional[int] = None  # VITA encoder window W (0 = full attention)
+    topk: Optional[int] = None  # instances per video
+    min_size: Optional[int] = None  # test-time shortest edge
+    max_size: Optional[int] = None  # test-time longest-edge cap
+    batch_size: Optional[int] = None  # frames per detector call (default: 2 on CPU, 8 on CUDA)
+    feature_policy: str = "auto"  # where mask features live: auto | device | host | recompute
+    device_budget_mb: Optional[float] = None  # auto: device bytes for features before moving to host
+    host_budget_mb: float = 4096.0  # auto: host bytes (fp16) for features before switching to recompute
+    queue_size: int = 8  # decoded frames buffered by the background reader
+    progress: bool = False  # tqdm progress bars
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.prune_ratio <= 1.0:
+            raise ValueError(f"prune_ratio must be in (0, 1] (1.0 = off), got {self.prune_ratio}")
+        if self.feature_policy not in FEATURE_POLICIES:
+            raise ValueError(f"feature_policy must be one of {FEATURE_POLICIES}, got {self.feature_policy!r}")
+        for name in ("window", "topk", "min_size", "max_size", "batch_size"):
+            value = getattr(self, name)
+            low = 0 if name == "window" else 1
+            if value is not None and (not isinstance(value, int) or value < low):
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+    def updated(self, **changes: Any) -> "SegmentOptions":
+        """A copy with ``changes``; unknown names are an error that lists the known ones."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise TypeError(f"unknown segment option(s) {unknown}; known: {sorted(known)}")
+        return dataclasses.replace(self, **changes)
