@@ -9,7 +9,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List
 
 import av
 import numpy as np
@@ -17,6 +17,8 @@ import pytest
 from PIL import Image
 
 from runtime.video_io import FrameSource, TruncatedVideoWarning, VideoInputError, open_video
+
+from .media import encode
 
 REPO = Path(__file__).resolve().parents[1]
 H, W, T = 64, 96, 8
@@ -31,33 +33,6 @@ def smooth_frames(n: int = T, h: int = H, w: int = W) -> np.ndarray:
     y, x = np.mgrid[0:h, 0:w]
     frames = [np.stack([(x * 2 + 8 * t) % 256, (y * 3) % 256, np.full_like(x, 40 + 10 * t)], -1) for t in range(n)]
     return np.asarray(frames, dtype=np.uint8)
-
-
-def encode(
-    path: Path,
-    frames: np.ndarray,
-    codec: str,
-    pix_fmt: str,
-    options: Optional[dict] = None,
-    rate: int = 10,
-    rotation: Optional[int] = None,
-    hflip: bool = False,
-    vflip: bool = False,
-) -> Path:
-    """Write frames with PyAV; skip the test when this FFmpeg build lacks the encoder."""
-    if codec not in av.codecs_available:
-        pytest.skip(f"this PyAV build has no {codec} encoder")
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=rate)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = pix_fmt
-        stream.options = options or {}
-        if rotation is not None:
-            stream.set_display_rotation(rotation, hflip=hflip, vflip=vflip)
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    return path
 
 
 def lossless_mov(path: Path, frames: np.ndarray, **kw) -> Path:

@@ -86,3 +86,14 @@ def test_shift_matters_and_full_attention_window_zero():
         for i in range(2):
             seq = vita.enc_ffn[i](vita.enc_self_attn[i](seq))
         torch.testing.assert_close(full, seq.view(1, 8, 7, 32))
+
+
+@pytest.mark.parametrize("window", [3, 6])
+@pytest.mark.parametrize("t", [1, 2, 3, 5, 6, 7, 13, 37])
+def test_branch_free_encoder_matches_eager(window, t):
+    torch.manual_seed(t)
+    vita = VitaModule(num_classes=5, num_frame_queries=7, hidden_dim=32, num_queries=4, num_heads=4,
+                      ffn_dim=48, enc_layers=4, dec_layers=1, window=window, conv_dim=16, mask_dim=16).eval()
+    tokens = torch.randn(1, t, 5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(vita.encode_blocks(tokens), vita.encode(tokens), rtol=1e-5, atol=1e-5)

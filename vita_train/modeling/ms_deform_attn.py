@@ -54,7 +54,11 @@ class MSDeformAttn(nn.Module):
         offsets = self.sampling_offsets(query).view(n, lq, heads, levels, points, 2)
         weights = self.attention_weights(query).view(n, lq, heads, levels * points).softmax(-1)
         weights = weights.view(n, lq, heads, levels, points)
-        # offsets are in pixels of each level: normalise by that level's (W, H)
-        normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=query.dtype, device=query.device)
-        locations = reference_points[:, :, None, None, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        # offsets are in pixels of each level: normalise by that level's (W, H); dividing by the sizes
+        # themselves (not a tensor built from them) keeps them symbolic when traced for export
+        scaled = [
+            torch.stack((offsets[:, :, :, lvl, :, 0] / w, offsets[:, :, :, lvl, :, 1] / h), dim=-1)
+            for lvl, (h, w) in enumerate(shapes)
+        ]
+        locations = reference_points[:, :, None, None, None, :] + torch.stack(scaled, dim=3)
         return self.output_proj(ms_deform_attn_sample(v, shapes, locations, weights))

@@ -44,12 +44,11 @@ def reference_points(shapes: list[tuple[int, int]], device: torch.device) -> Ten
     """(1, S, 2) pixel centres (x, y) of every level, normalised to [0, 1]."""
     refs = []
     for h, w in shapes:
-        ref_y, ref_x = torch.meshgrid(
-            torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
-            torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
-            indexing="ij",
-        )
-        refs.append(torch.stack((ref_x.reshape(-1) / w, ref_y.reshape(-1) / h), -1))
+        # arange + 0.5 equals linspace(0.5, n - 0.5, n) exactly and stays symbolic when traced
+        ys = (torch.arange(h, dtype=torch.float32, device=device) + 0.5) / h
+        xs = (torch.arange(w, dtype=torch.float32, device=device) + 0.5) / w
+        ref_y, ref_x = torch.meshgrid(ys, xs, indexing="ij")
+        refs.append(torch.stack((ref_x.reshape(-1), ref_y.reshape(-1)), -1))
     return torch.cat(refs, 0)[None]
 
 

@@ -59,6 +59,28 @@ def shifted_edge_masks(num_frames: int, padded: int, window: int) -> tuple[Tenso
     return first_mask, last[:, None] | last[None, :]
 
 
+def window_block_bias(num_frames, padded, window: int, shifted: bool, device: torch.device) -> Tensor:
+    """(Nw, W, W) additive frame-level bias of every window, built without branching on T.
+
+    The same masks as the eager path (padded keys -inf in plain windows; -1000 for padded/wrapped
+    pairs in the edge shifted windows), but as one tensor op chain so a traced graph keeps T dynamic.
+    """
+    nw = padded // window
+    pos = torch.arange(padded, device=device)
+    if not shifted:
+        key_pad = (pos >= num_frames).view(nw, 1, window)
+        bias = torch.zeros(key_pad.shape, device=device).masked_fill(key_pad, float("-inf"))
+        return bias.expand(nw, window, window)
+    h = math.ceil(window / 2)
+    is_pad = ((pos - h) % padded >= num_frames).view(nw, window)  # rolled: position p holds frame p - h
+    win = torch.arange(nw, device=device).view(nw, 1, 1)
+    first = win == 0
+    edge = first | (win == nw - 1)
+    head = torch.arange(window, device=device) < h
+    blocked = (edge & (is_pad[:, :, None] | is_pad[:, None, :])) | (first & (head[:, None] != head[None, :]))
+    return blocked.float() * SHIFT_MASK_VALUE
+
+
 def _expand(frame_mask: Tensor, tokens_per_frame: int) -> Tensor:
     """(W, W) frame mask -> (W*N, W*N) token mask, tokens frame-major."""
     return frame_mask.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
@@ -141,6 +163,42 @@ class VitaModule(nn.Module):
             parts.append(masked(windows[:, -1], last_mask))
         out = torch.cat([p if p.dim() == 4 else p.unsqueeze(1) for p in parts], dim=1)
         return torch.roll(out.view(b, tp, n, c), -h, dims=1)
+
+    def _block_layer(self, i: int, x: Tensor, bias: Tensor, tokens_per_frame: int) -> Tensor:
+        """Layer i over windows x (B*Nw, W*N, C) with a frame-level bias (Nw, W, W) broadcast to tokens."""
+        attn = self.enc_self_attn[i].self_attn
+        bn, length, c = x.shape
+        heads, n = attn.num_heads, tokens_per_frame
+        nw, w = bias.shape[0], bias.shape[1]
+        w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
+        q = F.linear(x, w_q, b_q).view(bn, length, heads, c // heads).transpose(1, 2) * (c // heads) ** -0.5
+        k = F.linear(x, w_k, b_k).view(bn, length, heads, c // heads).transpose(1, 2)
+        v = F.linear(x, w_v, b_v).view(bn, length, heads, c // heads).transpose(1, 2)
+        scores = (q @ k.transpose(-1, -2)).view(-1, nw, heads, w, n, w, n) + bias.view(1, nw, 1, w, 1, w, 1)
+        weights = scores.view(bn, heads, length, length).softmax(-1)
+        out = attn.out_proj((weights @ v).transpose(1, 2).reshape(bn, length, c))
+        return self.enc_ffn[i](self.enc_self_attn[i].norm(x + out))
+
+    def encode_blocks(self, tokens: Tensor, window: Optional[int] = None) -> Tensor:
+        """The inference encoder (shifted odd layers) without Python branches on T: the exportable form."""
+        w = self.window if window is None else window
+        b, t, n, c = tokens.shape
+        if w == 0:
+            return self.encode(tokens, shifted=True, window=0)
+        pad = (w - t % w) % w
+        x = F.pad(tokens, (0, 0, 0, 0, 0, pad))
+        padded = t + pad
+        h = math.ceil(w / 2)
+        for i in range(len(self.enc_self_attn)):
+            shifted = i % 2 == 1
+            bias = window_block_bias(t, padded, w, shifted, tokens.device).to(tokens.dtype)
+            if shifted:
+                x = torch.roll(x, h, dims=1)
+            x = self._block_layer(i, x.reshape(-1, w * n, c), bias, n).view(b, padded, n, c)
+            if shifted:
+                x = torch.roll(x, -h, dims=1)
+        return x[:, :t]
 
     def encode(self, tokens: Tensor, shifted: Optional[bool] = None, window: Optional[int] = None) -> Tensor:
         """tokens (B, T, N, C) after input projection -> encoded (B, T, N, C).

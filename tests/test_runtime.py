@@ -1,0 +1,233 @@
+"""runtime.segment: official parity from every input kind, pruning, memory policies, bad input, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import runtime
+from runtime.__main__ import main as cli
+from vita_train.inference.pruning import prune_frame_queries
+
+from .media import encode
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def segmenters():
+    return {}
+
+
+def _segmenter(case, cache):
+    if case.name not in cache:
+        cache[case.name] = runtime.load(case.ckpt, device="cpu")
+    return cache[case.name]
+
+
+def _check_official(result: runtime.VideoResult, case) -> None:
+    e = case.expected
+    official = case.expected_masks()
+    assert (result.num_frames, result.height, result.width) == official.shape[1:]
+    assert len(result.instances) == len(e["pred_scores"])
+    unmatched = list(range(len(e["pred_scores"])))
+    for inst in result.instances:
+        j = next(j for j in unmatched
+                 if int(e["pred_labels"][j]) == inst.label and abs(float(e["pred_scores"][j]) - inst.score) <= TOL)
+        unmatched.remove(j)
+        ours = np.stack([result.mask(result.instances.index(inst), t) for t in range(result.num_frames)])
+        iou = np.logical_and(ours, official[j]).sum() / np.logical_or(ours, official[j]).sum()
+        assert iou >= 0.999
+    assert not unmatched
+
+
+@pytest.mark.parametrize("kind", ["array", "folder", "video_file"])
+def test_segment_matches_official(official_case, segmenters, tmp_path, kind):
+    frames = official_case.frames
+    if kind == "array":
+        video = frames
+    elif kind == "folder":
+        video = tmp_path / "frames"
+        video.mkdir()
+        for t, f in enumerate(frames):
+            Image.fromarray(f).save(video / f"{t:05d}.png")
+    else:
+        video = encode(tmp_path / "clip.mkv", frames, "ffv1", "bgr0")  # lossless
+    result = runtime.segment(video, _segmenter(official_case, segmenters))
+    _check_official(result, official_case)
+    assert result.class_names == tuple(_segmenter(official_case, segmenters).config.label_names())
+
+
+@pytest.mark.parametrize("policy", ["host", "recompute"])
+def test_feature_policies_match_official(official_case, segmenters, policy):
+    result = _segmenter(official_case, segmenters).segment(
+        iter(list(official_case.frames)), feature_policy=policy, batch_size=3
+    )
+    _check_official(result, official_case)
+
+
+def test_prune_ratio_one_is_bit_identical(official_case, segmenters):
+    seg = _segmenter(official_case, segmenters)
+    assert seg.segment(official_case.frames, prune_ratio=1.0).to_dict() == seg.segment(official_case.frames).to_dict()
+    q, logits = torch.randn(3, 20, 8), torch.randn(3, 20, 5)
+    kept, index = prune_frame_queries(q, logits, 1.0)
+    assert kept is q and index is None
+
+
+def test_pruning_keeps_lowest_no_object_queries_with_their_slots(official_case, segmenters):
+    seg = _segmenter(official_case, segmenters)
+    model = seg.backend.model
+    images = torch.from_numpy(official_case.frames[:2]).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        det = model.detect(images[..., :128, :128])
+    kept, index = prune_frame_queries(det.frame_queries, det.frame_logits, 0.5)
+    n = det.frame_queries.shape[1]
+    assert kept.shape[1] == math.ceil(0.5 * n)
+    no_object = det.frame_logits.softmax(-1)[..., -1]
+    for b in range(2):
+        expected = set(no_object[b].argsort()[: kept.shape[1]].tolist())
+        assert set(index[b].tolist()) == expected
+        assert torch.equal(kept[b], det.frame_queries[b, index[b]])
+    # the decoder must take each token's positional embedding from its original slot: shuffling the
+    # tokens of every frame together with their slots gives the same video queries, without slots it does not
+    with torch.no_grad():
+        ref = model.track(kept, index)
+        perm = torch.randperm(kept.shape[1])
+        same = model.track(kept[:, perm], index[:, perm])
+        wrong = model.track(kept[:, perm], None)
+    torch.testing.assert_close(same[0], ref[0], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(wrong[0], ref[0], atol=1e-3)
+    result = seg.segment(official_case.frames, prune_ratio=0.5)
+    assert len(result.instances) == model.config.test.topk
+
+
+def test_options_window_topk_min_size(official_case, segmenters):
+    seg = _segmenter(official_case, segmenters)
+    frames = official_case.frames[:7]
+    a = seg.segment(frames, topk=3)
+    assert len(a.instances) == 3
+    assert seg.segment(frames, window=0).to_dict() != seg.segment(frames).to_dict()
+    assert seg.segment(frames, min_size=64).height == frames.shape[1]  # masks always at the input size
+    with pytest.raises(TypeError, match="unknown segment option"):
+        seg.segment(frames, prune=0.5)
+    with pytest.raises(ValueError, match="prune_ratio"):
+        seg.segment(frames, prune_ratio=0.0)
+
+
+def test_save_and_render(official_case, segmenters, tmp_path):
+    result = _segmenter(official_case, segmenters).segment(official_case.frames)
+    result.save(tmp_path / "r.json")
+    assert runtime.VideoResult.load(tmp_path / "r.json").to_dict() == result.to_dict()
+    records = result.to_ytvis(7)
+    assert {r["video_id"] for r in records} == {7} and all(len(r["segmentations"]) == result.num_frames for r in records)
+    result.render(tmp_path / "o.mp4", official_case.frames)
+    assert (tmp_path / "o.mp4").stat().st_size > 0
+
+
+# ----- bad input --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def r50(official_cases=None):
+    from .conftest import OfficialCase
+
+    return OfficialCase("r50_tiny")
+
+
+def _cli_fails(args, out: Path, capsys, fragment: str) -> None:
+    assert cli(args) == 2
+    assert fragment in capsys.readouterr().err
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+
+
+def test_bad_inputs_give_clear_errors_and_no_output(r50, tmp_path, capsys):
+    out = tmp_path / "out" / "results.json"
+    out.parent.mkdir()
+    model = str(r50.ckpt)
+    _cli_fails([str(tmp_path / "missing.mp4"), "--model", model, "--out", str(out)], out, capsys, "does not exist")
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video at all\n" * 10)
+    _cli_fails([str(text), "--model", model, "--out", str(out)], out, capsys, "not a video")
+    empty = encode(tmp_path / "empty.mkv", r50.frames[:4], "ffv1", "bgr0")
+    data = empty.read_bytes()
+    cluster = data.find(bytes.fromhex("1f43b675"))  # keep the header, zero every frame
+    empty.write_bytes(data[: cluster + 8] + bytes(len(data) - cluster - 8))
+    _cli_fails([str(empty), "--model", model, "--out", str(out)], out, capsys, "decod")
+    _cli_fails([str(r50.dir), "--model", str(text), "--out", str(out)], out, capsys, "cannot use")
+    _cli_fails([str(r50.dir), "--model", str(tmp_path), "--out", str(out)], out, capsys, "without vita.json")
+    seg = runtime.load(r50.ckpt)
+    with pytest.raises(runtime.VideoInputError, match="zero"):
+        seg.segment(np.zeros((0, 48, 64, 3), np.uint8))
+    with pytest.raises(runtime.VideoInputError, match="float32"):
+        seg.segment(np.zeros((4, 48, 64, 3), np.float32))
+    with pytest.raises(runtime.VideoInputError, match="size"):
+        seg.segment(iter([np.zeros((48, 64, 3), np.uint8), np.zeros((50, 64, 3), np.uint8)]))
+
+
+def test_truncated_video_is_segmented_and_marked(r50, tmp_path):
+    path = encode(tmp_path / "full.mkv", np.repeat(r50.frames, 2, axis=0), "ffv1", "bgr0")
+    data = path.read_bytes()
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.warns(UserWarning):
+        result = runtime.segment(cut, runtime.load(r50.ckpt))
+    assert result.truncated and 0 < result.num_frames < 2 * len(r50.frames)
+
+
+def test_cli_writes_results_and_overlay(r50, tmp_path):
+    video = encode(tmp_path / "clip.mkv", r50.frames[:6], "ffv1", "bgr0")
+    out, overlay = tmp_path / "r.json", tmp_path / "o.mp4"
+    assert cli([str(video), "--model", str(r50.ckpt), "--out", str(out), "--render", str(overlay), "--prune-ratio", "0.5"]) == 0
+    assert json.loads(out.read_text())["format"] == "vita-video-result"
+    assert overlay.stat().st_size > 0
+    # an output path that is one of the inputs is refused before anything runs
+    with pytest.raises(SystemExit):
+        cli([str(video), "--model", str(r50.ckpt), "--out", str(video)])
+    assert video.read_bytes()[:4] == b"\x1a\x45\xdf\xa3"  # still the Matroska file
+
+
+def test_demo_writes_both_files(tmp_path):
+    assert cli(["--demo", "--out-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "demo_results.json").stat().st_size > 0
+    assert (tmp_path / "demo_overlay.mp4").stat().st_size > 0
+
+
+def test_dataset_mode_sharded_and_resumable(r50, tmp_path):
+    root = tmp_path / "JPEGImages"
+    videos = []
+    for vid, (start, n) in enumerate([(0, 5), (5, 7), (12, 4)], start=11):
+        names = []
+        for t in range(n):
+            name = f"v{vid}/{t:05d}.png"
+            (root / f"v{vid}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(r50.frames[start + t]).save(root / name)
+            names.append(name)
+        videos.append({"id": vid, "file_names": names, "length": n, "height": 120, "width": 200})
+    spec = tmp_path / "valid.json"
+    spec.write_text(json.dumps({"videos": videos, "categories": []}))
+    out = tmp_path / "results.json"
+    from runtime.dataset import run_dataset
+
+    seg = runtime.load(r50.ckpt)
+    import os
+
+    for rank in (1, 0):  # what two torchrun ranks do; rank 0 merges once every part exists
+        os.environ.update(RANK=str(rank), WORLD_SIZE="2")
+        try:
+            done = run_dataset(seg, spec, root, out, wait_s=5)
+        finally:
+            del os.environ["RANK"], os.environ["WORLD_SIZE"]
+        assert done == (1 if rank == 1 else 2)
+    records = json.loads(out.read_text())
+    assert sorted({r["video_id"] for r in records}) == [11, 12, 13] and len(records) == 30
+    # after a crash, finished videos are skipped
+    (out.with_name("results.json.parts") / "12.json").unlink()
+    assert run_dataset(seg, spec, root, out) == 1
+    assert json.loads(out.read_text()) == records
