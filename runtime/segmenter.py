@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -10,7 +9,6 @@ from .options import SegmentOptions
 from .results import VideoResult
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
-EXPORT_METADATA = "vita.json"
 
 
 class ModelPathError(ValueError):
@@ -50,12 +48,14 @@ def load(
     device: Optional[str] = None,
     dtype: str = "float32",
     config: Any = None,
+    providers: Optional[list[str]] = None,
     **options: Any,
 ) -> Segmenter:
     """Load ``path`` (official detectron2 checkpoint, one of ours, or an export directory) for segmenting.
 
     The backend follows from what ``path`` is unless named. ``config`` is passed to
-    vita_train.load_model for checkpoints; ``options`` become the Segmenter's default SegmentOptions.
+    vita_train.load_model for checkpoints; ``providers`` are onnxruntime execution providers for export
+    directories; ``options`` become the Segmenter's default SegmentOptions.
     """
     path = Path(path)
     if not path.exists():
@@ -63,17 +63,7 @@ def load(
     opts = SegmentOptions().updated(**options)
     kind = _backend_for(path, backend)
     if path.is_dir():
-        meta = path / EXPORT_METADATA
-        if not meta.is_file():
-            raise ModelPathError(
-                f"{path} is a directory without {EXPORT_METADATA}: give a checkpoint file or an export directory "
-                "made by `python -m export`"
-            )
-        try:
-            json.loads(meta.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ModelPathError(f"{meta} is not valid JSON ({e}); export the model again") from None
-        raise ModelPathError(f"{path} is an export directory; the {kind} backend for exports is not available yet")
+        return Segmenter(_graph_backend(path, kind, device, providers), opts)
     if kind != "torch":
         raise ModelPathError(f"{path} is a checkpoint file; the {kind} backend runs export directories")
     from vita_train.checkpoint.errors import CheckpointError
@@ -86,6 +76,28 @@ def load(
     except CheckpointError as e:
         raise ModelPathError(f"cannot use {path} as a model: {e}") from None
     return Segmenter(TorchBackend(model, device=device, dtype=dtype), opts)
+
+
+def _graph_backend(path: Path, kind: str, device: Optional[str], providers: Optional[list[str]]) -> Any:
+    """The onnxruntime or tensorrt backend of an export directory (no torch needed)."""
+    from vita_train.export_format import ExportFormatError, read_metadata
+
+    try:
+        meta = read_metadata(path)
+    except ExportFormatError as e:
+        raise ModelPathError(str(e)) from None
+    if kind == "torch":
+        raise ModelPathError(f"{path} is an export directory; the torch backend runs checkpoint files")
+    if kind == "tensorrt":
+        from .backends.tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend(path, meta, device=device or "cuda:0")
+    from .backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    try:
+        return OnnxRuntimeBackend(path, meta, device=device, providers=providers)
+    except ValueError as e:
+        raise ModelPathError(f"cannot use {path}: {e}") from None
 
 
 def segment(video: Any, model: Union[str, Path, Segmenter], **options: Any) -> VideoResult:

@@ -45,6 +45,8 @@ class MSDeformAttn(nn.Module):
         self.attention_weights = nn.Linear(dim, num_heads * num_levels * num_points)
         self.value_proj = nn.Linear(dim, dim)
         self.output_proj = nn.Linear(dim, dim)
+        # swappable for export (e.g. a form that maps to TensorRT's deformable-attention plugin)
+        self.sample_fn = ms_deform_attn_sample
 
     def forward(self, query: Tensor, reference_points: Tensor, value: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
         """query (N, Lq, C), reference_points (N, Lq, 2) as (x, y) in [0, 1], value (N, S, C)."""
@@ -61,4 +63,4 @@ class MSDeformAttn(nn.Module):
             for lvl, (h, w) in enumerate(shapes)
         ]
         locations = reference_points[:, :, None, None, None, :] + torch.stack(scaled, dim=3)
-        return self.output_proj(ms_deform_attn_sample(v, shapes, locations, weights))
+        return self.output_proj(self.sample_fn(v, shapes, locations, weights))

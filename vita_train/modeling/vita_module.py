@@ -109,6 +109,8 @@ class VitaModule(nn.Module):
         super().__init__()
         self.window = window
         self.num_heads = num_heads
+        # encode with the branch-free form (encode_blocks): what exported graphs trace
+        self.export_mode = False
         self.enc_self_attn = nn.ModuleList(SelfAttentionLayer(hidden_dim, num_heads) for _ in range(enc_layers))
         self.enc_ffn = nn.ModuleList(FFNLayer(hidden_dim, ffn_dim) for _ in range(enc_layers))
         self.transformer_self_attention_layers = nn.ModuleList(
@@ -236,7 +238,8 @@ class VitaModule(nn.Module):
         (defaults to 0..N-1, i.e. no pruning). ``all_layers`` adds every decoder layer's heads (training).
         ``window`` overrides the encoder window W."""
         b, t, n, c = frame_queries.shape
-        tokens = self.encode(self.input_proj_dec(frame_queries), window=window)
+        projected = self.input_proj_dec(frame_queries)
+        tokens = self.encode_blocks(projected, window) if self.export_mode else self.encode(projected, window=window)
         fq_embed = self.sim_embed_frame(tokens) if (all_layers and self.sim_embed_frame is not None) else None
         if query_index is None:
             pos = self.fq_pos.weight[:n].view(1, 1, n, c).expand(b, t, n, c)

@@ -1,0 +1,209 @@
+"""``export_model``: a checkpoint -> an export directory (two ONNX graphs, vita.json, optional TRT engines)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import onnx
+import torch
+
+from vita_train.checkpoint.loader import load_model
+from vita_train.export_format import (
+    DETECTOR_FILE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    METADATA_FILE,
+    TOKENS_FILE,
+    is_export_dir,
+)
+from vita_train.inference.preprocess import resized_size
+
+from . import onnx_io, validate
+from .graphs import DETECTOR_INPUTS, DETECTOR_OUTPUTS, TOKENS_INPUTS, TOKENS_OUTPUTS, DetectorGraph, TokenGraph
+
+log = logging.getLogger(__name__)
+DEFAULT_OPSET = 17
+# aspect ratios of generated validation frames (portrait, 4:3, 16:9) when the size is dynamic
+_VALIDATION_ASPECTS = ((4, 3), (3, 4), (9, 16))
+
+
+@dataclass
+class ExportOptions:
+    """What ``python -m export`` can set."""
+
+    out: Optional[Path] = None
+    opset: int = DEFAULT_OPSET
+    min_size: Optional[int] = None
+    max_size: Optional[int] = None
+    size: Optional[tuple[int, int]] = None  # fixed (H, W) of resized frames; None = dynamic size
+    fp16: bool = False  # TensorRT engines in FP16 (ONNX graphs stay FP32)
+    validate: bool = True
+    force: bool = False
+    tensorrt: bool = False
+    msda: str = "plain"  # "plain" (grid_sample, ONNX Runtime) or "trt-plugin" (MultiscaleDeformableAttnPlugin_TRT)
+    max_batch: int = 16
+    max_frames: int = 4096
+    validation_frames: tuple[int, ...] = field(default=())
+
+
+class ExportTargetError(ValueError):
+    """The output directory cannot be used (exists and is not an export, or is a file)."""
+
+
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_target(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportTargetError(f"{out} exists and is a file; choose a directory for the export")
+    if out.is_dir() and any(out.iterdir()) and not is_export_dir(out) and not force:
+        raise ExportTargetError(
+            f"{out} exists and is not an export directory; choose another --out, or pass --force to write the "
+            "export files into it (other files there are left alone)"
+        )
+
+
+def _validation_sizes(cfg, opts: ExportOptions, min_size: int, max_size: int) -> list[tuple[int, int]]:
+    if opts.size is not None:
+        return [opts.size]
+    return [resized_size(100 * a, 100 * b, min_size, max_size) for a, b in _VALIDATION_ASPECTS]
+
+
+def _metadata(model, ckpt: Path, opts: ExportOptions, min_size: int, max_size: int) -> dict:
+    cfg = model.config
+    import onnxruntime
+
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "source_checkpoint": {"name": ckpt.name, "sha256": sha256(ckpt)},
+        "class_names": list(cfg.label_names()),
+        "model_config": cfg.replace(**{"input.min_size_test": min_size, "input.max_size_test": max_size}).to_dict(),
+        "dims": {
+            "num_classes": cfg.num_classes,
+            "num_frame_queries": cfg.frame_decoder.num_queries,
+            "hidden_dim": cfg.frame_decoder.hidden_dim,
+            "num_video_queries": cfg.vita.num_queries,
+            "mask_dim": cfg.pixel_decoder.mask_dim,
+            "mask_stride": 4,
+        },
+        "window": cfg.vita.window,
+        "preprocessing": {
+            "min_size": min_size,
+            "max_size": max_size,
+            "pixel_mean": list(cfg.input.pixel_mean),
+            "pixel_std": list(cfg.input.pixel_std),
+            "size_divisibility": cfg.input.size_divisibility,
+            "input": "uint8 RGB (B, H, W, 3), resized by the shortest edge (Pillow bilinear); normalised and padded in the graph",
+            "fixed_size": list(opts.size) if opts.size else None,
+        },
+        "graphs": {
+            "detector": {"file": DETECTOR_FILE, "inputs": DETECTOR_INPUTS, "outputs": DETECTOR_OUTPUTS},
+            "vita_tokens": {"file": TOKENS_FILE, "inputs": TOKENS_INPUTS, "outputs": TOKENS_OUTPUTS},
+        },
+        "limits": {"max_batch": opts.max_batch, "max_frames": opts.max_frames},
+        "opset": opts.opset,
+        "msda": opts.msda,
+        "fp16": opts.fp16,
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+    }
+
+
+def _export_graphs(model, tmp: Path, opts: ExportOptions, example_size: tuple[int, int]) -> None:
+    detector = DetectorGraph(model).eval()
+    if opts.msda == "trt-plugin":
+        from .trt_plugin import ms_deform_attn_sample_trt
+
+        for layer in model.pixel_decoder.transformer.encoder.layers:
+            layer.self_attn.sample_fn = ms_deform_attn_sample_trt
+    frames = torch.zeros((1, *example_size, 3), dtype=torch.uint8)
+    axes = {"frames": {0: "batch"}, "frame_queries": {0: "batch"}, "frame_logits": {0: "batch"}, "mask_features": {0: "batch"}}
+    if opts.size is None:
+        axes["frames"].update({1: "height", 2: "width"})
+        axes["mask_features"].update({2: "feature_height", 3: "feature_width"})
+    try:
+        graph = onnx_io.to_onnx(detector, (frames,), DETECTOR_INPUTS, DETECTOR_OUTPUTS, axes, opts.opset)
+    finally:
+        from vita_train.modeling.ms_deform_attn import ms_deform_attn_sample
+
+        for layer in model.pixel_decoder.transformer.encoder.layers:
+            layer.self_attn.sample_fn = ms_deform_attn_sample
+    onnx_io.save(graph, tmp / DETECTOR_FILE)
+
+    cfg = model.config
+    t, n = 2 * max(cfg.vita.window, 1) + 1, cfg.frame_decoder.num_queries
+    queries = torch.zeros((t, n, cfg.frame_decoder.hidden_dim))
+    index = torch.arange(n).repeat(t, 1)
+    token_axes = {"frame_queries": {0: "frames", 1: "tokens"}, "query_index": {0: "frames", 1: "tokens"}}
+    graph = onnx_io.to_onnx(TokenGraph(model), (queries, index), TOKENS_INPUTS, TOKENS_OUTPUTS, token_axes, opts.opset)
+    onnx_io.save(graph, tmp / TOKENS_FILE)
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Move the finished files into ``out``: one rename when it does not exist, else file by file."""
+    if not out.exists():
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0o700
+        os.replace(tmp, out)
+        return
+    for item in tmp.iterdir():
+        os.replace(item, out / item.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_model(ckpt: Path, opts: Optional[ExportOptions] = None) -> Path:
+    """Export ``ckpt`` (official detectron2 checkpoint or ours) to a validated export directory; returns it."""
+    opts = opts or ExportOptions()
+    ckpt = Path(ckpt)
+    out = Path(opts.out) if opts.out else ckpt.with_name(ckpt.stem + "_export")
+    _check_target(out, opts.force)
+    if opts.msda not in ("plain", "trt-plugin"):
+        raise ValueError(f"msda must be 'plain' or 'trt-plugin', got {opts.msda!r}")
+    model = load_model(ckpt).eval()
+    cfg = model.config
+    min_size = opts.min_size or cfg.input.min_size_test
+    max_size = opts.max_size or cfg.input.max_size_test
+    sizes = _validation_sizes(cfg, opts, min_size, max_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        log.info("exporting %s to ONNX (opset %d)", ckpt.name, opts.opset)
+        _export_graphs(model, tmp, opts, sizes[0])
+        meta = _metadata(model, ckpt, opts, min_size, max_size)
+        if opts.validate and opts.msda == "plain":
+            w = max(cfg.vita.window, 1)
+            frame_counts = opts.validation_frames or tuple(sorted({1, max(1, w - 1), w, w + 1, 37}))
+            results = validate.validate_detector(model, tmp / DETECTOR_FILE, sizes)
+            results += validate.validate_tokens(model, tmp / TOKENS_FILE, frame_counts)
+            validate.raise_if_failed(results)
+            meta["validation"] = {
+                "rtol": validate.RTOL,
+                "max_rel_error": max(c.rel_error for c in results),
+                "cases": sorted({f"{c.graph} {c.case}" for c in results}),
+            }
+        if opts.tensorrt:
+            from .tensorrt import build_engines
+
+            build_engines(tmp, meta, fp16=opts.fp16)
+        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=1))
+        _install(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("export written to %s", out)
+    return out

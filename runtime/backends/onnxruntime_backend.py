@@ -1,0 +1,125 @@
+"""The ONNX Runtime backend: runs an export directory's two graphs with no torch installed."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from vita_train.config import ModelConfig
+from vita_train.export_format import DETECTOR_FILE, TOKENS_FILE
+
+from . import numpy_ops
+from .base import Detection, Selection
+
+log = logging.getLogger(__name__)
+_CPU_FEATURE_BUDGET = 1 << 30
+_DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
+
+
+def resolve_providers(device: Optional[str], providers: Optional[Sequence[str]]) -> list[str]:
+    """Execution providers: given ones, else CUDA (and TensorRT) first for a cuda device, CPU last."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if providers is None:
+        if device and device.startswith("cuda"):
+            providers = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+            providers = [p for p in providers if p in available]
+            if "CUDAExecutionProvider" not in providers:
+                raise ValueError(
+                    f"device {device!r} asked for, but this onnxruntime has no CUDA provider "
+                    f"(available: {available}); install onnxruntime-gpu or use device='cpu'"
+                )
+        else:
+            providers = list(_DEFAULT_PROVIDERS)
+    missing = [p for p in providers if p not in available]
+    if missing:
+        raise ValueError(f"onnxruntime providers {missing} are not available here (available: {available})")
+    return list(providers)
+
+
+def _session(path: Path, options: Any, providers: list[str]) -> Any:
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types for unreadable models
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a loadable ONNX graph ({first}); export the model again") from None
+
+
+class OnnxRuntimeBackend:
+    """Backend over ``detector.onnx`` and ``vita_tokens.onnx``; post-processing in numpy."""
+
+    def __init__(
+        self,
+        export_dir: Path,
+        meta: dict[str, Any],
+        device: Optional[str] = None,
+        providers: Optional[Sequence[str]] = None,
+        threads: Optional[int] = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.meta = meta
+        self.config = ModelConfig.from_dict(meta["model_config"])
+        self.providers = resolve_providers(device, providers)
+        self.device = "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
+        self.fixed_size = tuple(meta["preprocessing"]["fixed_size"] or ()) or None
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.detector = _session(Path(export_dir) / DETECTOR_FILE, options, self.providers)
+        self.tokens = _session(Path(export_dir) / TOKENS_FILE, options, self.providers)
+
+    def _run_detector(self, frames: np.ndarray) -> list[np.ndarray]:
+        if self.fixed_size and tuple(frames.shape[1:3]) != self.fixed_size:
+            raise ValueError(
+                f"this export takes {self.fixed_size[0]}x{self.fixed_size[1]} frames but the video resizes to "
+                f"{frames.shape[1]}x{frames.shape[2]}; export again with --dynamic-size or --size "
+                f"{frames.shape[1]}x{frames.shape[2]}"
+            )
+        return self.detector.run(None, {"frames": np.ascontiguousarray(frames)})
+
+    def detect(self, frames: np.ndarray, prune_ratio: float) -> Detection:
+        queries, logits, features = self._run_detector(frames)
+        kept, index = numpy_ops.prune_frame_queries(queries, logits, prune_ratio)
+        return Detection(kept, index, features)
+
+    def mask_features(self, frames: np.ndarray) -> np.ndarray:
+        return self._run_detector(frames)[2]
+
+    def track(self, tokens: Sequence[np.ndarray], query_index: Optional[Sequence[np.ndarray]], window: Optional[int]):
+        if window is not None and window != self.meta["window"]:
+            raise ValueError(f"this export's window is fixed at {self.meta['window']}; export again to change it")
+        queries = np.concatenate(list(tokens)).astype(np.float32, copy=False)
+        if query_index is None:
+            index = np.broadcast_to(np.arange(queries.shape[1], dtype=np.int64), queries.shape[:2])
+        else:
+            index = np.concatenate(list(query_index)).astype(np.int64, copy=False)
+        logits, embed = self.tokens.run(None, {"frame_queries": queries, "query_index": np.ascontiguousarray(index)})
+        return logits, embed
+
+    def select(self, logits: np.ndarray, k: int) -> Selection:
+        return Selection(*numpy_ops.select_topk(logits, k))
+
+    def mask_head(self, mask_embed, selection: Selection, resized, padded, orig) -> numpy_ops.MaskHead:
+        return numpy_ops.MaskHead(mask_embed[selection.query_index], resized, padded, orig)
+
+    def concat(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        return np.concatenate(list(arrays))
+
+    def to_host(self, features: np.ndarray) -> np.ndarray:
+        return features.astype(np.float16)
+
+    def from_host(self, features: np.ndarray) -> np.ndarray:
+        return features.astype(np.float32)
+
+    def nbytes(self, features: np.ndarray) -> int:
+        return int(features.nbytes)
+
+    def device_budget(self) -> int:
+        return _CPU_FEATURE_BUDGET
