@@ -54,7 +54,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     try:
         out = export_model(args.ckpt, opts)
-    except (CheckpointError, ConfigError, ExportError, ValidationError, ValueError, OSError, ImportError) as e:
+    except (CheckpointError, ConfigError, ExportError, ValidationError, ValueError, OSError, ImportError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"exported to {out}")

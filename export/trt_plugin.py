@@ -87,8 +87,8 @@ class _MultiscaleDeformableAttn(torch.autograd.Function):
             plugin_namespace_s="",
         )
         # give the output its rank and known sizes, so later shape inference is not blind to it
-        v, loc = value.type().sizes(), locations.type().sizes()
-        if v is not None and loc is not None:
+        v, loc = value.type().varyingSizes(), locations.type().varyingSizes()  # None where unknown
+        if v is not None and loc is not None and len(v) == 4 and len(loc) == 6:
             out.setType(value.type().with_sizes([v[0], loc[1], v[2], v[3]]))
         return out
 

@@ -161,7 +161,7 @@ def test_bad_inputs_give_clear_errors_and_no_output(r50, tmp_path, capsys):
     empty.write_bytes(data[: cluster + 8] + bytes(len(data) - cluster - 8))
     _cli_fails([str(empty), "--model", model, "--out", str(out)], out, capsys, "decod")
     _cli_fails([str(r50.dir), "--model", str(text), "--out", str(out)], out, capsys, "cannot use")
-    _cli_fails([str(r50.dir), "--model", str(tmp_path), "--out", str(out)], out, capsys, "without vita.json")
+    _cli_fails([str(r50.dir), "--model", str(tmp_path), "--out", str(out)], out, capsys, "has no vita.json")
     seg = runtime.load(r50.ckpt)
     with pytest.raises(runtime.VideoInputError, match="zero"):
         seg.segment(np.zeros((0, 48, 64, 3), np.uint8))

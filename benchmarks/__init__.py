@@ -1,0 +1,1 @@
+"""Throughput / latency / memory measurements, written as JSON + markdown (never timed assertions in tests)."""

@@ -1,0 +1,157 @@
+"""Export to ONNX: official parity through the onnxruntime backend, a torch-free runtime, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import venv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import runtime
+from export import ExportOptions, ExportTargetError, export_model
+from export.__main__ import main as export_cli
+from vita_train import CheckpointError
+
+from .conftest import OFFICIAL_CASES, REPO, OfficialCase
+from .media import encode
+
+_exports: dict[str, Path] = {}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Each official fixture exported once (validated by default) for this module."""
+
+    def get(case: OfficialCase) -> Path:
+        if case.name not in _exports:
+            out = tmp_path_factory.mktemp("exports") / case.name
+            _exports[case.name] = export_model(case.ckpt, ExportOptions(out=out, validation_frames=(1, 5, 7)))
+        return _exports[case.name]
+
+    return get
+
+
+def test_onnxruntime_backend_matches_official(official_case, exported):
+    export_dir = exported(official_case)
+    meta = json.loads((export_dir / "vita.json").read_text())
+    assert meta["format_version"] == 1 and meta["validation"]["max_rel_error"] <= 1e-4
+    assert len(meta["source_checkpoint"]["sha256"]) == 64
+    seg = runtime.load(export_dir)
+    assert type(seg.backend).__name__ == "OnnxRuntimeBackend"
+    result = runtime.segment(official_case.frames, seg)
+    e = official_case.expected
+    official = official_case.expected_masks()
+    unmatched = list(range(len(e["pred_scores"])))
+    for i, inst in enumerate(result.instances):
+        j = min(
+            (j for j in unmatched if int(e["pred_labels"][j]) == inst.label),
+            key=lambda j: abs(float(e["pred_scores"][j]) - inst.score),
+        )
+        assert abs(float(e["pred_scores"][j]) - inst.score) <= 1e-3
+        unmatched.remove(j)
+        ours = np.stack([result.mask(i, t) for t in range(result.num_frames)])
+        assert np.logical_and(ours, official[j]).sum() / np.logical_or(ours, official[j]).sum() >= 0.99
+
+
+def test_graph_inputs_outputs_and_dynamic_axes(exported):
+    import onnx
+
+    export_dir = exported(OfficialCase(OFFICIAL_CASES[0]))
+    det = onnx.load(export_dir / "detector.onnx")
+    frames = det.graph.input[0]
+    assert frames.name == "frames" and frames.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    dims = [d.dim_param or d.dim_value for d in frames.type.tensor_type.shape.dim]
+    assert dims[0] == "batch" and isinstance(dims[1], str) and isinstance(dims[2], str) and dims[3] == 3
+    assert [o.name for o in det.graph.output] == ["frame_queries", "frame_logits", "mask_features"]
+    tok = onnx.load(export_dir / "vita_tokens.onnx")
+    assert [i.name for i in tok.graph.input] == ["frame_queries", "query_index"]
+    assert [d.dim_param for d in tok.graph.input[0].type.tensor_type.shape.dim][:2] == ["frames", "tokens"]
+
+
+_TORCH_FREE = r"""
+import sys
+sys.modules["torch"] = None  # make sure: any import of torch fails
+import numpy as np, runtime
+try:
+    import torch  # noqa: F401
+    raise SystemExit("torch imported")
+except ImportError:
+    pass
+result = runtime.segment(sys.argv[1], model=sys.argv[2], prune_ratio=0.5)
+result.save(sys.argv[3])
+result.render(sys.argv[4], sys.argv[1])
+print(len(result.instances), result.num_frames)
+"""
+
+
+def _torch_free_venv(root: Path) -> Path:
+    env_dir = root / "venv-no-torch"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    py = env_dir / "bin" / "python"
+    pkgs = ["numpy", "av", "pycocotools", "onnxruntime", "pillow", "pyyaml", "tqdm"]
+    subprocess.run([str(py), "-m", "pip", "install", "-q", *pkgs], check=True, capture_output=True, timeout=900)
+    return py
+
+
+def test_segment_video_in_a_venv_without_torch(exported, tmp_path):
+    case = OfficialCase("r50_tiny")
+    export_dir = exported(case)
+    video = encode(tmp_path / "clip.mkv", case.frames[:8], "ffv1", "bgr0")
+    py = _torch_free_venv(tmp_path)
+    assert subprocess.run([str(py), "-c", "import torch"], capture_output=True).returncode != 0
+    out = subprocess.run(
+        [str(py), "-c", _TORCH_FREE, str(video), str(export_dir), str(tmp_path / "r.json"), str(tmp_path / "o.mp4")],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-1] == "8"
+    assert (tmp_path / "r.json").stat().st_size > 0 and (tmp_path / "o.mp4").stat().st_size > 0
+
+
+# ----- bad input --------------------------------------------------------------------------------------
+
+
+def test_not_a_vita_checkpoint(tmp_path, capsys):
+    import torch
+
+    ckpt = tmp_path / "resnet.pth"
+    torch.save({"model": {"conv1.weight": torch.zeros(8, 3, 3, 3)}}, ckpt)
+    assert export_cli(["--ckpt", str(ckpt), "--out", str(tmp_path / "x")]) == 2
+    assert "not of a VITA/Mask2Former model" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(CheckpointError):
+        export_model(ckpt, ExportOptions(out=tmp_path / "y"))
+
+
+def test_existing_directory_that_is_not_an_export(tmp_path):
+    case = OfficialCase("r50_tiny")
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(ExportTargetError, match="not an export directory"):
+        export_model(case.ckpt, ExportOptions(out=out, validate=False))
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    export_model(case.ckpt, ExportOptions(out=out, validate=False, force=True))
+    assert (out / "notes.txt").read_text() == "keep me" and (out / "vita.json").is_file()
+
+
+def test_unknown_format_version_and_corrupt_graph(exported, tmp_path):
+    src = exported(OfficialCase("r50_tiny"))
+    bad = tmp_path / "future"
+    shutil.copytree(src, bad)
+    meta = json.loads((bad / "vita.json").read_text())
+    meta["format_version"] = 99
+    (bad / "vita.json").write_text(json.dumps(meta))
+    with pytest.raises(runtime.ModelPathError, match="format version 99"):
+        runtime.load(bad)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(src, corrupt)
+    data = (corrupt / "detector.onnx").read_bytes()
+    (corrupt / "detector.onnx").write_bytes(data[: len(data) // 3])
+    with pytest.raises(runtime.ModelPathError, match="detector.onnx is not a loadable ONNX graph"):
+        runtime.load(corrupt)
