@@ -26,7 +26,6 @@ def main(argv: list[str] | None = None) -> int:
     det.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("onnx_ir").setLevel(logging.WARNING)
     if args.name == "detector-backends":
         from .detector_backends import run
 

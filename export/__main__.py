@@ -39,7 +39,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--force", action="store_true", help="write into an existing directory that is not an export")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # the optimizer logs every folded constant
 
     from vita_train.checkpoint.errors import CheckpointError
     from vita_train.config import ConfigError

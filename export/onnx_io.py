@@ -57,7 +57,16 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     except ImportError:
         log.warning("onnxscript is not installed: graphs are written without further simplification")
         return model
-    return onnxscript.optimizer.optimize(model)
+    # the optimizer logs every folded or skipped constant at INFO: too chatty for a user's log
+    noisy = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir")]
+    levels = [logger.level for logger in noisy]
+    for logger in noisy:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        return onnxscript.optimizer.optimize(model)
+    finally:
+        for logger, level in zip(noisy, levels):
+            logger.setLevel(level)
 
 
 def check(model: onnx.ModelProto) -> None:

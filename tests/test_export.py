@@ -155,3 +155,21 @@ def test_unknown_format_version_and_corrupt_graph(exported, tmp_path):
     (corrupt / "detector.onnx").write_bytes(data[: len(data) // 3])
     with pytest.raises(runtime.ModelPathError, match="detector.onnx is not a loadable ONNX graph"):
         runtime.load(corrupt)
+
+
+def test_exported_ops_are_all_parsed_by_tensorrt(exported, tmp_path):
+    """Every op type of both graphs is in TensorRT's ONNX parser support list (export.tensorrt, with its source)."""
+    import onnx
+
+    from export.tensorrt import unsupported_ops
+
+    for name in OFFICIAL_CASES:
+        export_dir = exported(OfficialCase(name))
+        for graph in ("detector.onnx", "vita_tokens.onnx"):
+            assert unsupported_ops(export_dir / graph) == [], f"{name}/{graph}"
+    # the plugin form replaces GridSample by TensorRT's deformable-attention plugin node
+    plugin_dir = export_model(OfficialCase("r50_tiny").ckpt, ExportOptions(out=tmp_path / "p", msda="trt-plugin"))
+    ops = {n.op_type for n in onnx.load(plugin_dir / "detector.onnx").graph.node}
+    assert "MultiscaleDeformableAttnPlugin_TRT" in ops and "GridSample" not in ops
+    assert unsupported_ops(plugin_dir / "detector.onnx", plugins=True) == []
+    assert json.loads((plugin_dir / "vita.json").read_text())["msda"] == "trt-plugin"
