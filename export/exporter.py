@@ -190,7 +190,7 @@ def export_model(ckpt: Path, opts: Optional[ExportOptions] = None) -> Path:
             frame_counts = opts.validation_frames or tuple(sorted({1, max(1, w - 1), w, w + 1, 37}))
             results = validate.validate_detector(model, tmp / DETECTOR_FILE, sizes)
             results += validate.validate_tokens(model, tmp / TOKENS_FILE, frame_counts)
-            validate.raise_if_failed(results)
+            validate.raise_if_failed(results, validate.RTOL)
             meta["validation"] = {
                 "rtol": validate.RTOL,
                 "max_rel_error": max(c.rel_error for c in results),

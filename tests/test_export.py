@@ -173,3 +173,14 @@ def test_exported_ops_are_all_parsed_by_tensorrt(exported, tmp_path):
     assert "MultiscaleDeformableAttnPlugin_TRT" in ops and "GridSample" not in ops
     assert unsupported_ops(plugin_dir / "detector.onnx", plugins=True) == []
     assert json.loads((plugin_dir / "vita.json").read_text())["msda"] == "trt-plugin"
+
+
+def test_failed_validation_lists_worst_tensors_and_leaves_nothing(tmp_path, monkeypatch):
+    import export.validate as validate
+
+    monkeypatch.setattr(validate, "RTOL", 1e-12)  # no float32 graph meets this: validation must fail
+    out = tmp_path / "strict"
+    with pytest.raises(validate.ValidationError, match=r"relative error") as err:
+        export_model(OfficialCase("r50_tiny").ckpt, ExportOptions(out=out, validation_frames=(1,)))
+    assert "worst first" in str(err.value) and "detector" in str(err.value)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".strict")]
