@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -67,3 +69,11 @@ def rel_err(ours, theirs) -> float:
     b = np.asarray(theirs, dtype=np.float64)
     assert a.shape == b.shape, (a.shape, b.shape)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def assert_imports_without(modules: list[str], blocked: tuple[str, ...] = ("torch",)) -> None:
+    """Import ``modules`` in a fresh interpreter where importing any of ``blocked`` fails."""
+    code = "import sys\n" + "".join(f"sys.modules[{b!r}] = None\n" for b in blocked)
+    code += "".join(f"import {m}\n" for m in modules)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import av
@@ -15,6 +13,8 @@ from PIL import Image
 
 from runtime.render import overlay_frame, pick_codec, render_overlay, save_overlay_png
 from runtime.results import Instance, MaskEncoder, VideoResult
+
+from .conftest import assert_imports_without
 
 REPO = Path(__file__).resolve().parents[1]
 T, H, W = 6, 48, 64
@@ -306,9 +306,4 @@ def test_codec_is_h264_or_mpeg4():
 
 
 def test_results_and_render_import_without_torch():
-    code = (
-        "import sys; sys.modules['torch'] = None; import runtime.results, runtime.render; "
-        "assert not [m for m in sys.modules if m.split('.')[0] == 'torch' and sys.modules[m] is not None]"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
+    assert_imports_without(["runtime.results", "runtime.render"])

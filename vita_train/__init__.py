@@ -6,8 +6,7 @@ by the runtime's torch-free backends without importing torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from vita_train.utils.lazy import lazy_getattr
 
 _EXPORTS = {
     "CheckpointError": "vita_train.checkpoint.errors",
@@ -22,7 +21,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'vita_train' has no attribute {name!r}")
+__getattr__ = lazy_getattr("vita_train", _EXPORTS)

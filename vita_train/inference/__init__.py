@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from vita_train.utils.lazy import lazy_getattr
 
 _EXPORTS = {
     "VideoPrediction": "vita_train.inference.postprocess",
@@ -18,7 +17,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'vita_train.inference' has no attribute {name!r}")
+__getattr__ = lazy_getattr("vita_train.inference", _EXPORTS)
