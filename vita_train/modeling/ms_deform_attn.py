@@ -22,15 +22,16 @@ def ms_deform_attn_sample(
     grids = 2 * locations - 1
     sizes = [h * w for h, w in shapes]
     per_level = value.split(sizes, dim=1)
-    sampled = []
+    # weight and sum each level as it is sampled: no (N*heads, D, Lq, levels*points) stack is built
+    out = None
     for lvl, (h, w) in enumerate(shapes):
         v = per_level[lvl].flatten(2).transpose(1, 2).reshape(n * heads, d, h, w)
         g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (N*heads, Lq, points, 2)
-        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
-    stacked = torch.stack(sampled, dim=-2).flatten(-2)  # (N*heads, D, Lq, levels*points)
-    w = weights.transpose(1, 2).reshape(n * heads, 1, lq, levels * points)
-    out = (stacked * w).sum(-1).view(n, heads * d, lq)
-    return out.transpose(1, 2).contiguous()
+        sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)
+        wl = weights[:, :, :, lvl].transpose(1, 2).reshape(n * heads, 1, lq, points)
+        term = (sampled * wl).sum(-1)  # (N*heads, D, Lq)
+        out = term if out is None else out + term
+    return out.view(n, heads * d, lq).transpose(1, 2).contiguous()
 
 
 class MSDeformAttn(nn.Module):
