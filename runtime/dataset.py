@@ -10,20 +10,18 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from PIL import Image, ImageOps
 
 from vita_train.utils.atomic import atomic_write
 
 from .segmenter import Segmenter
+from .video_io import read_image
 
 log = logging.getLogger(__name__)
 
 
 def _read_frames(root: Path, file_names: list[str]) -> Iterator[np.ndarray]:
     for name in file_names:
-        path = root / name
-        with Image.open(path) as img:
-            yield np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+        yield read_image(root / name)
 
 
 def shard() -> tuple[int, int]:

@@ -138,7 +138,7 @@ def _frame_to_rgb(frame: object, what: str) -> np.ndarray:
     )
 
 
-def _load_image(path: Path) -> np.ndarray:
+def read_image(path: Path) -> np.ndarray:
     """Read one JPEG/PNG frame upright (EXIF orientation applied) as (H, W, 3) uint8 RGB."""
     try:
         with Image.open(path) as image:
@@ -366,7 +366,7 @@ class _ImageFilesReader(_Reader):
 
     def frames(self) -> Iterator[np.ndarray]:
         for path in self.files:
-            yield _load_image(path)
+            yield read_image(path)
 
 
 def _stream_seconds(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> Optional[float]:
