@@ -1,4 +1,4 @@
-"""Options of a segmentation run, as a typed dataclass (YAML round-trip through dataclasses.asdict)."""
+"""Options of a segmentation run, as a typed dataclass."""
 
 from __future__ import annotations
 
