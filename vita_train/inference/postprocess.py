@@ -59,12 +59,16 @@ class MaskScorer:
     def masks(self, mask_features: Tensor) -> Tensor:
         """(t, D, Hp/4, Wp/4) features of consecutive frames -> (k, t, H, W) bool masks."""
         logits = torch.einsum("qc,tchw->qthw", self.mask_embed, mask_features.to(self.mask_embed))
+        # one query at a time: the full-resolution float temporaries exist for one instance, not k
+        return torch.cat([self._query_masks(q, logits[q : q + 1]) for q in range(len(logits))])
+
+    def _query_masks(self, q: int, logits: Tensor) -> Tensor:
         logits = F.interpolate(logits, size=self.padded_size, mode="bilinear", align_corners=False)
         logits = logits[:, :, : self.resized_size[0], : self.resized_size[1]]
         soft = logits.sigmoid()
         hard = soft > 0.5
-        self.numerator += (soft.flatten(1) * hard.flatten(1)).sum(1)
-        self.denominator += hard.flatten(1).sum(1)
+        self.numerator[q] += (soft * hard).sum()
+        self.denominator[q] += hard.sum()
         return F.interpolate(logits, size=self.orig_size, mode="bilinear", align_corners=False) > 0.0
 
     def mask_quality(self) -> Tensor:
