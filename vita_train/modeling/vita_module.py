@@ -192,9 +192,11 @@ class VitaModule(nn.Module):
         x = F.pad(tokens, (0, 0, 0, 0, 0, pad))
         padded = t + pad
         h = math.ceil(w / 2)
+        # the two biases depend only on T: built once, not once per layer (nor per layer in the graph)
+        biases = [window_block_bias(t, padded, w, shifted, tokens.device).to(tokens.dtype) for shifted in (False, True)]
         for i in range(len(self.enc_self_attn)):
             shifted = i % 2 == 1
-            bias = window_block_bias(t, padded, w, shifted, tokens.device).to(tokens.dtype)
+            bias = biases[shifted]
             if shifted:
                 x = torch.roll(x, h, dims=1)
             x = self._block_layer(i, x.reshape(-1, w * n, c), bias, n).view(b, padded, n, c)
