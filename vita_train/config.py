@@ -178,6 +178,21 @@ class ModelConfig:
         return cls.from_dict(data)
 
 
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Any config dataclass -> plain dict of builtins (tuples become lists)."""
+    return _to_builtin(dataclasses.asdict(config))
+
+
+def config_from_dict(cls: type, data: Any) -> Any:
+    """Build config dataclass ``cls`` from a plain dict; unknown keys and wrong types are ConfigErrors."""
+    return _from_dict(cls, data, "")
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested dict; a key that does not exist is a ConfigError."""
+    _set_dotted(data, key, value)
+
+
 def _to_builtin(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _to_builtin(v) for k, v in value.items()}
@@ -191,10 +206,10 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node = data
     for part in parts[:-1]:
         if not isinstance(node.get(part), dict):
-            raise ConfigError(f"unknown config key {key!r}")
+            raise ConfigError(f"unknown config key {key!r} (no section {part!r})")
         node = node[part]
     if parts[-1] not in node:
-        raise ConfigError(f"unknown config key {key!r}")
+        raise ConfigError(f"unknown config key {key!r}; keys there: {', '.join(sorted(node))}")
     node[parts[-1]] = value
 
 
@@ -224,12 +239,22 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return _coerce(inner[0], value, where)
     if dataclasses.is_dataclass(hint):
         return _from_dict(hint, value, where + ".")
-    if origin is tuple:
+    if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key {where} must be a list, got {value!r}")
-        return tuple(_coerce(args[0], v, where) for v in value)
+        items = [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {where} must be a mapping, got {value!r}")
+        return {k: _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, float, str, bool) and not isinstance(value, hint):
         raise ConfigError(f"config key {where} must be {hint.__name__}, got {value!r}")
     if hint is int and isinstance(value, bool):

@@ -1,39 +1,214 @@
-"""Synthetic clips of moving textured shapes, for demos and tests."""
+"""Synthetic video instance segmentation data: clips for demos, and whole datasets in YouTube-VIS and COCO format.
+
+Four shape classes (see ``SYNTHETIC_CLASSES``) with per-instance colours and textures move over textured
+backgrounds, occlude each other, and enter, leave or cross the frame border. ``write_synthetic_dataset`` writes
+JPEG frames plus a YouTube-VIS ``instances.json`` (usable as evaluation ground truth) and, optionally, a COCO
+still-image set whose annotations mix compressed RLEs and polygons.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import numpy as np
+import pycocotools.mask as mask_util
+from PIL import Image
+
+from vita_train.utils.atomic import atomic_write
+
+from .synthetic_render import SYNTHETIC_CLASSES, SyntheticClip, render_clip, render_still
+
+__all__ = [
+    "SYNTHETIC_CLASSES",
+    "SyntheticClip",
+    "SyntheticDatasetPaths",
+    "moving_shapes_clip",
+    "render_clip",
+    "render_still",
+    "write_synthetic_dataset",
+]
+
+log = logging.getLogger(__name__)
+
+_MIN_SIZE = 32
+_JPEG_QUALITY = 95
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+# Stream tags mixed into the seed, so videos and COCO stills never share random numbers.
+_VIDEO_STREAM, _STILL_STREAM, _DEMO_STREAM = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class SyntheticDatasetPaths:
+    """Where ``write_synthetic_dataset`` put things; the COCO fields are None when no stills were written."""
+
+    ytvis_json: Path
+    ytvis_frames: Path
+    coco_json: Path | None
+    coco_images: Path | None
 
 
 def moving_shapes_clip(num_frames: int = 12, height: int = 120, width: int = 160, seed: int = 0) -> np.ndarray:
-    """(T, H, W, 3) uint8 RGB: a few coloured discs and boxes moving over a textured background."""
+    """(T, H, W, 3) uint8 RGB: textured shapes moving and occluding each other over a textured background."""
     if num_frames < 1 or height < 8 or width < 8:
         raise ValueError(f"need at least 1 frame of 8x8 pixels, got T={num_frames}, {height}x{width}")
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    background = (
-        100 + 40 * np.sin(xx / 7.0)[..., None] * np.cos(yy / 11.0)[..., None] + rng.normal(0, 8, (height, width, 3))
-    )
-    shapes = []
-    for k in range(3):
-        shapes.append(
-            dict(
-                color=rng.integers(30, 256, 3),
-                radius=rng.uniform(0.08, 0.18) * min(height, width),
-                start=rng.uniform((0.2 * height, 0.2 * width), (0.8 * height, 0.8 * width)),
-                velocity=rng.uniform(-0.03, 0.03, 2) * (height, width),
-                box=k % 2 == 1,
-            )
+    return render_clip(num_frames, height, width, np.random.default_rng([seed, _DEMO_STREAM])).frames
+
+
+def write_synthetic_dataset(
+    root: str | Path,
+    num_videos: int = 20,
+    num_frames: int = 12,
+    height: int = 96,
+    width: int = 128,
+    seed: int = 0,
+    split: str = "train",
+    coco_images: int = 0,
+) -> SyntheticDatasetPaths:
+    """Write ``root/<split>/`` with YouTube-VIS frames + ``instances.json`` and, if asked, a COCO still set."""
+    _validate(num_videos, num_frames, height, width, seed, split, coco_images)
+    split_dir = Path(root) / split
+    frames_dir = split_dir / "JPEGImages"
+    categories = [{"id": i + 1, "name": name} for i, name in enumerate(SYNTHETIC_CLASSES)]
+
+    videos: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    for v in range(num_videos):
+        clip = render_clip(num_frames, height, width, _rng(seed, split, _VIDEO_STREAM, v))
+        video_id, name = v + 1, f"video_{v + 1:05d}"
+        file_names = [f"{name}/{t:05d}.jpg" for t in range(num_frames)]
+        (frames_dir / name).mkdir(parents=True, exist_ok=True)
+        for frame, file_name in zip(clip.frames, file_names):
+            _save_jpeg(frame, frames_dir / file_name)
+        videos.append(
+            {"id": video_id, "width": width, "height": height, "length": num_frames, "file_names": file_names}
         )
-    frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)
-    for t in range(num_frames):
-        img = background.copy()
-        for s in shapes:
-            cy, cx = s["start"] + t * s["velocity"]
-            if s["box"]:
-                inside = (np.abs(yy - cy) < s["radius"]) & (np.abs(xx - cx) < s["radius"] * 1.4)
-            else:
-                inside = (yy - cy) ** 2 + (xx - cx) ** 2 < s["radius"] ** 2
-            img[inside] = s["color"]
-        frames[t] = np.clip(img, 0, 255).astype(np.uint8)
-    return frames
+        for n, label in enumerate(clip.labels):
+            segs, areas, boxes = _encode_track(clip.masks[n])
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "video_id": video_id,
+                    "category_id": int(label) + 1,
+                    "iscrowd": 0,
+                    "segmentations": segs,
+                    "areas": areas,
+                    "bboxes": boxes,
+                    "height": height,
+                    "width": width,
+                    "length": num_frames,
+                }
+            )
+    # JSON last: a complete instances.json promises that every frame it names is already on disk.
+    ytvis_json = split_dir / "instances.json"
+    _write_json(ytvis_json, {"videos": videos, "categories": categories, "annotations": annotations})
+    log.info("wrote %d synthetic videos (%d tracks) to %s", num_videos, len(annotations), ytvis_json)
+
+    coco_json = coco_dir = None
+    if coco_images > 0:
+        coco_json, coco_dir = _write_coco(split_dir / "coco", coco_images, height, width, seed, split, categories)
+    return SyntheticDatasetPaths(
+        ytvis_json=ytvis_json, ytvis_frames=frames_dir, coco_json=coco_json, coco_images=coco_dir
+    )
+
+
+def _write_coco(
+    coco_root: Path, num_images: int, height: int, width: int, seed: int, split: str, categories: list[dict]
+) -> tuple[Path, Path]:
+    images_dir = coco_root / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    for k in range(num_images):
+        still: SyntheticClip = render_still(height, width, _rng(seed, split, _STILL_STREAM, k))
+        file_name = f"{k:06d}.jpg"
+        _save_jpeg(still.frames[0], images_dir / file_name)
+        images.append({"id": k + 1, "file_name": file_name, "height": height, "width": width})
+        for n, label in enumerate(still.labels):
+            mask = still.masks[n, 0]
+            polygon = still.polygons[n]
+            segmentation = [polygon.reshape(-1).tolist()] if polygon is not None else _encode(mask[None])[0]
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": k + 1,
+                    "category_id": int(label) + 1,
+                    "iscrowd": 0,
+                    "segmentation": segmentation,
+                    "area": int(mask.sum()),
+                    "bbox": _bbox(mask),
+                }
+            )
+    coco_json = coco_root / "instances.json"
+    _write_json(coco_json, {"images": images, "categories": categories, "annotations": annotations})
+    n_poly = sum(isinstance(a["segmentation"], list) for a in annotations)
+    log.info(
+        "wrote %d synthetic COCO images (%d objects, %d as polygons) to %s",
+        num_images,
+        len(annotations),
+        n_poly,
+        coco_json,
+    )
+    return coco_json, images_dir
+
+
+def _validate(
+    num_videos: int, num_frames: int, height: int, width: int, seed: int, split: str, coco_images: int
+) -> None:
+    for name, value, low in (
+        ("num_videos", num_videos, 1),
+        ("num_frames", num_frames, 1),
+        ("height", height, _MIN_SIZE),
+        ("width", width, _MIN_SIZE),
+        ("seed", seed, 0),
+        ("coco_images", coco_images, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        if value < low:
+            what = "pixels" if name in ("height", "width") else ""
+            raise ValueError(f"{name} must be >= {low}{' ' + what if what else ''}, got {value}")
+    if not isinstance(split, str) or not _SPLIT_NAME.fullmatch(split) or split in (".", ".."):
+        raise ValueError(f"split must be a plain directory name (letters, digits, '_', '-', '.'), got {split!r}")
+
+
+def _rng(seed: int, split: str, stream: int, index: int) -> np.random.Generator:
+    """Generator for one item: the split name is hashed in so 'val' never repeats 'train' for the same seed."""
+    return np.random.default_rng([int(seed), zlib.crc32(split.encode()), stream, index])
+
+
+def _save_jpeg(frame: np.ndarray, path: Path) -> None:
+    Image.fromarray(frame).save(path, format="JPEG", quality=_JPEG_QUALITY)
+
+
+def _encode(masks: np.ndarray) -> list[dict[str, Any]]:
+    """Compressed RLEs with str counts for a (T, H, W) bool stack, one pycocotools call for the whole stack."""
+    rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    return [{"size": [int(s) for s in r["size"]], "counts": r["counts"].decode("ascii")} for r in rles]
+
+
+def _bbox(mask: np.ndarray) -> list[float]:
+    """Tight [x, y, w, h] of a non-empty mask, in pixels, as COCO floats."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return [float(cols[0]), float(rows[0]), float(cols[-1] - cols[0] + 1), float(rows[-1] - rows[0] + 1)]
+
+
+def _encode_track(masks: np.ndarray) -> tuple[list, list, list]:
+    """Per-frame (segmentation, area, bbox) lists for one track; frames with an empty mask are null (absent)."""
+    rles = _encode(masks)
+    segs, areas, boxes = [], [], []
+    for mask, rle in zip(masks, rles):
+        area = int(mask.sum())
+        segs.append(rle if area else None)
+        areas.append(area if area else None)
+        boxes.append(_bbox(mask) if area else None)
+    return segs, areas, boxes
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda f: json.dump(obj, f, separators=(",", ":")), binary=False)

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from .ms_deform_attn import MSDeformAttn
 from .position_encoding import sine_position_encoding
+from .transformer_layers import xavier_init
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -37,6 +38,10 @@ class DeformableEncoder(nn.Module):
         self.encoder.layers = nn.ModuleList(
             DeformableEncoderLayer(dim, ffn_dim, num_levels, num_heads, num_points) for _ in range(num_layers)
         )
+        # the official start: Xavier everywhere, then deformable attention's own init
+        xavier_init(self.encoder)
+        for layer in self.encoder.layers:
+            layer.self_attn.reset_parameters()
         nn.init.normal_(self.level_embed)
 
 

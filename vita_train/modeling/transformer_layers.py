@@ -45,6 +45,13 @@ class MultiheadAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(n, lq, c))
 
 
+def xavier_init(module: nn.Module) -> None:
+    """Xavier-uniform every matrix of ``module``: how the official layers start training."""
+    for p in module.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+
+
 class SelfAttentionLayer(nn.Module):
     """x = LN(x + SelfAttn(q=k=x+pos, v=x))."""
 
@@ -52,6 +59,7 @@ class SelfAttentionLayer(nn.Module):
         super().__init__()
         self.self_attn = MultiheadAttention(dim, num_heads)
         self.norm = nn.LayerNorm(dim)
+        xavier_init(self)
 
     def forward(self, x: Tensor, pos: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> Tensor:
         """x (N, L, C); pos broadcastable to x."""
@@ -66,6 +74,7 @@ class CrossAttentionLayer(nn.Module):
         super().__init__()
         self.multihead_attn = MultiheadAttention(dim, num_heads)
         self.norm = nn.LayerNorm(dim)
+        xavier_init(self)
 
     def forward(
         self,
@@ -89,6 +98,7 @@ class FFNLayer(nn.Module):
         self.linear1 = nn.Linear(dim, hidden)
         self.linear2 = nn.Linear(hidden, dim)
         self.norm = nn.LayerNorm(dim)
+        xavier_init(self)
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., C)."""

@@ -114,6 +114,62 @@ class VitaModel(nn.Module):
             mask_features=self.vita.vita_mask_features(out4),
         )
 
+    def batch_clips(self, clips: list[Tensor]) -> Tensor:
+        """Clips of uint8 frames (T, 3, h_i, w_i) -> one normalised batch (B*T, 3, Hp, Wp), zero-padded.
+
+        Each clip is normalised before padding, as detectron2's ImageList pads normalised images with 0."""
+        d = max(self.config.input.size_divisibility, 1)
+        hp = -(-max(c.shape[-2] for c in clips) // d) * d
+        wp = -(-max(c.shape[-1] for c in clips) // d) * d
+        t = clips[0].shape[0]
+        out = self.pixel_mean.new_zeros(len(clips) * t, 3, hp, wp)
+        for i, c in enumerate(clips):
+            if c.shape[0] != t:
+                raise ValueError(f"all clips of a batch need the same number of frames, got {c.shape[0]} and {t}")
+            x = (c.to(out.device, out.dtype) - self.pixel_mean) / self.pixel_std
+            out[i * t : (i + 1) * t, :, : c.shape[-2], : c.shape[-1]] = x
+        return out
+
+    def forward_train(self, clips: list[Tensor], num_query_layers: int = 3) -> tuple[dict, dict]:
+        """Training forward over B clips of T frames -> (frame_outputs, vita_outputs) in the official layout.
+
+        frame_outputs: pred_logits (B*T, Nf, K+1), pred_masks (B*T, Nf, h, w), aux_outputs (earlier predictions).
+        vita_outputs: pred_logits (L, B, cQ, K+1), pred_masks (L, B, cQ, T, h, w), pred_fq_embed (L, B, T, Nf, C),
+        pred_cq_embed (L, B, cQ, C), aux_outputs; L = ``num_query_layers`` frame-decoder layers feed VITA,
+        each as its own batch element.
+        """
+        b, t = len(clips), clips[0].shape[0]
+        x = self.batch_clips(clips)
+        out4, multi_scale = self.pixel_decoder(self.backbone(x))
+        decoded = self.frame_decoder(
+            multi_scale, self.pixel_decoder.mask_features(out4), num_query_layers=num_query_layers, with_masks=True
+        )
+        frame_outputs = {
+            "pred_logits": decoded.pred_logits[-1],
+            "pred_masks": decoded.pred_masks[-1],
+            "aux_outputs": [
+                {"pred_logits": lg, "pred_masks": m} for lg, m in zip(decoded.pred_logits[:-1], decoded.pred_masks[:-1])
+            ],
+        }
+        queries = torch.stack(decoded.frame_queries)  # (L, B*T, Nf, C)
+        nl, _, nf, c = queries.shape
+        vita_out: VitaOutput = self.vita(queries.reshape(nl * b, t, nf, c), all_layers=True)
+        vita_mask_features = self.vita.vita_mask_features(out4)
+        vita_mask_features = vita_mask_features.view(b, t, *vita_mask_features.shape[-3:])
+
+        def video_heads(logits: Tensor, mask_embed: Tensor) -> dict[str, Tensor]:
+            logits = logits.view(nl, b, *logits.shape[1:])
+            mask_embed = mask_embed.view(nl, b, *mask_embed.shape[1:])
+            masks = torch.einsum("lbqc,btchw->lbqthw", mask_embed, vita_mask_features)
+            return {"pred_logits": logits, "pred_mask_embed": mask_embed, "pred_masks": masks}
+
+        vita_outputs = video_heads(vita_out.pred_logits, vita_out.pred_mask_embed)
+        vita_outputs["aux_outputs"] = [video_heads(a["pred_logits"], a["pred_mask_embed"]) for a in vita_out.aux]
+        fq, cq = vita_out.pred_fq_embed, vita_out.pred_cq_embed
+        vita_outputs["pred_fq_embed"] = None if fq is None else fq.view(nl, b, *fq.shape[1:])
+        vita_outputs["pred_cq_embed"] = None if cq is None else cq.view(nl, b, *cq.shape[1:])
+        return frame_outputs, vita_outputs
+
     def mask_features(self, images: Tensor) -> Tensor:
         """VITA's mask features only (B, D, Hp/4, Wp/4): the frame decoder is skipped (second-pass recompute)."""
         out4, _ = self.pixel_decoder(self.backbone(self.normalize_and_pad(images)))
