@@ -14,13 +14,16 @@ from vita_train.losses.matcher import HungarianMatcher, Indices
 from vita_train.losses.point_sampling import fp32_region, point_sample, uncertain_point_coords
 
 
-def mean_over_ranks(count: float, device: torch.device) -> float:
-    """`count` averaged over DDP ranks when torch.distributed is initialised, clamped to at least 1."""
+def mean_over_ranks(count: float, device: torch.device, minimum: float = 1.0) -> float:
+    """`count` averaged over DDP ranks when torch.distributed is initialised, clamped to at least ``minimum``.
+
+    Dividing a rank's sum by this mean makes DDP's gradient average equal to one process's loss over the
+    whole batch, however the batch is split."""
     if dist.is_available() and dist.is_initialized():
         t = torch.tensor([float(count)], dtype=torch.float32, device=device)
         dist.all_reduce(t)
         count = t.item() / dist.get_world_size()
-    return max(float(count), 1.0)
+    return max(float(count), minimum)
 
 
 def permutation_index(indices: Indices, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -44,7 +47,10 @@ def class_loss(logits: Tensor, indices: Indices, labels: Sequence[Tensor], no_ob
     weight = torch.ones(k1, dtype=torch.float32, device=device)
     weight[-1] = no_object_weight
     with fp32_region(device):
-        return F.cross_entropy(logits.float().reshape(n * q, k1), target.reshape(-1), weight=weight)
+        # PyTorch's weighted mean, with the weight total taken over all ranks (see mean_over_ranks)
+        per_query = F.cross_entropy(logits.float().reshape(n * q, k1), target.reshape(-1), reduction="none")
+        w = weight[target.reshape(-1)]
+        return (per_query * w).sum() / mean_over_ranks(float(w.sum()), device, minimum=1e-12)
 
 
 def sampled_mask_losses(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
@@ -141,7 +142,8 @@ def solve(costs: Sequence[Tensor], device: torch.device | None = None) -> Indice
         if g == 0 or q == 0:
             rows = cols = torch.zeros(0, dtype=torch.int64)
         else:
-            r, k = linear_sum_assignment(mat)
+            # diverged predictions give NaN costs: still match, so the loss (not scipy) reports the divergence
+            r, k = linear_sum_assignment(np.nan_to_num(mat, nan=1e8, posinf=1e8, neginf=-1e8))
             rows, cols = torch.as_tensor(r, dtype=torch.int64), torch.as_tensor(k, dtype=torch.int64)
         out.append((rows.to(device), cols.to(device)) if device is not None else (rows, cols))
     return out

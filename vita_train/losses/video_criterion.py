@@ -73,7 +73,7 @@ def similarity_loss(
         target = (ident[:, None] == ident[None, :]).float()
         same = (group[:, None] == group[None, :]).float()
         loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-        return (loss * same).sum() / (same.sum() + 1e-6)
+        return (loss * same).sum() / (mean_over_ranks(float(same.sum()), loss.device, minimum=0.0) + 1e-6)
 
 
 class VideoCriterion(nn.Module):

@@ -64,7 +64,7 @@ class SolverConfig:
 class TrainConfig:
     """Everything one training run needs; ``python -m vita_train train`` reads it from a recipe."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # in YAML, ``preset: NAME`` (or ``init``) starts it
     data: DataConfig = field(default_factory=DataConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -119,21 +119,22 @@ class TrainConfig:
         """Build from a plain dict; ``model.preset: NAME`` starts the model section from a preset."""
         data = dict(data)
         if isinstance(data.get("model"), dict) and "preset" in data["model"]:
-            data["model"] = _resolve_preset(data["model"])
+            data["model"] = _resolve_preset(data["model"], data.get("init", ""))
         return config_from_dict(cls, data)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Optional[list[str]] = None) -> "TrainConfig":
         """Read a recipe (following ``_base_`` links) and apply ``key=value`` overrides."""
         data = load_recipe_dict(Path(path))
-        for item in overrides or []:
+        if not overrides:
+            return cls.from_dict(data)
+        # overrides are checked against the full config, not just the keys the recipe happens to spell out
+        data = cls.from_dict(data).to_dict()
+        for item in overrides:
             key, sep, text = item.partition("=")
             if not sep or not key:
                 raise ConfigError(f"override {item!r} is not of the form key=value (e.g. solver.base_lr=1e-4)")
-            value = yaml.safe_load(text) if text else ""
-            if key.startswith("model.") and isinstance(data.get("model"), dict) and "preset" in data["model"]:
-                data = {**data, "model": _resolve_preset(data["model"])}
-            set_dotted(data, key, value)
+            set_dotted(data, key, yaml.safe_load(text) if text else "")
         return cls.from_dict(data)
 
     def replace(self, **dotted: Any) -> "TrainConfig":
@@ -148,7 +149,7 @@ def load_recipe_dict(path: Path, _seen: Optional[set] = None) -> dict[str, Any]:
     """A recipe YAML as a dict, merged over its ``_base_`` (a path relative to the recipe)."""
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist; give a YAML path or a packaged recipe name")
-    seen = set() if _seen is None else _seen
+    seen: set = set() if _seen is None else _seen
     if path.resolve() in seen:
         raise ConfigError(f"recipe {path} includes itself through _base_")
     seen.add(path.resolve())
@@ -164,9 +165,16 @@ def load_recipe_dict(path: Path, _seen: Optional[set] = None) -> dict[str, Any]:
     return data
 
 
-def _resolve_preset(model: dict[str, Any]) -> dict[str, Any]:
+def _resolve_preset(model: dict[str, Any], init: str) -> dict[str, Any]:
+    """The model section with its preset expanded; ``preset: init`` takes the architecture of ``init``."""
     model = dict(model)
     name = model.pop("preset")
+    if name == "init":
+        if not init:
+            raise ConfigError("model.preset 'init' takes the architecture from 'init', but no init checkpoint is given")
+        from ..checkpoint.loader import load_model
+
+        return _merge(load_model(init).config.to_dict(), model)
     if name not in PRESET_NAMES:
         raise ConfigError(f"unknown model.preset {name!r}; known presets: {', '.join(PRESET_NAMES)}")
     return _merge(preset(name).to_dict(), model)

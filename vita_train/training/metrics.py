@@ -14,14 +14,14 @@ log = logging.getLogger(__name__)
 
 
 class MetricsLogger:
-    """Appends rows to ``metrics.csv``; a resumed run first drops rows from steps it will redo."""
+    """Rows of ``metrics.csv``; a resumed run keeps the rows of the steps its checkpoint includes."""
 
     def __init__(self, output_dir: Path, start_step: int, tensorboard: bool) -> None:
         self.path = output_dir / "metrics.csv"
         self.rows: list[dict[str, float]] = []
         if self.path.is_file():
             with open(self.path, newline="") as f:
-                self.rows = [r for r in csv.DictReader(f) if int(float(r["step"])) < start_step]
+                self.rows = [r for r in csv.DictReader(f) if int(float(r["step"])) <= start_step]
         self.writer = None
         if tensorboard:
             try:

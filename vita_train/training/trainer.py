@@ -258,7 +258,8 @@ def _stop_if_not_finite(total: Tensor, losses: dict[str, Tensor], step: int, out
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
     if bad.item() == 0.0:
         return
-    terms = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items() if not math.isfinite(float(v)))
+    values = {k: float(v.detach()) for k, v in losses.items()}
+    terms = ", ".join(f"{k}={v:.4g}" for k, v in values.items() if not math.isfinite(v))
     ckpt = last_checkpoint(output_dir) if output_dir.is_dir() else None
     where = f"the last checkpoint, {ckpt}, is intact" if ckpt else "no checkpoint was written yet"
     raise TrainingError(

@@ -1,0 +1,240 @@
+"""Training end to end on the CPU: a tiny model on synthetic videos, resume, torchrun, fine-tuning, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import REPO, require_shared
+from vita_train.data.synthetic import SYNTHETIC_CLASSES, write_synthetic_dataset
+
+TINY_MODEL = {
+    "preset": "vita_tiny",
+    "dataset": "synthetic",
+    "num_classes": 4,
+    "class_names": list(SYNTHETIC_CLASSES),
+    "resnet": {"stage_blocks": [1, 1, 1, 1]},
+    "input": {"min_size_test": 64},
+}
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    """A small synthetic dataset in YouTube-VIS format."""
+    root = tmp_path_factory.mktemp("synthetic")
+    write_synthetic_dataset(root, num_videos=6, num_frames=5, height=64, width=64, seed=3)
+    return root / "train"
+
+
+def recipe(tmp_path: Path, synthetic: Path, name: str = "recipe.yaml", **top) -> Path:
+    """A tiny training recipe on the synthetic dataset, written as YAML."""
+    data = {
+        "model": TINY_MODEL,
+        "data": {
+            "datasets": [
+                {"name": "synth", "format": "ytvis", "json": str(synthetic / "instances.json"),
+                 "images": str(synthetic / "JPEGImages")}
+            ],
+            "num_frames": 2,
+            "frame_range": 3,
+            "augment": {"min_sizes": [64], "max_size": 96, "crop_enabled": False},
+            "num_workers": 0,
+        },
+        "solver": {"batch_size": 2, "base_lr": 1e-3, "max_iter": 6, "steps": [4], "warmup_iters": 0, "amp": "off",
+                   "clip_grad_norm": 1.0},
+        "loss": {"num_points": 64},
+        "output_dir": str(tmp_path / "run"),
+        "checkpoint_period": 2,
+        "log_period": 1,
+        "tensorboard": False,
+    }
+    data.update(top)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m vita_train ...`` in a fresh interpreter."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "vita_train", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        env=full_env,
+    )
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    """total_loss per logged step from metrics.csv."""
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return {int(r["step"]): float(r["total_loss"]) for r in csv.DictReader(f)}
+
+
+def test_train_resume_matches_uninterrupted(tmp_path, synthetic):
+    """Losses are finite and fall; an interrupted run resumed from its checkpoint repeats the same losses."""
+    from vita_train.training.config import TrainConfig
+    from vita_train.training.trainer import train
+
+    full = TrainConfig.from_yaml(recipe(tmp_path, synthetic), [f"output_dir={tmp_path / 'full'}"])
+    result = train(full)
+    ref = losses_by_step(tmp_path / "full")
+    assert sorted(ref) == [1, 2, 3, 4, 5, 6]
+    assert all(torch.isfinite(torch.tensor(v)) for v in ref.values())
+    assert min(ref[5], ref[6]) < ref[1]
+    assert (tmp_path / "full" / "checkpoints" / "model_0000004.pth").is_file()
+    model = __import__("vita_train").load_model(result.final_checkpoint)  # our format, loadable for inference
+    assert model.config.class_names == SYNTHETIC_CLASSES
+
+    stopped = full.replace(output_dir=str(tmp_path / "split"), **{"solver.max_iter": 4})
+    train(stopped)
+    resumed = full.replace(output_dir=str(tmp_path / "split"))
+    train(resumed, resume=True)
+    again = losses_by_step(tmp_path / "split")
+    assert sorted(again) == sorted(ref)
+    for step in ref:
+        assert again[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-6), step
+
+
+def test_refuses_to_overwrite_a_run(tmp_path, synthetic):
+    """A second run into the same output_dir is refused unless --resume is given; nothing is changed."""
+    path = recipe(tmp_path, synthetic, solver={"batch_size": 2, "max_iter": 1, "amp": "off"})
+    first = run_cli("train", "--config", str(path), "--no-progress")
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = (tmp_path / "run" / "metrics.csv").read_bytes()
+    second = run_cli("train", "--config", str(path), "--no-progress")
+    assert second.returncode == 2
+    assert "already holds a training run" in second.stderr and "--resume" in second.stderr
+    assert (tmp_path / "run" / "metrics.csv").read_bytes() == before
+
+
+def test_torchrun_two_processes_equal_one(tmp_path, synthetic):
+    """torchrun --nproc_per_node 2 (gloo): one step gives the weights of one process on the same global batch."""
+    path = recipe(tmp_path, synthetic, solver={"batch_size": 2, "max_iter": 1, "amp": "off", "base_lr": 1e-3})
+    single = run_cli("train", "--config", str(path), f"output_dir={tmp_path / 'one'}", "--no-progress")
+    assert single.returncode == 0, single.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "vita_train", "train", "--config", str(path), f"output_dir={tmp_path / 'two'}", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a = torch.load(tmp_path / "one" / "model_final.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "two" / "model_final.pth", weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    losses_one, losses_two = losses_by_step(tmp_path / "one"), losses_by_step(tmp_path / "two")
+    assert losses_two[1] == pytest.approx(losses_one[1], rel=1e-4)
+
+
+def test_finetune_official_checkpoint_then_export(tmp_path, synthetic):
+    """An official-format checkpoint is fine-tuned on new classes, saved in our format, and exported."""
+    ckpt = require_shared("fixtures", "official", "r50_tiny", "model_final.pth")
+    path = recipe(
+        tmp_path,
+        synthetic,
+        model={"preset": "init", "num_classes": 4, "class_names": list(SYNTHETIC_CLASSES), "dataset": "synthetic",
+               "input": {"min_size_test": 64}},
+        init=str(ckpt),
+        solver={"batch_size": 1, "max_iter": 2, "amp": "off", "base_lr": 1e-4},
+    )
+    done = run_cli("train", "--config", str(path), "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    final = tmp_path / "run" / "model_final.pth"
+    from vita_train import load_model
+
+    official = load_model(ckpt)
+    tuned = load_model(final)
+    assert tuned.config.num_classes == 4 and tuned.config.backbone == official.config.backbone
+    changed = [k for k, v in official.state_dict().items() if k in tuned.state_dict() and v.shape ==
+               tuned.state_dict()[k].shape and not torch.equal(v, tuned.state_dict()[k])]
+    assert changed, "fine-tuning changed no weight"
+    out = tmp_path / "export"
+    exp = subprocess.run([sys.executable, "-m", "export", "--ckpt", str(final), "--out", str(out)], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert exp.returncode == 0, exp.stderr[-3000:]
+    meta = json.loads((out / "vita.json").read_text())
+    assert meta["class_names"] == list(SYNTHETIC_CLASSES)
+
+
+def test_non_finite_loss_stops_naming_the_step(tmp_path, synthetic):
+    """A diverging run stops with a message naming the step, before the weights or a checkpoint are touched."""
+    path = recipe(tmp_path, synthetic, solver={"batch_size": 2, "max_iter": 3, "amp": "off", "base_lr": 1e-3})
+    from vita_train.training.config import TrainConfig
+    from vita_train.training.trainer import TrainingError, train
+
+    cfg = TrainConfig.from_yaml(path, ["loss.class_weight=.nan"])
+    with pytest.raises(TrainingError, match=r"not finite at step 1 .*loss_ce"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("solver.base_rate=1", "unknown config key 'solver.base_rate'"),
+        ("model.vita.windoww=3", "unknown config key 'model.vita.windoww'"),
+        ("solver.batch_size=zero", "solver.batch_size must be int"),
+    ],
+)
+def test_bad_recipe_key_is_a_clear_error(tmp_path, synthetic, override, message):
+    """A recipe key that does not exist (or a value of the wrong type) exits 2 with a message naming it."""
+    proc = run_cli("train", "--config", str(recipe(tmp_path, synthetic)), override, "--no-progress")
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _bad_dataset(tmp_path: Path, synthetic: Path, change) -> Path:
+    gt = json.loads((synthetic / "instances.json").read_text())
+    change(gt)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(gt))
+    return path
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda gt: gt["videos"][0]["file_names"].__setitem__(0, "nowhere/00000.jpg"), "missing"),
+        (lambda gt: gt["annotations"][0].__setitem__("category_id", 99), "99"),
+    ],
+)
+def test_bad_dataset_is_a_clear_error(tmp_path, synthetic, change, message):
+    """A dataset JSON naming a missing frame or an unknown category exits 2 with a message naming it."""
+    bad = _bad_dataset(tmp_path, synthetic, change)
+    proc = run_cli("train", "--config", str(recipe(tmp_path, synthetic)), "--no-progress",
+                   f"data.datasets=[{{name: bad, format: ytvis, json: {bad}, images: {synthetic / 'JPEGImages'}}}]")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and str(bad) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_empty_mask_annotation_is_skipped_with_a_warning(tmp_path, synthetic, caplog):
+    """An annotation whose masks are all empty is reported by id and skipped; training goes on."""
+    from vita_train.data.records import load_ytvis
+
+    def empty(gt):
+        ann = gt["annotations"][0]
+        ann["segmentations"] = [None] * len(ann["segmentations"])
+
+    bad = _bad_dataset(tmp_path, synthetic, empty)
+    gt = json.loads(bad.read_text())
+    with caplog.at_level("WARNING"):
+        ds = load_ytvis(bad, synthetic / "JPEGImages")
+    assert str(gt["annotations"][0]["id"]) in caplog.text
+    assert sum(len(v.instances) for v in ds.videos) == len(gt["annotations"]) - 1
+
+
+def test_eval_cli_scores_a_results_file(tmp_path):
+    """``python -m vita_train eval`` prints the 12 numbers of a results file, equal to the official ones."""
+    case = require_shared("fixtures", "ytvis_eval", "easy")
+    proc = run_cli("eval", "--ytvis-json", str(case / "gt.json"), "--results", str(case / "results.json"), "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    stats = json.loads(proc.stdout)
+    expected = json.loads((case / "expected_stats.json").read_text())
+    for name, value in zip(expected["names"], expected["stats"]):
+        assert abs(stats[name] - value) <= 1e-9, name
