@@ -238,3 +238,15 @@ def test_eval_cli_scores_a_results_file(tmp_path):
     expected = json.loads((case / "expected_stats.json").read_text())
     for name, value in zip(expected["names"], expected["stats"]):
         assert abs(stats[name] - value) <= 1e-9, name
+
+
+def test_bf16_autocast_and_tensorboard(tmp_path, synthetic):
+    """Mixed precision (bf16 autocast on the CPU) trains with finite losses; TensorBoard gets the scalars."""
+    pytest.importorskip("tensorboard", reason="TensorBoard is an optional extra: pip install 'vita-toolkit[train]'")
+    from vita_train.training.config import TrainConfig
+    from vita_train.training.trainer import train
+
+    cfg = TrainConfig.from_yaml(recipe(tmp_path, synthetic), ["solver.amp=bf16", "solver.max_iter=2", "tensorboard=true"])
+    result = train(cfg)
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses_by_step(result.output_dir).values())
+    assert list((result.output_dir / "tensorboard").glob("events.out.tfevents.*"))

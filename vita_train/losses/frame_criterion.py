@@ -86,8 +86,8 @@ def sampled_mask_losses(
         return bce, dice.sum() / num_masks
 
 
-class FrameCriterion(nn.Module):
-    """Mask2Former losses with deep supervision; also yields the matchings of the last L predictions for VITA."""
+class MatchingCriterion(nn.Module):
+    """Shared start of the frame and video criteria: the loss config and a matcher with the same cost weights."""
 
     def __init__(self, num_classes: int, cfg: LossConfig | None = None) -> None:
         super().__init__()
@@ -96,6 +96,10 @@ class FrameCriterion(nn.Module):
         self.matcher = HungarianMatcher(
             self.cfg.class_weight, self.cfg.mask_weight, self.cfg.dice_weight, self.cfg.num_points
         )
+
+
+class FrameCriterion(MatchingCriterion):
+    """Mask2Former losses with deep supervision; also yields the matchings of the last L predictions for VITA."""
 
     def single_losses(
         self,

@@ -7,11 +7,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from vita_train.losses.config import LossConfig
-from vita_train.losses.frame_criterion import class_loss, mean_over_ranks, permutation_index, sampled_mask_losses
-from vita_train.losses.matcher import HungarianMatcher, Indices
+from vita_train.losses.frame_criterion import (
+    MatchingCriterion,
+    class_loss,
+    mean_over_ranks,
+    permutation_index,
+    sampled_mask_losses,
+)
+from vita_train.losses.matcher import Indices
 from vita_train.losses.point_sampling import fp32_region
 
 ID_MULTIPLIER = 1000
@@ -76,16 +81,8 @@ def similarity_loss(
         return (loss * same).sum() / (mean_over_ranks(float(same.sum()), loss.device, minimum=0.0) + 1e-6)
 
 
-class VideoCriterion(nn.Module):
+class VideoCriterion(MatchingCriterion):
     """VITA losses over L frame-query layers x B clips, each matched on its own, plus aux decoder layers."""
-
-    def __init__(self, num_classes: int, cfg: LossConfig | None = None) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.cfg = cfg if cfg is not None else LossConfig()
-        self.matcher = HungarianMatcher(
-            self.cfg.class_weight, self.cfg.mask_weight, self.cfg.dice_weight, self.cfg.num_points
-        )
 
     def single_losses(
         self,
