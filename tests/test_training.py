@@ -250,3 +250,55 @@ def test_bf16_autocast_and_tensorboard(tmp_path, synthetic):
     result = train(cfg)
     assert all(torch.isfinite(torch.tensor(v)) for v in losses_by_step(result.output_dir).values())
     assert list((result.output_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_imagenet_backbone_init_from_torchvision_and_detectron2_files(tmp_path):
+    """ImageNet weights load into the backbone from a torchvision .pth and from a detectron2 .pkl of arrays."""
+    import pickle
+
+    import torchvision
+
+    from vita_train import VitaModel, preset
+    from vita_train.checkpoint.errors import CheckpointError
+    from vita_train.training.init_weights import init_backbone
+
+    tv = torchvision.models.resnet50(weights=None).state_dict()
+    torch.save(tv, tmp_path / "resnet50.pth")
+    model = VitaModel(preset("vita_r50_ytvis19"))
+    loaded = init_backbone(model, tmp_path / "resnet50.pth")
+    assert len(loaded) == len([k for k in tv if not k.startswith("fc.") and "num_batches_tracked" not in k])
+    own = model.state_dict()
+    torch.testing.assert_close(own["backbone.stem.conv1.weight"], tv["conv1.weight"])
+    torch.testing.assert_close(own["backbone.res3.0.shortcut.norm.running_var"], tv["layer2.0.downsample.1.running_var"])
+    torch.testing.assert_close(own["backbone.res5.2.conv3.weight"], tv["layer4.2.conv3.weight"])
+
+    d2 = {k.removeprefix("backbone."): (v + 1).numpy() for k, v in own.items() if k.startswith("backbone.")}
+    with open(tmp_path / "R-50.pkl", "wb") as f:
+        pickle.dump({"model": d2, "__author__": "test"}, f)
+    fresh = VitaModel(preset("vita_r50_ytvis19"))
+    init_backbone(fresh, tmp_path / "R-50.pkl")
+    torch.testing.assert_close(fresh.state_dict()["backbone.res4.1.conv2.weight"], own["backbone.res4.1.conv2.weight"] + 1)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump({"model": {"x": Evil()}}, f)
+    with pytest.raises(CheckpointError, match="refusing"):
+        init_backbone(fresh, tmp_path / "evil.pkl")
+
+
+def test_frozen_detector_trains_only_vita(tmp_path, synthetic):
+    """freeze_detector: one step changes VITA's weights and leaves the detector's untouched."""
+    from vita_train.training.config import TrainConfig
+    from vita_train.training.trainer import build_model, train
+
+    cfg = TrainConfig.from_yaml(recipe(tmp_path, synthetic), ["freeze_detector=true", "solver.max_iter=1"])
+    torch.manual_seed(cfg.seed)
+    before = build_model(cfg).state_dict()
+    after = torch.load(train(cfg).final_checkpoint, weights_only=True)["model"]
+    detector = [k for k in before if not k.startswith("vita.") and before[k].is_floating_point()]
+    vita = [k for k in before if k.startswith("vita.")]
+    assert all(torch.equal(before[k], after[k]) for k in detector)
+    assert any(not torch.equal(before[k], after[k]) for k in vita)
