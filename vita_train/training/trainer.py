@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..losses import VitaLoss
+from ..utils.atomic import atomic_write
 from ..modeling.vita_model import VitaModel
 from . import distributed
 from .config import TrainConfig
@@ -68,8 +70,6 @@ def pick_device(name: str) -> torch.device:
     """``auto`` = the local CUDA device when there is one, else the CPU."""
     if name == "auto":
         if torch.cuda.is_available():
-            import os
-
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
     return torch.device(name)
@@ -171,7 +171,8 @@ def train(cfg: TrainConfig, resume: bool | str = False, progress: bool = False) 
 
     if dist_info.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(cfg.to_yaml())
+        text = cfg.to_yaml()
+        atomic_write(output_dir / "config.yaml", lambda f: f.write(text), binary=False)
     metrics = MetricsLogger(output_dir, start, cfg.tensorboard) if dist_info.is_main else None
     params = [p for p in model.parameters() if p.requires_grad]
     bar = None
@@ -189,7 +190,7 @@ def train(cfg: TrainConfig, resume: bool | str = False, progress: bool = False) 
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 losses = step_module(clips, gens)
             total = sum(losses.values())
-            _stop_if_not_finite(total, losses, step, output_dir, device)
+            _stop_if_not_finite(total, losses, step, output_dir)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(total).backward()
             scaler.unscale_(optimizer)
@@ -251,7 +252,7 @@ def train(cfg: TrainConfig, resume: bool | str = False, progress: bool = False) 
     return TrainResult(output_dir, final, cfg.solver.max_iter, last)
 
 
-def _stop_if_not_finite(total: Tensor, losses: dict[str, Tensor], step: int, output_dir: Path, device) -> None:
+def _stop_if_not_finite(total: Tensor, losses: dict[str, Tensor], step: int, output_dir: Path) -> None:
     """Stop every process before a non-finite loss reaches the weights or a checkpoint."""
     bad = torch.tensor([0.0 if torch.isfinite(total) else 1.0], device=total.device)
     if distributed.is_distributed():
