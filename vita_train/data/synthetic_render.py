@@ -1,7 +1,8 @@
 """Renderer behind the synthetic VIS data: textured shapes that move, occlude, enter and leave the frame.
 
-The class of an instance is its shape only; colour and texture are drawn per instance, so a model has to
-look at the outline to classify. Geometry lives in continuous pixel coordinates where pixel (row i, col j)
+The class of an instance is its shape, and each class also has its own band of hues (``CLASS_HUES``), so a
+small model trained for minutes on a CPU can classify; saturation, brightness and texture are drawn per
+instance. Geometry lives in continuous pixel coordinates where pixel (row i, col j)
 covers [j, j+1) x [i, i+1), the convention pycocotools uses for polygons, so both rasterisations agree.
 """
 
@@ -155,8 +156,16 @@ def rasterize_polygon(points: np.ndarray, height: int, width: int) -> np.ndarray
     return mask_util.decode(rle).astype(bool)
 
 
-def _random_color(rng: np.random.Generator, saturation: tuple[float, float], value: tuple[float, float]) -> np.ndarray:
-    rgb = colorsys.hsv_to_rgb(rng.random(), rng.uniform(*saturation), rng.uniform(*value))
+# Centre hue of each class (disc red, square yellow, triangle green, ring blue); instances vary by +-HUE_JITTER.
+CLASS_HUES = (0.0, 0.16, 0.36, 0.62)
+HUE_JITTER = 0.05
+
+
+def _random_color(
+    rng: np.random.Generator, saturation: tuple[float, float], value: tuple[float, float], hue: float | None = None
+) -> np.ndarray:
+    hue = rng.random() if hue is None else (hue + rng.uniform(-HUE_JITTER, HUE_JITTER)) % 1.0
+    rgb = colorsys.hsv_to_rgb(hue, rng.uniform(*saturation), rng.uniform(*value))
     return 255.0 * np.asarray(rgb, dtype=np.float32)
 
 
@@ -205,7 +214,7 @@ def _sample_instance(rng: np.random.Generator, num_frames: int, height: int, wid
         first = int(rng.integers(1, num_frames // 2 + 1))
     if num_frames >= 2 and rng.random() < 0.2 and max(first, (num_frames - 1) // 2) < num_frames - 1:
         last = int(rng.integers(max(first, (num_frames - 1) // 2), num_frames - 1))
-    color = _random_color(rng, (0.45, 1.0), (0.55, 1.0))
+    color = _random_color(rng, (0.55, 1.0), (0.6, 1.0), hue=CLASS_HUES[label])
     return _Instance(
         label=label,
         depth=float(rng.random()),
