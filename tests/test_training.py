@@ -30,7 +30,7 @@ TINY_MODEL = {
 def synthetic(tmp_path_factory) -> Path:
     """A small synthetic dataset in YouTube-VIS format."""
     root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic_dataset(root, num_videos=6, num_frames=5, height=64, width=64, seed=3)
+    write_synthetic_dataset(root, num_videos=6, num_frames=5, height=64, width=64, seed=3, coco_images=6)
     return root / "train"
 
 
@@ -302,3 +302,19 @@ def test_frozen_detector_trains_only_vita(tmp_path, synthetic):
     vita = [k for k in before if k.startswith("vita.")]
     assert all(torch.equal(before[k], after[k]) for k in detector)
     assert any(not torch.equal(before[k], after[k]) for k in vita)
+
+
+def test_videos_mixed_with_coco_pseudo_videos(tmp_path, synthetic):
+    """A recipe mixing a video dataset with COCO images (pseudo-videos) trains; both sources are drawn."""
+    from vita_train.training.config import TrainConfig
+    from vita_train.training.datasets import build_dataset
+    from vita_train.training.trainer import train
+
+    coco = {"name": "synth_coco", "format": "coco", "json": str(synthetic / "coco" / "instances.json"),
+            "images": str(synthetic / "coco" / "images"), "ratio": 1.0}
+    path = recipe(tmp_path, synthetic)
+    cfg = TrainConfig.from_yaml(path, ["solver.max_iter=2"])
+    cfg = cfg.replace(**{"data.datasets": [cfg.to_dict()["data"]["datasets"][0], coco]})
+    dataset = build_dataset(cfg)
+    assert {dataset.choose(i)[0] for i in range(40)} == {0, 1}
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses_by_step(train(cfg).output_dir).values())
