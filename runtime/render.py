@@ -8,6 +8,7 @@ over it only once complete, so an existing output survives any failure.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -111,8 +112,12 @@ def render_overlay(
     boxes: bool = False,
     contours: bool = True,
     codec: Optional[str] = None,
+    min_score: float = 0.3,
 ) -> None:
     """Write an overlay video of ``result`` on ``frames`` to ``path`` (.mp4, .mkv, .avi or .mov).
+
+    Only instances scoring at least ``min_score`` are drawn (the top-k always includes weak guesses; the
+    results JSON keeps them all, as the YouTube-VIS metric wants).
 
     ``frames``: RGB uint8 (H, W, 3) frames as an iterable or a (T, H, W, 3) array, or a path to a
     video file or a folder of frame images. Frame rate: ``fps`` when given, else ``result.fps``,
@@ -130,8 +135,9 @@ def render_overlay(
     rate = _frame_rate(_pick_fps(fps, result))
     codec = codec or pick_codec()
     style = dict(alpha=alpha, labels=labels, boxes=boxes, contours=contours, font=default_font(result.height))
+    shown = dataclasses.replace(result, instances=[i for i in result.instances if i.score >= min_score])
     with contextlib.closing(_frames_from(frames)) as source:
-        atomic_write(path, lambda f: _encode(f, container_format, codec, rate, result, source, style))
+        atomic_write(path, lambda f: _encode(f, container_format, codec, rate, shown, source, style))
     logger.info("wrote %d-frame overlay (%s, %s fps) to %s", result.num_frames, codec, rate, path)
 
 

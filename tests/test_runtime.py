@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import runtime
+from runtime.results import VideoResult
 from runtime.__main__ import main as cli
 from vita_train.inference.pruning import prune_frame_queries
 
@@ -197,6 +198,10 @@ def test_demo_writes_both_files(tmp_path):
     assert cli(["--demo", "--out-dir", str(tmp_path)]) == 0
     assert (tmp_path / "demo_results.json").stat().st_size > 0
     assert (tmp_path / "demo_overlay.mp4").stat().st_size > 0
+    # the shipped demo model is trained: it finds the generated shapes and names them
+    found = VideoResult.load(tmp_path / "demo_results.json").instances
+    assert any(i.score > 0.5 for i in found), [i.score for i in found]
+    assert {i.label_name for i in found} <= {"disc", "square", "triangle", "ring"}
 
 
 def test_dataset_mode_sharded_and_resumable(r50, tmp_path):
