@@ -41,9 +41,7 @@ def build_dataset(cfg: TrainConfig) -> MixedClipDataset:
 
 
 def build_train_loader_from_config(
-    cfg: TrainConfig, batch_per_rank: int, start_step: int, rank: int, world_size: int
+    cfg: TrainConfig, dataset: MixedClipDataset, batch_per_rank: int, start_step: int, rank: int, world_size: int
 ) -> DataLoader:
     """The loader for this process, starting at ``start_step`` so a resumed run sees the same clips."""
-    return build_train_loader(
-        build_dataset(cfg), batch_per_rank, start_step, rank, world_size, num_workers=cfg.data.num_workers
-    )
+    return build_train_loader(dataset, batch_per_rank, start_step, rank, world_size, num_workers=cfg.data.num_workers)

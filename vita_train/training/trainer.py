@@ -18,7 +18,7 @@ from ..utils.atomic import atomic_write
 from ..modeling.vita_model import VitaModel
 from . import distributed
 from .config import TrainConfig
-from .datasets import build_train_loader_from_config
+from .datasets import build_dataset, build_train_loader_from_config
 from .init_weights import freeze_detector, init_backbone, init_from_checkpoint
 from .metrics import MetricsLogger
 from .optim import build_optimizer, build_scheduler
@@ -140,6 +140,7 @@ def train(cfg: TrainConfig, resume: bool | str = False, progress: bool = False) 
             f"solver.batch_size={cfg.solver.batch_size} does not divide over {dist_info.world_size} processes"
         )
     per_rank = cfg.solver.batch_size // dist_info.world_size
+    dataset = build_dataset(cfg)  # before the model: a wrong dataset path fails in seconds, not minutes
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(device)
@@ -164,7 +165,7 @@ def train(cfg: TrainConfig, resume: bool | str = False, progress: bool = False) 
         ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
         step_module = nn.parallel.DistributedDataParallel(step_module, **ddp_kwargs)
 
-    loader = build_train_loader_from_config(cfg, per_rank, start, dist_info.rank, dist_info.world_size)
+    loader = build_train_loader_from_config(cfg, dataset, per_rank, start, dist_info.rank, dist_info.world_size)
     batches = iter(loader)
     if resume_from is not None:
         set_rng_state(state.rng)  # after the loader drew its base seed, as the uninterrupted run did
