@@ -125,17 +125,15 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Optional[list[str]] = None) -> "TrainConfig":
         """Read a recipe (following ``_base_`` links) and apply ``key=value`` overrides."""
-        data = load_recipe_dict(Path(path))
-        if not overrides:
-            return cls.from_dict(data)
-        # overrides are checked against the full config, not just the keys the recipe happens to spell out
-        data = cls.from_dict(data).to_dict()
-        for item in overrides:
+        config = cls.from_dict(load_recipe_dict(Path(path)))
+        dotted = {}
+        for item in overrides or []:
             key, sep, text = item.partition("=")
             if not sep or not key:
                 raise ConfigError(f"override {item!r} is not of the form key=value (e.g. solver.base_lr=1e-4)")
-            set_dotted(data, key, yaml.safe_load(text) if text else "")
-        return cls.from_dict(data)
+            dotted[key] = yaml.safe_load(text) if text else ""
+        # checked against the full config, not just the keys the recipe happens to spell out
+        return config.replace(**dotted) if dotted else config
 
     def replace(self, **dotted: Any) -> "TrainConfig":
         """A copy with dotted-key overrides applied."""

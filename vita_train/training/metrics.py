@@ -6,8 +6,6 @@ import csv
 import io
 import logging
 from pathlib import Path
-from typing import Optional
-
 from ..utils.atomic import atomic_write
 
 log = logging.getLogger(__name__)
@@ -18,10 +16,9 @@ class MetricsLogger:
 
     def __init__(self, output_dir: Path, start_step: int, tensorboard: bool) -> None:
         self.path = output_dir / "metrics.csv"
-        self.rows: list[dict[str, float]] = []
-        if self.path.is_file():
-            with open(self.path, newline="") as f:
-                self.rows = [r for r in csv.DictReader(f) if int(float(r["step"])) <= start_step]
+        self.fields: list[str] = []
+        kept = _rows_up_to(self.path, start_step) if self.path.is_file() else []
+        self._rewrite(kept)
         self.writer = None
         if tensorboard:
             try:
@@ -33,20 +30,23 @@ class MetricsLogger:
 
     def log(self, step: int, values: dict[str, float]) -> None:
         """Record ``values`` for ``step`` (1-based count of finished steps)."""
-        self.rows.append({"step": step, **values})
+        row = {"step": step, **values}
         if self.writer is not None:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, step)
-        self._flush()
+        if any(k not in self.fields for k in row):  # a new column: rewrite once with the wider header
+            self._rewrite(_rows_up_to(self.path, step) + [row])
+        else:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.fields).writerow(row)
 
-    def _flush(self) -> None:
-        keys: list[str] = []
-        for r in self.rows:
-            keys += [k for k in r if k not in keys]
+    def _rewrite(self, rows: list[dict]) -> None:
+        for r in rows:
+            self.fields += [k for k in r if k not in self.fields]
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=keys)
+        w = csv.DictWriter(buf, fieldnames=self.fields or ["step"])
         w.writeheader()
-        w.writerows(self.rows)
+        w.writerows(rows)
         atomic_write(self.path, lambda f: f.write(buf.getvalue()), binary=False)
 
     def close(self) -> None:
@@ -54,6 +54,15 @@ class MetricsLogger:
         if self.writer is not None:
             self.writer.close()
 
-    def last(self) -> Optional[dict]:
-        """The newest row, if any."""
-        return self.rows[-1] if self.rows else None
+
+def _rows_up_to(path: Path, step: int) -> list[dict]:
+    """Rows of an existing metrics.csv whose step is <= ``step`` (a torn last line is dropped)."""
+    rows = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            try:
+                if int(float(r["step"])) <= step and None not in r.values():
+                    rows.append({k: v for k, v in r.items() if v != ""})
+            except (TypeError, ValueError):
+                continue
+    return rows
