@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -60,19 +61,21 @@ def _eval(argv: list[str]) -> int:
     p.add_argument("--results", help="results JSON to score")
     p.add_argument("--model", help="checkpoint or export directory: segment every video first")
     p.add_argument("--frames", help="with --model: the frame root the JSON's file_names are relative to")
-    p.add_argument("--out", help="with --model: where to write the results JSON (default: beside nothing, a temp file)")
+    p.add_argument("--out", help="with --model: also keep the results JSON here (default: a temporary file)")
     p.add_argument("--json", action="store_true", help="print the 12 numbers as JSON")
     args = p.parse_args(argv)
     from .evaluation import STAT_NAMES, evaluate_ytvis
 
     if bool(args.results) == bool(args.model):
         p.error("give exactly one of --results or --model")
-    results = args.results
-    if args.model:
-        if not args.frames:
-            p.error("--model needs --frames ROOT")
-        results = _segment_for_eval(args.model, Path(args.ytvis_json), Path(args.frames), args.out)
-    stats = evaluate_ytvis(args.ytvis_json, results)
+    if args.model and not args.frames:
+        p.error("--model needs --frames ROOT")
+    with tempfile.TemporaryDirectory(prefix="vita_eval_") as tmp:
+        results = args.results
+        if args.model:
+            results = Path(args.out) if args.out else Path(tmp) / "results.json"
+            _segment_for_eval(args.model, Path(args.ytvis_json), Path(args.frames), results)
+        stats = evaluate_ytvis(args.ytvis_json, results)
     if args.json:
         sys.stdout.write(json.dumps(stats, indent=1) + "\n")
     else:
@@ -80,15 +83,11 @@ def _eval(argv: list[str]) -> int:
     return 0
 
 
-def _segment_for_eval(model: str, gt: Path, frames: Path, out: Optional[str]) -> str:
-    import tempfile
-
+def _segment_for_eval(model: str, gt: Path, frames: Path, out: Path) -> None:
     import runtime
     from runtime.dataset import run_dataset
 
-    target = Path(out) if out else Path(tempfile.mkdtemp(prefix="vita_eval_")) / "results.json"
-    run_dataset(runtime.load(model), gt, frames, target)
-    return str(target)
+    run_dataset(runtime.load(model), gt, frames, out)
 
 
 def _synth(argv: list[str]) -> int:
@@ -136,6 +135,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         from .training.trainer import TrainingError
 
         known += (DatasetError, EvaluationError, ResumeError, TrainingError)
+        from runtime.segmenter import ModelPathError
+        from runtime.video_io import VideoInputError
+
+        known += (ModelPathError, VideoInputError)
     except ImportError:
         pass
     try:
