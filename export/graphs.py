@@ -21,6 +21,9 @@ class DetectorGraph(nn.Module):
 
     def forward(self, frames: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """frames: (B, H, W, 3) uint8, already resized (shortest edge to the test size)."""
+        # cast before the permute: TensorRT's ONNX parser refuses any UINT8 tensor that is not a graph input or
+        # output (onnx-tensorrt ModelImporter.cpp; docs/operators.md), so the Transpose must see floats
+        frames = frames.to(self.model.pixel_mean.dtype)
         out = self.model.detect(frames.permute(0, 3, 1, 2))
         return out.frame_queries, out.frame_logits, out.mask_features
 

@@ -14,6 +14,8 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 from vita_train.export_format import DETECTOR_ENGINE, DETECTOR_FILE, TOKENS_ENGINE, TOKENS_FILE
 from vita_train.utils.atomic import atomic_write
 
+from .trt_compat import TRT_ONNX_SUPPORTED_OPS, TRT_PLUGIN_OPS, unsupported_ops  # noqa: F401 (re-exported)
+
 log = logging.getLogger(__name__)
 
 Shape = tuple[int, ...]
@@ -33,39 +35,6 @@ MIN_FRAME_SIDE = 32
 # names, which torch.onnx.export(dynamo=False) builds from module paths ("/.../pixel_decoder/...").
 FP32_SCOPES = ("/pixel_decoder/",)
 FP32_LAYER_TYPES = frozenset({"NORMALIZATION"})
-
-# ONNX op types the TensorRT ONNX parser imports natively: every row marked "Y" in onnx-tensorrt's
-# docs/operators.md at https://github.com/onnx/onnx-tensorrt/blob/96e781103cfc4adf4a6bb557e94bac8e693f6f4c/docs/operators.md
-# (commit "ONNX-TensorRT 10.1 GA release", 2024-06-17; the table describes TensorRT 10.0, opsets 9 to 20):
-# the floor for "TensorRT >= 10". Later tables only add ops (TensorRT 10.15's adds Attention, BlackmanWindow,
-# HammingWindow, HannWindow, RMSNormalization, RotaryEmbedding, STFT, TensorScatter). Rows may carry
-# restrictions (types, constant inputs) that this set cannot express: the parser has the last word.
-TRT_ONNX_SUPPORTED_OPS: frozenset[str] = frozenset(
-    {
-        "Abs", "Acos", "Acosh", "Add", "And", "ArgMax", "ArgMin", "Asin", "Asinh", "Atan", "Atanh",
-        "AveragePool", "BatchNormalization", "Cast", "CastLike", "Ceil", "Celu", "Clip", "Concat", "Constant",
-        "ConstantOfShape", "Conv", "ConvTranspose", "Cos", "Cosh", "CumSum", "DeformConv", "DepthToSpace",
-        "DequantizeLinear", "Div", "Dropout", "Einsum", "Elu", "Equal", "Erf", "Exp", "Expand", "EyeLike",
-        "Flatten", "Floor", "Gather", "GatherElements", "GatherND", "Gelu", "Gemm", "GlobalAveragePool",
-        "GlobalLpPool", "GlobalMaxPool", "Greater", "GreaterOrEqual", "GridSample", "GroupNormalization", "GRU",
-        "Hardmax", "HardSigmoid", "HardSwish", "Identity", "If", "ImageScaler", "InstanceNormalization",
-        "IsInf", "IsNaN", "LayerNormalization", "LeakyRelu", "Less", "LessOrEqual", "Log", "LogSoftmax", "Loop",
-        "LpNormalization", "LpPool", "LRN", "LSTM", "MatMul", "Max", "MaxPool", "Mean",
-        "MeanVarianceNormalization", "Min", "Mish", "Mod", "Mul", "Neg", "NonMaxSuppression", "NonZero", "Not",
-        "OneHot", "Or", "Pad", "ParametricSoftplus", "Pow", "PRelu", "QuantizeLinear", "RandomNormal",
-        "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Range", "Reciprocal", "ReduceL1", "ReduceL2",
-        "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSum",
-        "ReduceSumSquare", "Relu", "Reshape", "Resize", "ReverseSequence", "RNN", "RoiAlign", "Round",
-        "ScaledTanh", "Scan", "Scatter", "ScatterElements", "ScatterND", "Selu", "Shape", "Shrink", "Sigmoid",
-        "Sign", "Sin", "Sinh", "Size", "Slice", "Softmax", "Softplus", "Softsign", "SpaceToDepth", "Split",
-        "Sqrt", "Squeeze", "Sub", "Sum", "Tan", "Tanh", "ThresholdedRelu", "Tile", "TopK", "Transpose", "Trilu",
-        "Unsqueeze", "Upsample", "Where", "Xor",
-    }
-)  # fmt: skip
-# plugin nodes our exports may contain (export/trt_plugin.py); the parser finds them by op type in the
-# plugin registry, which init_libnvinfer_plugins fills
-TRT_PLUGIN_OPS: frozenset[str] = frozenset({"MultiscaleDeformableAttnPlugin_TRT"})
-
 
 class EngineBuildError(RuntimeError):
     """TensorRT could not parse a graph or build an engine; the message says which and why."""
@@ -142,46 +111,6 @@ def check_profiles(profiles: Mapping[str, Profile], inputs: Optional[Mapping[str
 def keeps_fp32(layer_name: str, layer_type: str, scopes: Sequence[str] = FP32_SCOPES) -> bool:
     """Whether a layer stays FP32 in an FP16 engine: inside one of ``scopes``, or a normalisation layer."""
     return layer_type in FP32_LAYER_TYPES or any(scope in layer_name for scope in scopes)
-
-
-def _subgraphs(node) -> Iterator[Any]:
-    """Graphs held in a node's attributes (If branches, Loop and Scan bodies)."""
-    for attr in node.attribute:
-        if attr.HasField("g"):
-            yield attr.g
-        yield from attr.graphs
-
-
-def _op_types(nodes: Iterable[Any], functions: Mapping[tuple[str, str], Any], seen: set) -> Iterator[str]:
-    """Op types of ``nodes``, of their subgraphs, and of the model-local functions they call."""
-    for node in nodes:
-        key = (node.domain, node.op_type)
-        if key in functions:
-            # the parser imports a call to a model-local function as the function's body
-            if key not in seen:
-                seen.add(key)
-                yield from _op_types(functions[key].node, functions, seen)
-            continue
-        yield node.op_type
-        for graph in _subgraphs(node):
-            yield from _op_types(graph.node, functions, seen)
-
-
-def unsupported_ops(onnx_path: Union[str, Path, Any], plugins: bool = False) -> list[str]:
-    """Sorted op types in the graph (subgraphs and local functions included) that TensorRT 10 cannot import.
-
-    Like the parser, only the op type counts (not the domain). With ``plugins``, TRT_PLUGIN_OPS count as
-    supported. ``onnx_path`` may also be a loaded onnx.ModelProto.
-    """
-    import onnx
-
-    if isinstance(onnx_path, onnx.ModelProto):
-        model = onnx_path
-    else:
-        model = onnx.load(str(onnx_path), load_external_data=False)  # the ops are all we need
-    supported = TRT_ONNX_SUPPORTED_OPS | (TRT_PLUGIN_OPS if plugins else frozenset())
-    functions = {(f.domain, f.name): f for f in model.functions}
-    return sorted({op for op in _op_types(model.graph.node, functions, set()) if op not in supported})
 
 
 @dataclass

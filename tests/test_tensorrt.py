@@ -12,7 +12,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from export import ExportOptions, export_model
 from export import tensorrt as trt_export
+from export import trt_compat
 from export.trt_plugin import (
     PLUGIN_DOMAIN,
     PLUGIN_OP,
@@ -23,7 +25,7 @@ from runtime.backends import tensorrt_backend as trt_backend
 from vita_train.config import ModelConfig
 from vita_train.modeling.ms_deform_attn import ms_deform_attn_sample
 
-from .conftest import assert_imports_without
+from .conftest import OFFICIAL_CASES, OfficialCase, assert_imports_without
 
 NEEDS_TRT = "TensorRT >= 10 and an NVIDIA GPU are needed (pip install tensorrt cuda-python)"
 
@@ -184,6 +186,95 @@ def test_describe_parse_failure_names_every_error():
     assert "3 error(s)" in text and "node 3 '/det/Det' (Det)" in text and "No importer registered" in text
     assert "the graph: bad graph" in text and "does not list as supported: Det" in text
     assert "plugins=True" in text
+
+
+# ---------------------------------------------------------------- static check of the exported graphs
+
+
+@pytest.fixture(scope="module")
+def fixture_exports(tmp_path_factory):
+    """Each official fixture exported once per --msda mode, without validation (the graphs are what matter)."""
+    made = {}
+
+    def get(name: str, msda: str):
+        if (name, msda) not in made:
+            out = tmp_path_factory.mktemp("trt") / f"{name}_{msda}"
+            made[name, msda] = export_model(OfficialCase(name).ckpt, ExportOptions(out=out, validate=False, msda=msda))
+        return made[name, msda]
+
+    return get
+
+
+def _uint8_intermediates(model: onnx.ModelProto) -> list[str]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    io = {v.name for v in (*inferred.graph.input, *inferred.graph.output)}
+    return [v.name for v in inferred.graph.value_info if v.type.tensor_type.elem_type == TensorProto.UINT8
+            and v.name not in io]
+
+
+# swin_tiny takes over a minute per export on 2 cores: in the slow run (pytest -m slow)
+_FIXTURES = [pytest.param(n, marks=pytest.mark.slow) if n == "swin_tiny" else n for n in OFFICIAL_CASES]
+
+
+@pytest.mark.parametrize("msda", ["plain", "trt-plugin"])
+@pytest.mark.parametrize("name", _FIXTURES)
+def test_exported_graphs_pass_the_static_tensorrt_check(fixture_exports, name, msda):
+    export_dir = fixture_exports(name, msda)
+    detector = onnx.load(str(export_dir / "detector.onnx"))
+    # the parser refuses a UINT8 tensor anywhere but at the graph's inputs and outputs: frames are cast first
+    assert _uint8_intermediates(detector) == []
+    first = next(n for n in detector.graph.node if "frames" in n.input)
+    assert first.op_type == "Cast"
+    assert detector.graph.input[0].type.tensor_type.elem_type == TensorProto.UINT8  # the interface is unchanged
+    plugins = msda == "trt-plugin"
+    for graph in ("detector.onnx", "vita_tokens.onnx"):
+        assert trt_compat.check_graph(export_dir / graph, plugins=plugins, trt_version="10.0.1") == [], graph
+    assert trt_compat.check_export(export_dir, plugins) == []
+
+
+def test_static_check_finds_what_the_parser_refuses():
+    u8 = helper.make_tensor_value_info("frames", TensorProto.UINT8, [1, 4, 4, 3])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])
+    # the detector graph as it was: a Transpose of the uint8 frames before the Cast
+    nodes = [helper.make_node("Transpose", ["frames"], ["t"], name="/Transpose", perm=[0, 3, 1, 2]),
+             helper.make_node("Cast", ["t"], ["y"], name="/Cast", to=TensorProto.FLOAT)]
+    findings = trt_compat.check_graph(helper.make_model(helper.make_graph(nodes, "old", [u8], [out])))
+    assert {(f.node, f.problem) for f in findings} == {("/Transpose", "type"), ("/Transpose", "uint8-intermediate")}
+    assert "UINT8" in str(findings[0])
+    with pytest.raises(trt_compat.TensorRTCompatibilityError, match="would refuse 2 part"):
+        trt_compat.raise_if_incompatible(findings)
+    # BOOL into an op whose column has no BOOL; INT64 into a float-only op; an op not in the list
+    b = helper.make_tensor_value_info("b", TensorProto.BOOL, [3])
+    i = helper.make_tensor_value_info("i", TensorProto.INT64, [3])
+    f = helper.make_tensor_value_info("f", TensorProto.FLOAT, [3])
+    nodes = [helper.make_node("Mul", ["b", "b"], ["m"], name="mul"), helper.make_node("Sqrt", ["i"], ["s"], name="sqrt"),
+             helper.make_node("Det", ["f"], ["d"], name="det")]
+    outs = [helper.make_tensor_value_info(n, t, None) for n, t in (("m", TensorProto.BOOL), ("s", TensorProto.INT64),
+                                                                   ("d", TensorProto.FLOAT))]
+    findings = trt_compat.check_graph(helper.make_model(helper.make_graph(nodes, "g", [b, i, f], outs)))
+    assert [(x.node, x.problem) for x in findings] == [("mul", "type"), ("mul", "type"), ("sqrt", "type"), ("det", "op")]
+    # a UINT8 graph output produced by a Cast is allowed (ModelImporter only refuses non-output UINT8 tensors)
+    cast = helper.make_node("Cast", ["f"], ["u"], to=TensorProto.UINT8)
+    u_out = helper.make_tensor_value_info("u", TensorProto.UINT8, [3])
+    assert trt_compat.check_graph(helper.make_model(helper.make_graph([cast], "g", [f], [u_out]))) == []
+
+
+def test_static_check_of_plugin_nodes():
+    value = helper.make_tensor_value_info("value", TensorProto.FLOAT, [1, 30, 2, 4])
+    shapes = helper.make_tensor_value_info("shapes", TensorProto.INT64, [2, 2])
+    starts = helper.make_tensor_value_info("starts", TensorProto.INT32, [2])
+    loc = helper.make_tensor_value_info("loc", TensorProto.FLOAT16, [1, 5, 2, 2, 3, 2])
+    w = helper.make_tensor_value_info("w", TensorProto.FLOAT, [1, 5, 2, 2, 3])
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 5, 2, 4])
+    node = helper.make_node(PLUGIN_OP, ["value", "shapes", "starts", "loc", "w"], ["out"], name="msda",
+                            domain=PLUGIN_DOMAIN, plugin_version="2", plugin_namespace="")
+    model = helper.make_model(helper.make_graph([node], "g", [value, shapes, starts, loc, w], [out]))
+    assert [f.problem for f in trt_compat.check_graph(model)] == ["op"]  # without plugins it is an unknown op
+    details = [f.detail for f in trt_compat.check_graph(model, plugins=True, trt_version="10.8.0")]
+    assert len(details) == 3
+    assert "one of FP32/FP16, are FP32, FP16, FP32" in details[0]
+    assert "spatial_shapes must be INT32, is INT64" in details[1]
+    assert "plugin_version '2' needs TensorRT >= 10.11" in details[2]
 
 
 # ---------------------------------------------------------------- the plugin form of deformable attention
@@ -380,7 +471,7 @@ class _FakeDetector(torch.nn.Module):
         self.mask = torch.nn.Conv2d(3, d, 1)
 
     def forward(self, frames):
-        x = frames.permute(0, 3, 1, 2).float() / 255.0
+        x = frames.float().permute(0, 3, 1, 2) / 255.0  # cast first: no UINT8 intermediate (TensorRT refuses it)
         h, w = x.shape[-2:]
         x = torch.nn.functional.pad(x, (0, (-w) % 32, 0, (-h) % 32))
         q = self.queries[None] + self.proj(x.mean((2, 3)))[:, None]
