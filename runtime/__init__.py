@@ -6,15 +6,21 @@ Importing this package does not import torch: the torch backend is loaded only f
 from .options import SegmentOptions
 from .results import Instance, VideoResult
 from .segmenter import ModelPathError, Segmenter, load, segment
-from .video_io import VideoInputError
+from .streaming import ClipResult, StreamOptions, TrackedInstance, stream
+from .video_io import StreamStalledError, VideoInputError
 
 __all__ = [
+    "ClipResult",
     "Instance",
     "ModelPathError",
     "SegmentOptions",
     "Segmenter",
+    "StreamOptions",
+    "StreamStalledError",
+    "TrackedInstance",
     "VideoInputError",
     "VideoResult",
     "load",
     "segment",
+    "stream",
 ]

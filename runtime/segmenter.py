@@ -27,8 +27,17 @@ class Segmenter:
         """The model's config (class names, sizes, window, ...)."""
         return self.backend.config
 
-    def segment(self, video: Any, **options: Any) -> VideoResult:
-        """Segment ``video`` (path, frame folder, uint8 T x H x W x 3 array or iterable of frames)."""
+    def segment(self, video: Any, mode: str = "offline", **options: Any) -> VideoResult:
+        """Segment ``video`` (path, frame folder, uint8 T x H x W x 3 array or iterable of frames).
+
+        ``mode="clips"`` runs it clip-wise as ``runtime.stream`` does (clip_len, overlap, association, ...).
+        """
+        if mode == "clips":
+            from .streaming.whole_video import segment_clips
+
+            return segment_clips(self, video, **options)
+        if mode != "offline":
+            raise ValueError(f"mode must be 'offline' or 'clips', got {mode!r}")
         from .pipeline import run
 
         return run(self.backend, video, self.options.updated(**options))

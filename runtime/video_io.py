@@ -610,3 +610,124 @@ def _reader_for(video: object) -> _Reader:
 def open_video(video: VideoLike) -> FrameSource:
     """Open a video file, a folder of JPEG/PNG frames, a uint8 array or an iterable of frames."""
     return FrameSource(_reader_for(video))
+
+
+# --------------------------------------------------------------------------------------------
+# Live sources: network streams and capture devices (runtime.stream)
+# --------------------------------------------------------------------------------------------
+
+LIVE_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "tcp", "udp", "srt", "rtp")
+
+
+class StreamStalledError(VideoInputError):
+    """A live source sent no frame for longer than its timeout (after any reconnects allowed)."""
+
+
+def is_live_source(video: object) -> bool:
+    """True for a URL of a network stream (rtsp://, tcp://, ...) or a capture device (/dev/video*)."""
+    if not isinstance(video, (str, os.PathLike)):
+        return False
+    text = str(os.fspath(video))
+    scheme = text.split("://", 1)[0].lower() if "://" in text else ""
+    return scheme in LIVE_SCHEMES or text.startswith("/dev/video")
+
+
+class _LiveReader(_Reader):
+    """Frames of a live URL or capture device, decoded by PyAV as they arrive; one pass only.
+
+    A read that blocks longer than ``timeout`` seconds (FFmpeg's interrupt callback) counts as a stall:
+    the reader reopens the source up to ``reconnect`` times, then raises StreamStalledError.
+    """
+
+    reopenable = False
+
+    def __init__(
+        self,
+        url: str,
+        format: Optional[str] = None,
+        options: Optional[dict] = None,
+        timeout: float = 10.0,
+        reconnect: int = 0,
+        reconnect_delay: float = 1.0,
+    ) -> None:
+        if timeout <= 0:
+            raise VideoInputError(f"timeout must be > 0 seconds, got {timeout}")
+        if reconnect < 0:
+            raise VideoInputError(f"reconnect must be a count >= 0, got {reconnect}")
+        self.url, self.format, self.options = url, format, dict(options or {})
+        self.timeout, self.reconnect, self.reconnect_delay = float(timeout), int(reconnect), float(reconnect_delay)
+        self.frames_read = 0
+
+    def describe(self) -> str:
+        return self.url
+
+    def _open(self) -> av.container.InputContainer:
+        try:
+            container = av.open(
+                self.url, format=self.format, options=self.options, timeout=self.timeout, metadata_errors="replace"
+            )
+        except (av.error.FFmpegError, OSError) as err:
+            raise VideoInputError(
+                f"cannot open the live source {self.url} ({err}). Check that the sender or camera is running and "
+                f"reachable, the URL (scheme, host, port, path) and, for a device, format= (e.g. 'v4l2')"
+            ) from err
+        if not container.streams.video:
+            container.close()
+            raise VideoInputError(f"the live source {self.url} carries no video stream")
+        return container
+
+    def _retry(self, attempt: int, what: str) -> bool:
+        """Wait before reconnect number ``attempt``; False once the allowed reconnects are spent."""
+        if attempt > self.reconnect:
+            return False
+        _log.warning("%s: %s; reconnecting (%d of %d)", self.url, what, attempt, self.reconnect)
+        import time
+
+        time.sleep(self.reconnect_delay)
+        return True
+
+    def frames(self) -> Iterator[np.ndarray]:
+        attempt = 0
+        while True:
+            try:
+                container = self._open()
+            except VideoInputError as err:
+                attempt += 1
+                if not self._retry(attempt, str(err)):
+                    raise
+                continue
+            with container:
+                stream = container.streams.video[0]
+                rate = stream.average_rate or stream.guessed_rate
+                self.fps = float(rate) if rate else self.fps
+                orientation: Optional[_Orientation] = None
+                try:
+                    for frame in container.decode(stream):
+                        if orientation is None:
+                            orientation = _video_orientation(frame, stream)
+                        self.frames_read += 1
+                        yield _apply_orientation(frame.to_ndarray(format="rgb24"), orientation)
+                    return  # the sender ended the stream
+                except av.error.FFmpegError as err:
+                    stall = f"no data for {self.timeout:g} s after {self.frames_read} frame(s) ({err})"
+            attempt += 1
+            if not self._retry(attempt, stall):
+                raise StreamStalledError(
+                    f"the live source {self.url} stalled: {stall}. The sender stopped or the network dropped; "
+                    f"pass a longer timeout or reconnect=N to retry"
+                )
+
+    def empty_error(self) -> VideoInputError:
+        return VideoInputError(f"the live source {self.url} ended before sending a frame")
+
+
+def open_live(
+    url: str,
+    format: Optional[str] = None,
+    options: Optional[dict] = None,
+    timeout: float = 10.0,
+    reconnect: int = 0,
+    reconnect_delay: float = 1.0,
+) -> FrameSource:
+    """Open a network stream or capture device; ``format``/``options`` go to FFmpeg (e.g. 'v4l2', video_size)."""
+    return FrameSource(_LiveReader(url, format, options, timeout, reconnect, reconnect_delay))
