@@ -1,0 +1,118 @@
+"""Fused attention kernels for VITA: windowed self-attention over frames and multi-scale deformable attention.
+
+One switch picks the implementation (``mode``):
+
+- ``"reference"``: the plain PyTorch references in ``kernels.reference``;
+- ``"triton"``: the Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``);
+- ``"auto"``: Triton on CUDA when it imports, else the fastest exact CPU form (``kernels.cpu``).
+
+This package imports only torch (and triton where installed).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import torch
+from torch import Tensor
+
+from . import cpu, reference
+
+MODES = ("auto", "reference", "triton")
+
+
+class KernelUnavailableError(RuntimeError):
+    """The asked-for kernel cannot run here; the message says why and what to use instead."""
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_module():
+    try:
+        from . import triton_kernels
+    except ImportError:  # triton absent or unusable on this platform
+        return None
+    return triton_kernels
+
+
+def triton_importable() -> bool:
+    """True when the Triton kernels import (triton installed and usable)."""
+    return _triton_module() is not None
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def check_mode(mode: str) -> str:
+    """``mode`` itself, or a ValueError naming the allowed ones."""
+    if mode not in MODES:
+        raise ValueError(f"kernels must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def resolve(mode: str, device_type: str) -> str:
+    """The implementation ``mode`` runs on ``device_type``: "reference", "cpu" or "triton"."""
+    check_mode(mode)
+    if mode == "reference":
+        return "reference"
+    runs_triton = triton_importable() and (device_type == "cuda" or _interpreted())
+    if mode == "triton":
+        if not runs_triton:
+            why = "triton is not importable" if not triton_importable() else f"tensors are on {device_type}"
+            raise KernelUnavailableError(
+                f'kernels="triton" needs CUDA tensors and triton ({why}); use kernels="auto" or "reference" '
+                "(CPU tensors run the Triton kernels only under TRITON_INTERPRET=1, for tests)"
+            )
+        return "triton"
+    return "triton" if device_type == "cuda" and runs_triton else "cpu"
+
+
+def window_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    tokens_per_frame: int,
+    window: int,
+    shifted: bool,
+    frame_offset: int = 0,
+    mode: str = "auto",
+) -> Tensor:
+    """Attention of each token to the tokens of the frames in its (shifted) window; (B, heads, T*N, d) in and out.
+
+    Tokens are frame-major, T is any length (no padding). ``window`` 0 is full attention; ``shifted``
+    uses the official shifted layout (windows offset by ceil(W/2), the wrapped tail its own window);
+    ``frame_offset`` is the absolute index of the first frame when a chunk of a longer clip is given
+    (chunks must start and end on window boundaries). Softmax scale 1/sqrt(d).
+    """
+    if q.shape[-2] % tokens_per_frame:
+        raise ValueError(f"{q.shape[-2]} tokens are not a whole number of frames of {tokens_per_frame} tokens")
+    impl = resolve(mode, q.device.type)
+    if impl == "triton":
+        return _triton_module().window_attention(q, k, v, tokens_per_frame, window, shifted, frame_offset)
+    fn = reference.window_attention if impl == "reference" else cpu.window_attention
+    return fn(q, k, v, tokens_per_frame, window, shifted, frame_offset)
+
+
+def ms_deform_attn(
+    value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor, mode: str = "auto"
+) -> Tensor:
+    """Multi-scale deformable attention sampling, the signature of ``kernels.reference.ms_deform_attn``."""
+    impl = resolve(mode, value.device.type)
+    if impl == "triton":
+        return _triton_module().ms_deform_attn(value, shapes, locations, weights)
+    needs_grad = any(t.requires_grad for t in (value, locations, weights))
+    # the CPU form is the faster forward; for training grid_sample's backward measured faster
+    if impl == "reference" or (needs_grad and torch.is_grad_enabled()):
+        return reference.ms_deform_attn(value, shapes, locations, weights)
+    return cpu.ms_deform_attn(value, shapes, locations, weights)
+
+
+def sampler(mode: str = "auto") -> "functools.partial":
+    """``ms_deform_attn`` with ``mode`` bound: a drop-in for ``MSDeformAttn.sample_fn``."""
+    return functools.partial(ms_deform_attn, mode=check_mode(mode))
+
+
+__all__ = [
+    "MODES", "KernelUnavailableError", "check_mode", "cpu", "ms_deform_attn", "reference", "resolve",
+    "sampler", "triton_importable", "window_attention",
+]

@@ -1,0 +1,69 @@
+"""Plain PyTorch references: what every fused kernel in this package must compute.
+
+They favour obviousness over speed (the window reference builds a dense token mask) and are what
+tests/test_kernels.py holds the CPU forms and the Triton kernels to.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def frame_groups(num_frames: int, window: int, shifted: bool, frame_offset: int = 0, device=None) -> Tensor:
+    """Window id of each frame (num_frames,): frames attend to each other iff their ids are equal.
+
+    Plain windows are [kW, (k+1)W). The official shifted layout rolls the padded clip by h = ceil(W/2)
+    and masks the wrapped tail of the first window off its head; on real frames that is exactly
+    windows [kW - h, (k+1)W - h), the tail beyond the last full window being a window of its own.
+    ``window`` 0 is full attention (one group). ``frame_offset`` is the absolute index of frame 0.
+    """
+    frames = torch.arange(num_frames, device=device) + frame_offset
+    if window == 0:
+        return torch.zeros_like(frames)
+    shift = math.ceil(window / 2) if shifted else 0
+    return torch.div(frames + shift, window, rounding_mode="floor")
+
+
+def window_attention(
+    q: Tensor, k: Tensor, v: Tensor, tokens_per_frame: int, window: int, shifted: bool, frame_offset: int = 0
+) -> Tensor:
+    """Softmax(q k^T / sqrt(d)) v restricted to each token's (shifted) window of frames.
+
+    q, k, v (B, heads, T*N, d), tokens frame-major (N = ``tokens_per_frame``); returns (B, heads, T*N, d).
+    """
+    length = q.shape[-2]
+    if length % tokens_per_frame:
+        raise ValueError(f"{length} tokens are not a whole number of frames of {tokens_per_frame} tokens")
+    groups = frame_groups(length // tokens_per_frame, window, shifted, frame_offset, q.device)
+    groups = groups.repeat_interleave(tokens_per_frame)
+    allowed = groups[:, None] == groups[None, :]
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return (scores.softmax(-1) @ v.float()).to(q.dtype)
+
+
+def ms_deform_attn(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor) -> Tensor:
+    """Weighted bilinear samples of every level (Deformable DETR's multi-scale deformable attention).
+
+    value (N, S, heads, D) with S = sum(H_l*W_l), levels in ``shapes`` order;
+    locations (N, Lq, heads, levels, points, 2) as (x, y) in [0, 1] (outside reads zeros);
+    weights (N, Lq, heads, levels, points). Returns (N, Lq, heads*D). Bilinear, align_corners False.
+    """
+    n, _, heads, d = value.shape
+    _, lq, _, levels, points, _ = locations.shape
+    grids = 2 * locations - 1
+    per_level = value.split([h * w for h, w in shapes], dim=1)
+    # weight and sum each level as it is sampled: no (N*heads, D, Lq, levels*points) stack is built
+    out = None
+    for lvl, (h, w) in enumerate(shapes):
+        v = per_level[lvl].flatten(2).transpose(1, 2).reshape(n * heads, d, h, w)
+        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (N*heads, Lq, points, 2)
+        sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)
+        wl = weights[:, :, :, lvl].transpose(1, 2).reshape(n * heads, 1, lq, points)
+        term = (sampled * wl).sum(-1)  # (N*heads, D, Lq)
+        out = term if out is None else out + term
+    return out.view(n, heads * d, lq).transpose(1, 2).contiguous()

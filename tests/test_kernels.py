@@ -1,0 +1,186 @@
+"""kernels/: the CPU forms and the Triton kernels against the plain references on random inputs.
+
+The Triton tests run on CUDA, or on the CPU under TRITON_INTERPRET=1 (small sizes: the interpreter is slow).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+import kernels
+from kernels import cpu, reference
+
+W = 6
+HEADS, D = 8, 32
+T_CASES = [1, W - 1, W, W + 1, 37]
+
+triton_device = None
+if not kernels.triton_importable():
+    _why = "triton is not importable here"
+elif torch.cuda.is_available():
+    triton_device, _why = "cuda", ""
+elif os.environ.get("TRITON_INTERPRET") == "1":
+    triton_device, _why = "cpu", ""
+else:
+    _why = "no CUDA device (set TRITON_INTERPRET=1 to run the Triton kernels on the CPU)"
+needs_triton = pytest.mark.skipif(triton_device is None, reason=_why)
+
+
+def _qkv(b: int, t: int, n: int, seed: int, device: str = "cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, HEADS, t * n, D, generator=g).to(device) for _ in range(3)]
+
+
+def _msda_inputs(n: int, lq: int, shapes, points: int, seed: int, device: str = "cpu"):
+    g = torch.Generator().manual_seed(seed)
+    s = sum(h * w for h, w in shapes)
+    value = torch.randn(n, s, HEADS, D, generator=g)
+    # a fifth of the range lies outside [0, 1] on each side: those taps read zeros
+    locations = torch.rand(n, lq, HEADS, len(shapes), points, 2, generator=g) * 1.4 - 0.2
+    weights = torch.rand(n, lq, HEADS, len(shapes), points, generator=g).softmax(-1)
+    return [t.to(device) for t in (value, locations, weights)]
+
+
+def _official_windows(t: int, window: int, shifted: bool) -> torch.Tensor:
+    """(T, T) allowed frame pairs the official way: pad, roll by ceil(W/2), mask the edge windows."""
+    tp = math.ceil(t / window) * window
+    h = math.ceil(window / 2) if shifted else 0
+    frame_at = (torch.arange(tp) - h) % tp  # position p holds frame (p - h) mod T_pad
+    allowed = torch.zeros(t, t, dtype=torch.bool)
+    for start in range(0, tp, window):
+        frames = frame_at[start : start + window]
+        for i, fi in enumerate(frames):
+            for j, fj in enumerate(frames):
+                split = shifted and start == 0 and (i < h) != (j < h)  # wrapped tail vs head
+                if fi < t and fj < t and not split:
+                    allowed[fi, fj] = True
+    return allowed
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, 5, 6])
+@pytest.mark.parametrize("shifted", [False, True])
+def test_frame_groups_are_the_official_rolled_windows(window, shifted):
+    for t in range(1, 3 * window + 2):
+        groups = reference.frame_groups(t, window, shifted)
+        assert torch.equal(groups[:, None] == groups[None, :], _official_windows(t, window, shifted)), (t, window)
+
+
+# the dense reference at T=37, N=100 would hold 2 x 8 x 3700^2 scores: N=100 runs up to T=W+1
+CPU_WINDOW_CASES = [(t, n) for t in T_CASES for n in (1, 7, 100) if (t, n) != (37, 100)]
+
+
+@pytest.mark.parametrize("t,n", CPU_WINDOW_CASES)
+@pytest.mark.parametrize("shifted", [False, True])
+def test_window_attention_cpu_form(t, n, shifted):
+    q, k, v = _qkv(2, t, n, seed=t * 1000 + n)
+    ref = reference.window_attention(q, k, v, n, W, shifted)
+    out = cpu.window_attention(q, k, v, n, W, shifted)
+    assert (out - ref).abs().max() <= 1e-5
+    assert torch.equal(kernels.window_attention(q, k, v, n, W, shifted, mode="reference"), ref)
+
+
+def test_window_attention_full_and_chunks():
+    q, k, v = _qkv(2, 13, 3, seed=1)
+    ref = reference.window_attention(q, k, v, 3, 0, False)
+    full = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert (ref - full).abs().max() <= 1e-5
+    assert (cpu.window_attention(q, k, v, 3, 0, False) - ref).abs().max() <= 1e-5
+    # a chunk starting on a window boundary, with its absolute frame offset, is the same slice
+    for shifted in (False, True):
+        whole = reference.window_attention(q, k, v, 3, W, shifted)
+        start = W - math.ceil(W / 2) if shifted else W  # first window boundary after frame 0
+        lo = start * 3
+        part = cpu.window_attention(q[:, :, lo:], k[:, :, lo:], v[:, :, lo:], 3, W, shifted, frame_offset=start)
+        assert (part - whole[:, :, lo:]).abs().max() <= 1e-5
+
+
+def test_window_attention_rejects_partial_frames():
+    q, k, v = _qkv(1, 2, 5, seed=0)
+    with pytest.raises(ValueError, match="whole number of frames"):
+        kernels.window_attention(q[:, :, :7], k[:, :, :7], v[:, :, :7], 5, W, False)
+
+
+SHAPES = [(6, 5), (3, 3), (2, 1)]
+
+
+@pytest.mark.parametrize("lq", [1, 7, 100])
+def test_ms_deform_attn_cpu_form(lq):
+    value, locations, weights = _msda_inputs(2, lq, SHAPES, 4, seed=lq)
+    ref = reference.ms_deform_attn(value, SHAPES, locations, weights)
+    assert (cpu.ms_deform_attn(value, SHAPES, locations, weights) - ref).abs().max() <= 1e-5
+    with torch.no_grad():  # auto on the CPU without grad: the CPU form
+        assert (kernels.ms_deform_attn(value, SHAPES, locations, weights) - ref).abs().max() <= 1e-5
+
+
+def test_ms_deform_attn_cpu_form_gradients():
+    value, locations, weights = _msda_inputs(2, 7, SHAPES, 4, seed=3)
+    grad_out = torch.randn(2, 7, HEADS * D)
+
+    def grads(fn):
+        inputs = [t.clone().requires_grad_() for t in (value, locations, weights)]
+        (fn(inputs[0], SHAPES, inputs[1], inputs[2]) * grad_out).sum().backward()
+        return [t.grad for t in inputs]
+
+    for ours, ref in zip(grads(cpu.ms_deform_attn), grads(reference.ms_deform_attn)):
+        assert (ours - ref).abs().max() <= 1e-4
+
+
+def test_unknown_mode_and_unavailable_triton():
+    q, k, v = _qkv(1, 2, 3, seed=0)
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        kernels.window_attention(q, k, v, 3, W, False, mode="fast")
+    if triton_device is None:
+        with pytest.raises(kernels.KernelUnavailableError, match="triton"):
+            kernels.window_attention(q, k, v, 3, W, False, mode="triton")
+
+
+# ---- Triton (CUDA, or the CPU under TRITON_INTERPRET=1) ---------------------------------------------
+# interpreted programs are slow: N=100 only at short T, the long T only at small N
+TRITON_WINDOW_CASES = [(t, n) for t in T_CASES for n in (1, 7)] + [(1, 100)]
+
+
+@needs_triton
+@pytest.mark.parametrize("t,n", TRITON_WINDOW_CASES)
+@pytest.mark.parametrize("shifted", [False, True])
+def test_window_attention_triton(t, n, shifted):
+    q, k, v = _qkv(2, t, n, seed=t * 1000 + n, device=triton_device)
+    ref = reference.window_attention(q, k, v, n, W, shifted)
+    out = kernels.window_attention(q, k, v, n, W, shifted, mode="triton")
+    assert (out - ref).abs().max() <= 1e-5
+
+
+@needs_triton
+def test_window_attention_triton_full_offset_and_grad():
+    q, k, v = _qkv(2, 9, 5, seed=2, device=triton_device)
+    for window, shifted, offset in [(0, False, 0), (W, True, 3), (3, False, 1)]:
+        ref = reference.window_attention(q, k, v, 5, window, shifted, offset)
+        assert (kernels.window_attention(q, k, v, 5, window, shifted, offset, mode="triton") - ref).abs().max() <= 1e-5
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    kernels.window_attention(*inputs, 5, W, True, mode="triton").sum().backward()
+    ref_inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    reference.window_attention(*ref_inputs, 5, W, True).sum().backward()
+    for a, b in zip(inputs, ref_inputs):
+        assert (a.grad - b.grad).abs().max() <= 1e-4
+
+
+@needs_triton
+@pytest.mark.parametrize("lq", [1, 7, 100])
+def test_ms_deform_attn_triton_forward_and_backward(lq):
+    value, locations, weights = _msda_inputs(2, lq, SHAPES, 2, seed=lq, device=triton_device)
+    grad_out = torch.randn(2, lq, HEADS * D).to(triton_device)
+
+    def run(fn):
+        inputs = [t.clone().requires_grad_() for t in (value, locations, weights)]
+        out = fn(inputs[0], SHAPES, inputs[1], inputs[2])
+        (out * grad_out).sum().backward()
+        return out.detach(), [t.grad for t in inputs]
+
+    out, grads = run(lambda *a: kernels.ms_deform_attn(*a, mode="triton"))
+    ref, ref_grads = run(reference.ms_deform_attn)
+    assert (out - ref).abs().max() <= 1e-5
+    for name, ours, theirs in zip(("value", "locations", "weights"), grads, ref_grads):
+        assert (ours - theirs).abs().max() <= 1e-4, name
