@@ -30,14 +30,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--dynamic-size", action="store_true", help="dynamic frame height and width (the default)")
     size.add_argument("--size", type=_size, help="fixed resized frame size HxW, e.g. 360x640")
-    p.add_argument("--fp16", action="store_true", help="build TensorRT engines in FP16")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="also write fp16/bf16 graph variants (mixed-precision policy in their types); with "
+                        "--tensorrt the engines are built from them, strongly typed (default fp32)")
+    p.add_argument("--fp16", action="store_true", help="same as --precision fp16")
     p.add_argument("--validate", action=argparse.BooleanOptionalAction, default=True,
                    help="check the graphs against the torch model with ONNX Runtime (default on)")
+    p.add_argument("--validation-threads", type=int, default=0, metavar="N",
+                   help="ONNX Runtime intra-op threads while validating (default 0: ONNX Runtime's choice)")
     p.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines (needs TensorRT >= 10 and a GPU)")
     p.add_argument("--msda", choices=["plain", "trt-plugin"], default="plain",
                    help="deformable attention as grid_sample (ONNX Runtime) or TensorRT's plugin node")
     p.add_argument("--force", action="store_true", help="write into an existing directory that is not an export")
     args = p.parse_args(argv)
+    if args.fp16 and args.precision not in (None, "fp16"):
+        p.error(f"--fp16 contradicts --precision {args.precision}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from vita_train.checkpoint.errors import CheckpointError
@@ -45,11 +52,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from .exporter import ExportOptions, export_model
     from .onnx_io import ExportError
-    from .validate import ValidationError
+    from .validate import OrtSettings, ValidationError
 
     opts = ExportOptions(
         out=args.out, opset=args.opset, min_size=args.min_size, max_size=args.max_size, size=args.size,
-        fp16=args.fp16, validate=args.validate, force=args.force, tensorrt=args.tensorrt, msda=args.msda,
+        precision=args.precision or ("fp16" if args.fp16 else None), validate=args.validate, force=args.force, tensorrt=args.tensorrt, msda=args.msda,
+        validation_ort=OrtSettings(threads=args.validation_threads),
     )
     try:
         out = export_model(args.ckpt, opts)

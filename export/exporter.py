@@ -44,7 +44,8 @@ class ExportOptions:
     min_size: Optional[int] = None
     max_size: Optional[int] = None
     size: Optional[tuple[int, int]] = None  # fixed (H, W) of resized frames; None = dynamic size
-    fp16: bool = False  # TensorRT engines in FP16 (ONNX graphs stay FP32)
+    fp16: bool = False  # the first API's spelling of precision="fp16"
+    precision: Optional[str] = None  # "fp16"/"bf16": also write graph variants of that precision (TensorRT builds from them)
     validate: bool = True
     force: bool = False
     tensorrt: bool = False
@@ -196,10 +197,15 @@ def export_model(ckpt: Path, opts: Optional[ExportOptions] = None) -> Path:
                 "max_rel_error": max(c.rel_error for c in results),
                 "cases": sorted({f"{c.graph} {c.case}" for c in results}),
             }
+        precision = opts.precision or ("fp16" if opts.fp16 else "fp32")
+        if opts.tensorrt or opts.msda == "trt-plugin" or precision != "fp32":
+            from .tensorrt import prepare_graphs
+
+            prepare_graphs(tmp, meta, precision)  # reduced-precision variants; the static TensorRT check
         if opts.tensorrt:
             from .tensorrt import build_engines
 
-            build_engines(tmp, meta, fp16=opts.fp16)
+            build_engines(tmp, meta, precision=precision)
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=1))
         _install(tmp, out)
     except BaseException:

@@ -42,8 +42,11 @@ from vita_train.modeling.ms_deform_attn import ms_deform_attn_sample
 
 PLUGIN_OP = "MultiscaleDeformableAttnPlugin_TRT"
 PLUGIN_DOMAIN = "trt"
-# version 1 (IPluginV2DynamicExt) exists in every TensorRT 10 release; version 2 only from 10.11
-PLUGIN_VERSION = "1"
+# version "2" (IPluginV3, TensorRT >= 10.11) is what the graph names: version "1" (IPluginV2DynamicExt, in every
+# TensorRT 10 and 11) is deprecated since 10.11 (plugin/multiscaleDeformableAttnPlugin/README.md) and its
+# configurePlugin asserts (ends the process) on a shape mismatch where version 2 returns an error. Both take the
+# same inputs; export.tensorrt.build_engine points the nodes at "1" on a TensorRT older than 10.11.
+PLUGIN_VERSION = "2"
 
 Size = Union[int, Tensor]  # a python int, or a 0-dim tensor when the size is traced (dynamic H, W)
 

@@ -15,6 +15,7 @@ from onnx import TensorProto, helper
 from export import ExportOptions, export_model
 from export import tensorrt as trt_export
 from export import trt_compat
+from export.reduced_precision import precision_of, to_reduced_precision, variant_name
 from export.trt_plugin import (
     PLUGIN_DOMAIN,
     PLUGIN_OP,
@@ -26,6 +27,7 @@ from vita_train.config import ModelConfig
 from vita_train.modeling.ms_deform_attn import ms_deform_attn_sample
 
 from .conftest import OFFICIAL_CASES, OfficialCase, assert_imports_without
+from .fake_tensorrt import FakeTensorRT
 
 NEEDS_TRT = "TensorRT >= 10 and an NVIDIA GPU are needed (pip install tensorrt cuda-python)"
 
@@ -353,7 +355,7 @@ def test_plugin_export_static_shapes():
     onnx.checker.check_model(model, full_check=True)  # custom domains are not checked against schemas
     node = _plugin_node(model)
     assert node.domain == PLUGIN_DOMAIN and len(node.input) == 5 and len(node.output) == 1
-    assert {a.name: a.s.decode() for a in node.attribute} == {"plugin_version": "1", "plugin_namespace": ""}
+    assert {a.name: a.s.decode() for a in node.attribute} == {"plugin_version": "2", "plugin_namespace": ""}
     assert {o.domain: o.version for o in model.opset_import}[PLUGIN_DOMAIN] == 1
     np.testing.assert_array_equal(_constant(model, node.input[1]), np.array([[4, 6], [2, 3]], dtype=np.int32))
     np.testing.assert_array_equal(_constant(model, node.input[2]), np.array([0, 24], dtype=np.int32))
@@ -389,6 +391,245 @@ def test_plugin_export_dynamic_shapes_compute_the_level_tables(tmp_path):
     np.testing.assert_array_equal(spatial, [[10, 7], [5, 4]])
     np.testing.assert_array_equal(starts, [0, 70])
     assert spatial.dtype == np.int32 and starts.dtype == np.int32
+
+
+# ---------------------------------------------------------------- reduced-precision graph variants
+
+
+def _typed(model: onnx.ModelProto) -> dict[str, int]:
+    g = onnx.shape_inference.infer_shapes(model).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*g.input, *g.output, *g.value_info)}
+    types.update({t.name: t.data_type for t in g.initializer})
+    return types
+
+
+_LOW = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+@pytest.mark.parametrize("msda", ["plain", "trt-plugin"])
+def test_reduced_precision_variants_carry_the_policy(fixture_exports, msda, precision):
+    export_dir = fixture_exports("r50_tiny", msda)
+    for graph in ("detector.onnx", "vita_tokens.onnx"):
+        fp32 = onnx.load(str(export_dir / graph))
+        low = to_reduced_precision(fp32, precision)
+        assert precision_of(low) == precision and precision_of(fp32) == "fp32"
+        # the interface is the fp32 graph's: same names, same types
+        for a, b in ((fp32.graph.input, low.graph.input), (fp32.graph.output, low.graph.output)):
+            assert [(v.name, v.type.tensor_type.elem_type) for v in a] == [(v.name, v.type.tensor_type.elem_type) for v in b]
+        assert trt_compat.check_graph(low, plugins=msda == "trt-plugin") == [], graph
+        types = _typed(low)
+        for node in low.graph.node:
+            floats = [types.get(t) for t in (*node.input, *node.output) if types.get(t) in (1, 10, 16)]
+            kept = (node.op_type in ("LayerNormalization", "Softmax", "Less", "InstanceNormalization", "GridSample",
+                                     PLUGIN_OP) or "/pixel_decoder/" in node.name)
+            if kept and node.op_type != "Cast":  # the pass's Casts at the scope's edges carry both types
+                assert set(floats) <= {TensorProto.FLOAT}, (node.name, floats)
+        low_ops = {n.op_type for n in low.graph.node if any(types.get(o) == _LOW[precision] for o in n.output)}
+        assert "MatMul" in low_ops
+        if graph == "detector.onnx":
+            # opset 17's Conv takes no bfloat16 (Conv-22 does): the bf16 variant keeps convolutions in fp32
+            assert ("Conv" in low_ops) == (precision == "fp16")
+
+
+def test_fp16_variant_agrees_with_fp32_in_onnxruntime(fixture_exports):
+    ort = pytest.importorskip("onnxruntime")
+    export_dir = fixture_exports("r50_tiny", "plain")
+    frames = OfficialCase("r50_tiny").frames[:2]
+    fp32 = ort.InferenceSession(str(export_dir / "detector.onnx"), providers=["CPUExecutionProvider"])
+    low = to_reduced_precision(onnx.load(str(export_dir / "detector.onnx")), "fp16")
+    fp16 = ort.InferenceSession(low.SerializeToString(), providers=["CPUExecutionProvider"])
+    ref, out = fp32.run(None, {"frames": frames}), fp16.run(None, {"frames": frames})
+    assert all(o.dtype == np.float32 for o in out)
+    # mask features pass through the fp32 pixel decoder: close (measured 2.7e-3 of the largest value);
+    # queries and logits go through the attention-mask threshold, where fp16 rounding flips some decisions
+    feats_ref, feats = ref[2], out[2]
+    assert np.abs(feats - feats_ref).max() <= 1e-2 * np.abs(feats_ref).max()
+    small = _small_graph()
+    x = np.random.default_rng(1).standard_normal((4, 8)).astype(np.float32)
+    a = ort.InferenceSession(small.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    b = ort.InferenceSession(to_reduced_precision(small, "fp16").SerializeToString(),
+                             providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(b, a, rtol=1e-2, atol=1e-2)
+
+
+def test_export_cli_writes_precision_variants_and_runs_the_static_check(tmp_path):
+    from export.__main__ import main as export_cli
+
+    out = tmp_path / "bf16"
+    ckpt = OfficialCase("r50_tiny").ckpt
+    assert export_cli(["--ckpt", str(ckpt), "--out", str(out), "--no-validate", "--precision", "bf16",
+                       "--msda", "trt-plugin"]) == 0
+    meta = __import__("json").loads((out / "vita.json").read_text())
+    assert meta["precision"]["graphs"] == "bf16"
+    assert meta["precision"]["files"] == {"detector": "detector.bf16.onnx", "vita_tokens": "vita_tokens.bf16.onnx"}
+    assert meta["precision"]["tensorrt_static_check"]["findings"] == 0 and "tensorrt" not in meta
+    for name in ("detector.bf16.onnx", "vita_tokens.bf16.onnx"):
+        assert precision_of(onnx.load(str(out / name))) == "bf16"
+    assert variant_name("detector.onnx", "fp32") == "detector.onnx"
+    with pytest.raises(SystemExit):  # argparse's usage error
+        export_cli(["--ckpt", str(ckpt), "--out", str(tmp_path / "x"), "--fp16", "--precision", "bf16"])
+
+
+# ---------------------------------------------------------------- the builder against TensorRT 10.x and 11.x
+
+
+def _small_graph() -> onnx.ModelProto:
+    """frames-like input -> a matmul head, a layer norm and a pixel-decoder-scoped add, as the exports name nodes."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])
+    rng = np.random.default_rng(0)
+    inits = [onnx.numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w"),
+             onnx.numpy_helper.from_array(np.ones(8, np.float32), "g"),
+             onnx.numpy_helper.from_array(np.zeros(8, np.float32), "b0")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="/frame_decoder/proj/MatMul"),
+             helper.make_node("LayerNormalization", ["h", "g", "b0"], ["n"], name="/frame_decoder/norm/LayerNorm", axis=-1),
+             helper.make_node("Add", ["n", "x"], ["a"], name="/pixel_decoder/Add"),
+             helper.make_node("Relu", ["a"], ["y"], name="/frame_decoder/Relu")]
+    model = helper.make_model(helper.make_graph(nodes, "small", [x], [y], inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+_PROFILE = {"x": ((1, 8), (4, 8), (16, 8))}
+
+
+@pytest.fixture
+def small_graphs(tmp_path):
+    model = _small_graph()
+    onnx.save(model, str(tmp_path / "g.onnx"))
+    onnx.save(to_reduced_precision(model, "fp16"), str(tmp_path / "g.fp16.onnx"))
+    return tmp_path
+
+
+def _use(monkeypatch, version: str) -> FakeTensorRT:
+    fake = FakeTensorRT(version)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    return fake
+
+
+@pytest.mark.parametrize("version", ["10.8.0.43", "11.4.0.106"])
+def test_strongly_typed_build_takes_precision_from_the_graph(small_graphs, monkeypatch, version):
+    trt = _use(monkeypatch, version)
+    plan = trt_export.build_engine(small_graphs / "g.fp16.onnx", small_graphs / "g.engine", _PROFILE, tf32=False)
+    assert plan == trt_export.PrecisionPlan("fp16", strongly_typed=True)
+    # TensorRT 10: 1 << kSTRONGLY_TYPED (= 1); TensorRT 11: always strongly typed, the deprecated flag not passed
+    assert trt.named("builder.create_network") == [("builder.create_network", 2 if trt.legacy else 0)]
+    flags = trt.named("config.set_flag")
+    assert flags == []  # no FP16/BF16 builder flag in either version: the graph's types decide
+    assert trt.named("config.clear_flag") == [("config.clear_flag", "TF32")]
+    assert not [c for c in trt.calls if c[0].startswith("layer.")]  # no per-layer precision
+    assert trt.named("config.add_optimization_profile")[0][1] == {"x": _PROFILE["x"]}
+    assert (small_graphs / "g.engine").read_bytes() == b"engine:" + version.encode()
+
+
+def test_tensorrt_10_legacy_fp16_flags_on_an_fp32_graph(small_graphs, monkeypatch):
+    trt = _use(monkeypatch, "10.8.0.43")
+    plan = trt_export.build_engine(small_graphs / "g.onnx", small_graphs / "g.engine", _PROFILE, precision="fp16")
+    assert plan == trt_export.PrecisionPlan("fp16", strongly_typed=False, legacy_flag="FP16")
+    assert trt.named("builder.create_network") == [("builder.create_network", 0)]  # weakly typed
+    assert trt.named("config.set_flag") == [("config.set_flag", "FP16"), ("config.set_flag", "PREFER_PRECISION_CONSTRAINTS")]
+    pinned = {c[1] for c in trt.named("layer.precision")}
+    assert pinned == {"/frame_decoder/norm/LayerNorm", "/pixel_decoder/Add"}  # normalisation, pixel decoder
+    assert len(trt.named("layer.set_output_type")) == 2
+    assert trt.named("config.clear_flag") == []  # TF32 stays on unless asked
+
+
+def test_tensorrt_11_refuses_the_removed_fp16_flag_with_what_to_do(small_graphs, monkeypatch):
+    _use(monkeypatch, "11.4.0.106")
+    with pytest.raises(trt_export.EngineBuildError, match=r"no BuilderFlag.FP16.*removed in 11.0.*--precision fp16"):
+        trt_export.build_engine(small_graphs / "g.onnx", small_graphs / "g.engine", _PROFILE, precision="fp16")
+    with pytest.raises(ValueError, match="computes in fp16"):
+        trt_export.build_engine(small_graphs / "g.fp16.onnx", small_graphs / "g.engine", _PROFILE, precision="bf16")
+
+
+def test_legacy_path_skips_layers_with_a_missing_output(tmp_path, monkeypatch):
+    trt = _use(monkeypatch, "10.12.0.36")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])
+    node = helper.make_node("Dropout", ["x"], ["y"], name="/pixel_decoder/Dropout")
+    onnx.save(helper.make_model(helper.make_graph([node], "d", [x], [y])), str(tmp_path / "d.onnx"))
+    trt_export.build_engine(tmp_path / "d.onnx", tmp_path / "d.engine", {"x": ((1, 4), (1, 4), (2, 4))}, "fp16")
+    assert trt.named("layer.") == []  # get_output(1) is None: the layer is left alone, not an AttributeError
+
+
+def test_plugin_version_follows_the_installed_tensorrt(tmp_path, monkeypatch):
+    model = _to_onnx(_TinyMSDA(), _tiny_msda_args(), _MSDA_IN, _MSDA_OUT, _MSDA_AXES)
+    path = tmp_path / "msda.onnx"
+    onnx.save(model, str(path))
+    profiles = {"f0": ((1, 8, 2, 2), (1, 8, 4, 6), (2, 8, 8, 8)), "f1": ((1, 8, 1, 1), (1, 8, 2, 3), (2, 8, 4, 4)),
+                "locations": ((1, 1, 2, 2, 3, 2), (1, 5, 2, 2, 3, 2), (2, 9, 2, 2, 3, 2)),
+                "weights": ((1, 1, 2, 2, 3), (1, 5, 2, 2, 3), (2, 9, 2, 2, 3))}
+    for version, expected, parse in (("10.8.0.43", "1", "parser.parse"), ("10.11.0.33", "2", "parser.parse_from_file"),
+                                     ("11.4.0.106", "2", "parser.parse_from_file")):
+        trt = _use(monkeypatch, version)
+        trt_export.build_engine(path, tmp_path / "msda.engine", profiles, plugins=True)
+        assert trt.calls[0][0] == "Builder" and trt.named("parser.")[0][0] == parse
+        node = _plugin_node(trt.parsed[-1])
+        assert {a.name: a.s.decode() for a in node.attribute}["plugin_version"] == expected, version
+        # one logger for the process, handed to init_libnvinfer_plugins and kept alive
+        assert trt.plugin_inits == [trt_export.trt_logger(trt)]
+        trt_export.build_engine(path, tmp_path / "msda.engine", profiles, plugins=True)
+        assert len(trt.plugin_inits) == 1  # initialised once
+
+
+def test_timing_cache_is_reused_and_a_foreign_one_replaced(small_graphs, monkeypatch, caplog):
+    trt = _use(monkeypatch, "11.4.0.106")
+    cache = small_graphs / trt_export.TIMING_CACHE_FILE
+    trt_export.build_engine(small_graphs / "g.onnx", small_graphs / "g.engine", _PROFILE, timing_cache=cache)
+    assert trt.named("config.create_timing_cache") == [("config.create_timing_cache", b"")]
+    assert cache.read_bytes() == b"|timed"
+    trt_export.build_engine(small_graphs / "g.onnx", small_graphs / "g.engine", _PROFILE, timing_cache=cache)
+    assert trt.named("config.create_timing_cache")[-1] == ("config.create_timing_cache", b"|timed")
+    cache.write_bytes(b"foreign gpu")
+    trt_export.build_engine(small_graphs / "g.onnx", small_graphs / "g.engine", _PROFILE, timing_cache=cache)
+    assert trt.named("config.create_timing_cache")[-2:] == [("config.create_timing_cache", b"foreign gpu"),
+                                                            ("config.create_timing_cache", b"")]
+    assert "does not fit" in caplog.text and cache.read_bytes() == b"|timed"
+
+
+def test_engine_cache_key_rebuilds_only_stale_engines(tmp_path, monkeypatch):
+    meta = _fake_export_graphs(tmp_path)
+    monkeypatch.setattr(trt_export, "compute_capability", lambda device=0: "9.0")
+    trt = _use(monkeypatch, "10.16.1.11")
+    trt_export.build_engines(tmp_path, meta, precision="fp16", workspace_gb=1.0)
+    built = trt.named("builder.build_serialized_network")
+    assert len(built) == 2 and (tmp_path / trt_export.TIMING_CACHE_FILE).is_file()
+    record = meta["tensorrt"]["engines"]["detector"]
+    assert record["onnx"] == "detector.fp16.onnx" and record["plan"] == {"strongly_typed": True, "legacy_flag": None}
+    assert record["cache_fields"]["compute_capability"] == "9.0" and record["cache_fields"]["precision"] == "fp16"
+    assert meta["tensorrt"]["precision"] == "fp16" and meta["tensorrt"]["timing_cache"] == "tensorrt.timing_cache"
+    trt_export.build_engines(tmp_path, meta, precision="fp16", workspace_gb=1.0)
+    assert len(trt.named("builder.build_serialized_network")) == 2  # both up to date: nothing rebuilt
+    monkeypatch.setattr(trt_export, "compute_capability", lambda device=0: "8.9")  # another GPU
+    trt_export.build_engines(tmp_path, meta, precision="fp16", workspace_gb=1.0)
+    assert len(trt.named("builder.build_serialized_network")) == 4
+    trt = _use(monkeypatch, "11.4.0.106")  # another TensorRT
+    trt_export.build_engines(tmp_path, meta, precision="fp16", workspace_gb=1.0)
+    assert len(trt.named("builder.build_serialized_network")) == 2
+    onnx.save(to_reduced_precision(onnx.load(str(tmp_path / "vita_tokens.onnx")), "fp16", scopes=("/embed/",)),
+              str(tmp_path / "vita_tokens.fp16.onnx"))  # another graph
+    trt_export.build_engines(tmp_path, meta, precision="fp16", workspace_gb=1.0)
+    assert len(trt.named("builder.build_serialized_network")) == 3  # only the token engine
+
+
+def test_engine_cache_key_covers_every_field():
+    base = dict(onnx_sha256="a" * 64, trt_version="10.16.1", compute_capability="9.0", precision="fp16",
+                profiles=_PROFILE, plugins=False, tf32=True)
+    key = trt_export.engine_cache_key(trt_export.engine_cache_fields(**base))
+    changes = dict(onnx_sha256="b" * 64, trt_version="11.4.0", compute_capability="8.9", precision="fp32",
+                   profiles={"x": ((1, 8), (8, 8), (16, 8))}, plugins=True, tf32=False)
+    for name, value in changes.items():
+        assert trt_export.engine_cache_key(trt_export.engine_cache_fields(**{**base, name: value})) != key, name
+
+
+def test_network_flags_and_versions():
+    assert trt_export.network_flags(FakeTensorRT("10.0.1"), True) == 2
+    assert trt_export.network_flags(FakeTensorRT("10.0.1"), False) == 0
+    assert trt_export.network_flags(FakeTensorRT("11.1.0"), True) == 0
+    assert trt_export.plugin_version_for("10.10.0.31") == "1" and trt_export.plugin_version_for("10.11.0") == "2"
+    assert trt_export.version_tuple("11.4.0.106") == (11, 4)
 
 
 # ---------------------------------------------------------------- backend logic
@@ -493,7 +734,8 @@ class _FakeTokens(torch.nn.Module):
         return self.cls(v), self.embed(v)
 
 
-def _fake_export(tmp_path, fp16=False):
+def _fake_export_graphs(tmp_path) -> dict:
+    """The two fake graphs (and their fp16 variants) in ``tmp_path``; returns their vita.json."""
     meta = _meta(max_batch=4, max_frames=16)
     meta["dims"] = {"num_classes": 3, "num_frame_queries": 5, "hidden_dim": 8, "num_video_queries": 6,
                     "mask_dim": 4, "mask_stride": 4}
@@ -508,7 +750,16 @@ def _fake_export(tmp_path, fp16=False):
     onnx.save(_to_onnx(tok, (queries, index), ["frame_queries", "query_index"], ["pred_logits", "mask_embed"],
                        {"frame_queries": {0: "t", 1: "n"}, "query_index": {0: "t", 1: "n"}}),
               str(tmp_path / "vita_tokens.onnx"))
-    trt_export.build_engines(tmp_path, meta, fp16=fp16, workspace_gb=1.0)
+    trt_export.prepare_graphs(tmp_path, meta, "fp16")
+    return meta
+
+
+def _fake_export(tmp_path, precision="fp32"):
+    meta = _fake_export_graphs(tmp_path)
+    torch.manual_seed(0)
+    det, tok = _FakeDetector().eval(), _FakeTokens().eval()
+    # TF32 off: the comparisons below hold engines to 1e-4 (TF32 rounds fp32 matmul inputs to 10-bit mantissas)
+    trt_export.build_engines(tmp_path, meta, precision=precision, workspace_gb=1.0, tf32=False)
     return meta, det, tok
 
 
