@@ -588,3 +588,45 @@ def build_engines(
         "profiles": {graph: profile_json(p) for graph, p in profiles.items()},
     }
     return engines
+
+
+def rebuild_engines(export_dir: Union[str, Path], precision: Optional[str] = None, force: bool = False) -> dict:
+    """Build the engines of an existing export directory on this machine (stale ones only unless ``force``);
+    rewrites its vita.json. ``precision`` defaults to what the engines were built at, else the graphs'."""
+    import json as json_
+
+    from vita_train.export_format import METADATA_FILE, read_metadata
+
+    export_dir = Path(export_dir)
+    meta = read_metadata(export_dir)
+    precision = precision or meta.get("tensorrt", {}).get("precision") or meta.get("precision", {}).get("graphs", "fp32")
+    if precision != "fp32" and not (export_dir / variant_name(DETECTOR_FILE, precision)).is_file():
+        prepare_graphs(export_dir, meta, precision)
+    build_engines(export_dir, meta, precision=precision, force=force)
+    text = json_.dumps(meta, indent=1)
+    atomic_write(export_dir / METADATA_FILE, lambda f: f.write(text.encode()))
+    return meta
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m export.tensorrt EXPORT_DIR [--precision P] [--force]``: (re)build the engines here."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m export.tensorrt", description=rebuild_engines.__doc__)
+    p.add_argument("export_dir", type=Path)
+    p.add_argument("--precision", choices=PRECISIONS, help="default: what the engines or graphs were made at")
+    p.add_argument("--force", action="store_true", help="rebuild engines whose cache key still matches")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        meta = rebuild_engines(args.export_dir, args.precision, args.force)
+    except (ImportError, OSError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"engines of {args.export_dir} are up to date ({meta['tensorrt']['precision']}, TensorRT {meta['tensorrt']['version']})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

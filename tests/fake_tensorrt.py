@@ -9,6 +9,7 @@ is asked to do with a real exported graph can be checked without a GPU.
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import types
 from pathlib import Path
@@ -213,3 +214,148 @@ class FakeTensorRT(types.ModuleType):
     def named(self, prefix: str) -> list:
         """The recorded calls whose name starts with ``prefix``."""
         return [c for c in self.calls if c[0].startswith(prefix)]
+
+
+class FakeCudart:
+    """cuda-python's runtime module on host memory: "device" and pinned blocks are ctypes buffers, copies memmove.
+
+    Records every copy with whether its host side was page-locked (allocated by cudaMallocHost).
+    """
+
+    class cudaError_t(enum.Enum):
+        cudaSuccess = 0
+        cudaErrorNoDevice = 100
+
+    class cudaMemcpyKind(enum.Enum):
+        cudaMemcpyHostToDevice = 1
+        cudaMemcpyDeviceToHost = 2
+
+    class cudaDeviceAttr(enum.Enum):
+        cudaDevAttrComputeCapabilityMajor = 75
+        cudaDevAttrComputeCapabilityMinor = 76
+
+    def __init__(self, capability: tuple[int, int] = (9, 0), devices: int = 1) -> None:
+        self.capability, self.devices = capability, devices
+        self.blocks: dict[int, tuple[Any, str]] = {}
+        self.copies: list[tuple[str, bool]] = []
+        self.allocations = 0
+
+    def _ok(self, *values):
+        return (self.cudaError_t.cudaSuccess, *values)
+
+    def _alloc(self, nbytes: int, kind: str):
+        buf = ctypes.create_string_buffer(nbytes)
+        self.blocks[ctypes.addressof(buf)] = (buf, kind)
+        self.allocations += 1
+        return self._ok(ctypes.addressof(buf))
+
+    def cudaMalloc(self, nbytes: int):
+        return self._alloc(nbytes, "device")
+
+    def cudaMallocHost(self, nbytes: int):
+        return self._alloc(nbytes, "pinned")
+
+    def cudaFree(self, ptr: int):
+        assert self.blocks.pop(ptr)[1] == "device"
+        return self._ok()
+
+    def cudaFreeHost(self, ptr: int):
+        assert self.blocks.pop(ptr)[1] == "pinned"
+        return self._ok()
+
+    def cudaMemcpyAsync(self, dst: int, src: int, nbytes: int, kind, stream):
+        host = src if kind == self.cudaMemcpyKind.cudaMemcpyHostToDevice else dst
+        self.copies.append((kind.name, self.blocks.get(host, (None, ""))[1] == "pinned"))
+        ctypes.memmove(dst, src, nbytes)
+        return self._ok()
+
+    def cudaSetDevice(self, device: int):
+        return self._ok()
+
+    def cudaGetDeviceCount(self):
+        return self._ok(self.devices)
+
+    def cudaStreamCreate(self):
+        return self._ok(7)
+
+    def cudaStreamSynchronize(self, stream):
+        return self._ok()
+
+    def cudaStreamDestroy(self, stream):
+        return self._ok()
+
+    def cudaGetErrorString(self, err):
+        return self._ok(b"fake error")
+
+    def cudaDeviceGetAttribute(self, attr, device: int):
+        major = attr == self.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor
+        return self._ok(self.capability[0] if major else self.capability[1])
+
+
+class FakeContext:
+    """An execution context of a one-input engine computing ``y = 2 * x`` on the fake device memory."""
+
+    def __init__(self, refuse: set) -> None:
+        self.shapes: dict[str, tuple] = {}
+        self.addresses: dict[str, int] = {}
+        self.refuse = refuse
+
+    def set_input_shape(self, name: str, shape) -> bool:
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def get_tensor_shape(self, name: str) -> tuple:
+        return self.shapes["x"]
+
+    def set_tensor_address(self, name: str, ptr: int) -> bool:
+        if name in self.refuse:
+            return False
+        self.addresses[name] = ptr
+        return True
+
+    def execute_async_v3(self, stream: int) -> bool:
+        n = int(np.prod(self.shapes["x"]))
+        x = np.ctypeslib.as_array((ctypes.c_float * n).from_address(self.addresses["x"]))
+        y = np.ctypeslib.as_array((ctypes.c_float * n).from_address(self.addresses["y"]))
+        y[:] = 2 * x
+        return True
+
+
+class FakeEngine:
+    """A deserialised engine with input ``x`` (float32, (1..8, 4)) and output ``y``."""
+
+    def __init__(self, trt: "FakeTensorRT", refuse: set) -> None:
+        self.trt, self.refuse = trt, refuse
+        self.num_io_tensors = 2
+
+    def create_execution_context(self) -> FakeContext:
+        return FakeContext(self.refuse)
+
+    def get_tensor_name(self, i: int) -> str:
+        return ["x", "y"][i]
+
+    def get_tensor_mode(self, name: str):
+        return self.trt.TensorIOMode.INPUT if name == "x" else self.trt.TensorIOMode.OUTPUT
+
+    def get_tensor_dtype(self, name: str):
+        return DType.float32
+
+    def get_tensor_profile_shape(self, name: str, profile: int):
+        return [(1, 4), (2, 4), (8, 4)]
+
+
+def add_runtime(trt: FakeTensorRT, refuse: Optional[set] = None) -> FakeTensorRT:
+    """Give the fake module what the backend uses to load and run engines."""
+    trt.TensorIOMode = enum.Enum("TensorIOMode", ["INPUT", "OUTPUT"])
+    trt.nptype = lambda dtype: {DType.float32: np.float32, DType.int64: np.int64, DType.uint8: np.uint8}[dtype]
+    refuse = refuse if refuse is not None else set()
+
+    class Runtime:
+        def __init__(self, logger: Any) -> None:
+            pass
+
+        def deserialize_cuda_engine(self, data: bytes) -> Optional[FakeEngine]:
+            return FakeEngine(trt, refuse) if data.startswith(b"engine") else None
+
+    trt.Runtime = Runtime
+    return trt

@@ -27,7 +27,7 @@ from vita_train.config import ModelConfig
 from vita_train.modeling.ms_deform_attn import ms_deform_attn_sample
 
 from .conftest import OFFICIAL_CASES, OfficialCase, assert_imports_without
-from .fake_tensorrt import FakeTensorRT
+from .fake_tensorrt import FakeCudart, FakeTensorRT, add_runtime
 
 NEEDS_TRT = "TensorRT >= 10 and an NVIDIA GPU are needed (pip install tensorrt cuda-python)"
 
@@ -230,7 +230,12 @@ def test_exported_graphs_pass_the_static_tensorrt_check(fixture_exports, name, m
     assert detector.graph.input[0].type.tensor_type.elem_type == TensorProto.UINT8  # the interface is unchanged
     plugins = msda == "trt-plugin"
     for graph in ("detector.onnx", "vita_tokens.onnx"):
-        assert trt_compat.check_graph(export_dir / graph, plugins=plugins, trt_version="10.0.1") == [], graph
+        assert trt_compat.check_graph(export_dir / graph, plugins=plugins) == [], graph
+        # as build_engine hands it to each TensorRT: the plugin version that TensorRT recommends
+        for version in ("10.0.1", "10.11.0", "11.4.0"):
+            model = onnx.load(str(export_dir / graph))
+            trt_export.set_plugin_version(model, trt_export.plugin_version_for(version))
+            assert trt_compat.check_graph(model, plugins=plugins, trt_version=version) == [], (graph, version)
     assert trt_compat.check_export(export_dir, plugins) == []
 
 
@@ -668,6 +673,71 @@ def test_check_in_profile_and_query_index():
     assert index.dtype == np.int64 and index.shape == (3, 4) and (index == np.arange(4)).all()
 
 
+def test_engine_run_stages_through_pinned_buffers_and_checks_addresses(tmp_path):
+    trt, rt = add_runtime(FakeTensorRT("11.4.0.106")), FakeCudart()
+    (tmp_path / "e.engine").write_bytes(b"engine")
+    cuda = trt_backend._Cuda(rt, 0)
+    engine = trt_backend._Engine(trt, trt.Runtime(None), cuda, tmp_path / "e.engine")
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    np.testing.assert_array_equal(engine.run({"x": x}, 7)["y"], 2 * x)
+    assert rt.copies == [("cudaMemcpyHostToDevice", True), ("cudaMemcpyDeviceToHost", True)]  # pinned host side
+    allocated = rt.allocations
+    out = engine.run({"x": x[:2].astype(np.float64)}, 7)["y"]  # smaller: buffers reused; float64 cast on staging
+    assert rt.allocations == allocated and out.dtype == np.float32 and out.shape == (2, 4)
+    np.testing.assert_array_equal(out, 2 * x[:2])
+    engine.close()
+    assert rt.blocks == {}  # device and pinned buffers freed
+    trt = add_runtime(FakeTensorRT("11.4.0.106"), refuse={"y"})
+    refusing = trt_backend._Engine(trt, trt.Runtime(None), cuda, tmp_path / "e.engine")
+    with pytest.raises(RuntimeError, match="refused the address of y"):
+        refusing.run({"x": x}, 7)
+
+
+def _install_fakes(monkeypatch, trt: FakeTensorRT, rt: FakeCudart) -> None:
+    import types as types_
+
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    bindings = types_.ModuleType("cuda.bindings")
+    bindings.runtime = rt
+    monkeypatch.setitem(sys.modules, "cuda", types_.ModuleType("cuda"))
+    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", rt)
+
+
+def test_backend_refuses_stale_engines(tmp_path, monkeypatch):
+    for name in ("detector.engine", "vita_tokens.engine"):
+        (tmp_path / name).write_bytes(b"engine")
+    (tmp_path / "detector.onnx").write_bytes(b"graph v1")
+    meta = _meta()
+    fields = {"tensorrt": "11.4.0.106", "compute_capability": "9.0",
+              "onnx_sha256": trt_backend.file_sha256(tmp_path / "detector.onnx"), "precision": "fp16"}
+    meta["tensorrt"] = {"engines": {"detector": {"file": "detector.engine", "onnx": "detector.onnx",
+                                                 "cache_fields": fields}}}
+    _install_fakes(monkeypatch, add_runtime(FakeTensorRT("11.4.0.106")), FakeCudart((9, 0)))
+    with trt_backend.TensorRTBackend(tmp_path, meta) as backend:  # fresh: loads
+        assert backend._detector.inputs == ["x"]
+    _install_fakes(monkeypatch, add_runtime(FakeTensorRT("11.4.0.106")), FakeCudart((8, 9)))
+    with pytest.raises(trt_backend.StaleEngineError, match=r"compute_capability 9.0 -> 8.9.*python -m export.tensorrt"):
+        trt_backend.TensorRTBackend(tmp_path, meta)
+    _install_fakes(monkeypatch, add_runtime(FakeTensorRT("10.16.1.11")), FakeCudart((9, 0)))
+    with pytest.raises(trt_backend.StaleEngineError, match=r"tensorrt 11.4.0.106 -> 10.16.1.11"):
+        trt_backend.TensorRTBackend(tmp_path, meta)
+    (tmp_path / "detector.onnx").write_bytes(b"graph v2")
+    _install_fakes(monkeypatch, add_runtime(FakeTensorRT("11.4.0.106")), FakeCudart((9, 0)))
+    with pytest.raises(trt_backend.StaleEngineError, match="onnx_sha256"):
+        trt_backend.TensorRTBackend(tmp_path, meta)
+
+
+def test_cuda_python_must_match_the_tensorrt_wheel():
+    assert trt_backend.cuda_majors([("tensorrt_cu12", "10.16.1"), ("cuda-python", "12.9.4"), ("numpy", "2")]) == (12, 12)
+    assert trt_backend.cuda_majors([("tensorrt-cu13-libs", "11.4"), ("cuda-bindings", "13.0.1")]) == (13, 13)
+    assert trt_backend.cuda_majors([("numpy", "2.0")]) == (None, None)
+    trt_backend.check_cuda_majors(12, 12)
+    trt_backend.check_cuda_majors(None, 13)  # unknown: nothing to compare
+    with pytest.raises(ImportError, match=r"CUDA 12 but cuda-python 13.x.*cuda-python>=12,<13.*gpu-cu12"):
+        trt_backend.check_cuda_majors(*trt_backend.cuda_majors([("tensorrt-cu12", "11.4"), ("cuda-python", "13.4.4")]))
+
+
 def test_modules_import_without_tensorrt():
     assert_imports_without(["runtime.backends.tensorrt_backend"], blocked=("tensorrt", "cuda", "torch"))
     assert_imports_without(["export.tensorrt"], blocked=("tensorrt",))
@@ -693,12 +763,25 @@ def test_clear_errors_without_tensorrt(tmp_path, monkeypatch):
 
 
 def _require_trt():
+    """tensorrt, or a skip: both wheels install on CPU-only Linux, so a CUDA device is asked for too."""
     trt = pytest.importorskip("tensorrt", reason=NEEDS_TRT)
     try:
-        trt_backend._import_cudart()
+        cudart = trt_backend._import_cudart()
     except ImportError:
         pytest.skip(NEEDS_TRT)
+    err, count = cudart.cudaGetDeviceCount()  # (err, n); with no driver or device, err says why
+    if err != cudart.cudaError_t.cudaSuccess or count < 1:
+        pytest.skip(f"no CUDA device ({getattr(err, 'name', err)}): {NEEDS_TRT}")
     return trt
+
+
+def test_gpu_tests_skip_without_a_cuda_device(monkeypatch):
+    trt = FakeTensorRT("11.4.0.106")
+    _install_fakes(monkeypatch, trt, FakeCudart(devices=0))
+    with pytest.raises(pytest.skip.Exception, match="no CUDA device"):
+        _require_trt()
+    _install_fakes(monkeypatch, trt, FakeCudart(devices=1))
+    assert _require_trt() is trt
 
 
 class _FakeDetector(torch.nn.Module):

@@ -1,15 +1,22 @@
 """The TensorRT backend: runs detector.engine and vita_tokens.engine of an export directory, without torch.
 
 TensorRT (>= 10) and cuda-python are imported when a backend is made, so this module imports without them.
-Device buffers are allocated once per tensor and grown only when a larger shape arrives; outputs come back
-to numpy, where the post-processing (pruning, top-k, masks) runs as in the other torch-free backends.
+Device buffers and their pinned host staging buffers are allocated once per tensor and grown only when a
+larger shape arrives (pinned: cudaMemcpyAsync from pageable memory is synchronous); outputs come back to numpy,
+where the post-processing (pruning, top-k, masks) runs as in the other torch-free backends. An engine whose
+recorded cache fields (TensorRT version, GPU compute capability, ONNX hash) no longer match is refused, with
+the command that rebuilds it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
+import importlib.metadata
 import logging
+import re
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -22,7 +29,8 @@ from .base import Detection, Selection
 log = logging.getLogger(__name__)
 
 Shape = tuple[int, ...]
-INSTALL_HINT = "pip install 'tensorrt>=10' 'cuda-python>=12' (needs an NVIDIA GPU and driver)"
+INSTALL_HINT = "pip install 'vita-toolkit[gpu-cu12]' or '[gpu-cu13]' (TensorRT >= 10 and the cuda-python of its CUDA major)"
+REBUILD_HINT = "rebuild the engines on this machine: python -m export.tensorrt {dir}"
 # features come back to host memory; as for torch on CPU, keep fp32 features up to this many bytes
 HOST_FEATURE_BUDGET = 1 << 30
 # device buffers grow in whole MiB, so slowly growing shapes do not reallocate on every call
@@ -89,6 +97,47 @@ def full_query_index(frames: int, tokens: int) -> np.ndarray:
     return np.broadcast_to(np.arange(tokens, dtype=np.int64), (frames, tokens)).copy()
 
 
+def cuda_majors(distributions: Iterable[tuple[str, str]]) -> tuple[Optional[int], Optional[int]]:
+    """(CUDA major of the TensorRT wheel, major of cuda-python) from installed (name, version) pairs.
+
+    NVIDIA ships TensorRT per CUDA major as ``tensorrt-cu12`` / ``tensorrt-cu13`` (python/packaging/frontend_sdist:
+    ``tensorrt_cu${CUDAToolkit_VERSION_MAJOR}``, with -libs and -bindings wheels alike); cuda-python's major is
+    the CUDA major it binds (``cuda-python`` or its ``cuda-bindings`` part). None where not installed.
+    """
+    trt_major = cuda_python = None
+    for name, version in distributions:
+        key = name.lower().replace("_", "-")
+        m = re.fullmatch(r"tensorrt-cu(\d+)(-libs|-bindings)?", key)
+        if m:
+            trt_major = int(m.group(1))
+        elif key in ("cuda-python", "cuda-bindings") and version.split(".")[0].isdigit():
+            cuda_python = int(version.split(".")[0])
+    return trt_major, cuda_python
+
+
+def check_cuda_majors(trt_major: Optional[int], cuda_python: Optional[int]) -> None:
+    """ImportError when cuda-python binds another CUDA major than the TensorRT wheel (it fails at the first call)."""
+    if trt_major is not None and cuda_python is not None and trt_major != cuda_python:
+        raise ImportError(
+            f"TensorRT is built for CUDA {trt_major} but cuda-python {cuda_python}.x is installed; install the "
+            f"matching one: pip install 'cuda-python>={trt_major},<{trt_major + 1}' (or vita-toolkit[gpu-cu{trt_major}])"
+        )
+
+
+def stale_fields(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Names of the engine cache fields whose recorded value differs from this machine's."""
+    return sorted(k for k, v in current.items() if k in recorded and str(recorded[k]) != str(v))
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 # ---------------------------------------------------------------- TensorRT and CUDA
 
 
@@ -99,6 +148,8 @@ def _import_tensorrt():
         raise ImportError(f"TensorRT is not installed: {INSTALL_HINT}") from e
     if int(str(trt.__version__).split(".")[0]) < 10:
         raise ImportError(f"TensorRT {trt.__version__} is too old: the tensorrt backend needs >= 10 ({INSTALL_HINT})")
+    dists = ((d.metadata["Name"] or "", d.version) for d in importlib.metadata.distributions())
+    check_cuda_majors(*cuda_majors(dists))
     return trt
 
 
@@ -113,11 +164,30 @@ def _import_cudart():
     return cudart
 
 
-def _trt_logger(trt):
-    """A trt.ILogger forwarding TensorRT's messages to this module's logger.
+# One logger for the process: init_libnvinfer_plugins keeps a raw pointer to the logger it is given (its binding
+# in pyPlugin.cpp has no keep_alive), so the logger must outlive every backend. (export.tensorrt has the same;
+# the runtime does not import the export package, which needs torch.)
+_PROCESS_LOGGER: dict[int, Any] = {}
+_PLUGINS_READY: set[int] = set()
 
-    (export.tensorrt has the same; the runtime does not import the export package, which needs torch.)
-    """
+
+def _trt_logger(trt):
+    """The process-wide trt.ILogger forwarding TensorRT's messages to this module's logger."""
+    if id(trt) not in _PROCESS_LOGGER:
+        _PROCESS_LOGGER[id(trt)] = _make_logger(trt)
+    return _PROCESS_LOGGER[id(trt)]
+
+
+def _init_plugins(trt) -> None:
+    """Fill the plugin registry once per process (engines with plugin layers need it)."""
+    if id(trt) not in _PLUGINS_READY:
+        if not trt.init_libnvinfer_plugins(_trt_logger(trt), ""):
+            raise RuntimeError("TensorRT's plugin library could not be initialised (init_libnvinfer_plugins)")
+        _PLUGINS_READY.add(id(trt))
+
+
+def _make_logger(trt):
+    """A new trt.ILogger forwarding TensorRT's messages to this module's logger."""
     levels = {
         "INTERNAL_ERROR": logging.CRITICAL,
         "ERROR": logging.ERROR,
@@ -159,6 +229,20 @@ class _Cuda:
     def free(self, ptr: int) -> None:
         self.call(self.rt.cudaFree(ptr))
 
+    def malloc_host(self, nbytes: int) -> int:
+        """Page-locked host memory: what lets cudaMemcpyAsync run asynchronously."""
+        return int(self.call(self.rt.cudaMallocHost(nbytes)))
+
+    def free_host(self, ptr: int) -> None:
+        self.call(self.rt.cudaFreeHost(ptr))
+
+    def compute_capability(self, device: int) -> str:
+        """'major.minor' of ``device``."""
+        attr = self.rt.cudaDeviceAttr
+        major = self.call(self.rt.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMajor, device))
+        minor = self.call(self.rt.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMinor, device))
+        return f"{major}.{minor}"
+
     def to_device(self, ptr: int, host: np.ndarray, stream: Any) -> None:
         kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
         self.call(self.rt.cudaMemcpyAsync(ptr, host.ctypes.data, host.nbytes, kind, stream))
@@ -169,28 +253,40 @@ class _Cuda:
 
 
 class _DeviceBuffers:
-    """One device buffer per tensor name, reused across calls and grown when a larger shape arrives."""
+    """One buffer per tensor name, reused across calls and grown when a larger shape arrives.
 
-    def __init__(self, cuda: _Cuda) -> None:
+    Device memory by default; ``pinned`` host memory (page-locked) for the staging buffers of the copies.
+    """
+
+    def __init__(self, cuda: _Cuda, pinned: bool = False) -> None:
         self.cuda = cuda
+        self._alloc, self._free = (cuda.malloc_host, cuda.free_host) if pinned else (cuda.malloc, cuda.free)
         self.slots: dict[str, tuple[int, int]] = {}  # name -> (pointer, capacity in bytes)
 
     def get(self, name: str, nbytes: int) -> int:
-        """A device pointer with room for ``nbytes``."""
+        """A pointer with room for ``nbytes``."""
         ptr, capacity = self.slots.get(name, (0, 0))
         wanted = grown_capacity(capacity, nbytes)
         if wanted != capacity:
             if ptr:
-                self.cuda.free(ptr)
+                self._free(ptr)
                 del self.slots[name]
-            ptr = self.cuda.malloc(wanted)
+            ptr = self._alloc(wanted)
             self.slots[name] = (ptr, wanted)
         return ptr
+
+    def array(self, name: str, shape: Shape, dtype: np.dtype) -> np.ndarray:
+        """A numpy view of ``shape`` on the (pinned host) buffer of ``name``; valid until the buffer grows."""
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        ptr = self.get(name, nbytes)
+        raw = (ctypes.c_uint8 * max(nbytes, 1)).from_address(ptr)
+        return np.frombuffer(raw, dtype=np.uint8, count=nbytes).view(dtype).reshape(shape)
 
     def release(self) -> None:
         """Free every buffer."""
         for ptr, _ in self.slots.values():
-            self.cuda.free(ptr)
+            self._free(ptr)
         self.slots.clear()
 
 
@@ -214,40 +310,46 @@ class _Engine:
         # (min, opt, max) of each input in profile 0, the only one build_engine makes
         self.profile = {n: [tuple(s) for s in self.engine.get_tensor_profile_shape(n, 0)] for n in self.inputs}
         self.buffers = _DeviceBuffers(cuda)
+        self.staging = _DeviceBuffers(cuda, pinned=True)
+
+    def _bind(self, name: str, ptr: int) -> None:
+        # set_tensor_address returns False (and logs) for an unknown name or a misaligned address
+        if not self.context.set_tensor_address(name, ptr):
+            raise RuntimeError(f"TensorRT refused the address of {name} in {self.path.name}; its messages are logged above")
 
     def max_shape(self, name: str) -> Shape:
         """The largest shape input ``name`` takes."""
         return self.profile[name][2]
 
     def run(self, arrays: Mapping[str, np.ndarray], stream: Any, hint: str = "") -> dict[str, np.ndarray]:
-        """Host inputs -> host outputs, through one execute_async_v3 on ``stream``."""
-        hosts = []  # alive until the stream is synchronised: the copies read from them
+        """Host inputs -> host outputs, through pinned staging buffers and one execute_async_v3 on ``stream``."""
         for name in self.inputs:
-            host = np.ascontiguousarray(arrays[name], dtype=self.dtypes[name])
+            value = np.asarray(arrays[name])
             lo, _, hi = self.profile[name]
-            check_in_profile(name, host.shape, lo, hi, hint)
-            if not self.context.set_input_shape(name, host.shape):
-                raise ValueError(f"{self.path.name} refused {name} of shape {host.shape}")
-            ptr = self.buffers.get(name, host.nbytes)
-            self.cuda.to_device(ptr, host, stream)
-            self.context.set_tensor_address(name, ptr)
-            hosts.append(host)
-        outputs = {}
+            check_in_profile(name, value.shape, lo, hi, hint)
+            if not self.context.set_input_shape(name, value.shape):
+                raise ValueError(f"{self.path.name} refused {name} of shape {value.shape}")
+            staged = self.staging.array(name, value.shape, self.dtypes[name])
+            np.copyto(staged, value, casting="same_kind")
+            ptr = self.buffers.get(name, staged.nbytes)
+            self.cuda.to_device(ptr, staged, stream)
+            self._bind(name, ptr)
+        staged_out = {}
         for name in self.outputs:
-            out = np.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.dtypes[name])
-            self.context.set_tensor_address(name, self.buffers.get(name, out.nbytes))
-            outputs[name] = out
+            shape = tuple(self.context.get_tensor_shape(name))
+            staged_out[name] = self.staging.array(name, shape, self.dtypes[name])
+            self._bind(name, self.buffers.get(name, staged_out[name].nbytes))
         if not self.context.execute_async_v3(int(stream)):
             raise RuntimeError(f"TensorRT failed to run {self.path.name}; its messages are logged above")
-        for name, out in outputs.items():
-            self.cuda.to_host(out, self.buffers.slots[name][0], stream)
+        for name, staged in staged_out.items():
+            self.cuda.to_host(staged, self.buffers.slots[name][0], stream)
         self.cuda.call(self.cuda.rt.cudaStreamSynchronize(stream))
-        del hosts
-        return outputs
+        return {name: staged.copy() for name, staged in staged_out.items()}  # the staging buffers are reused
 
     def close(self) -> None:
-        """Free the device buffers; the engine and context go with their references."""
+        """Free the device and pinned buffers; the engine and context go with their references."""
         self.buffers.release()
+        self.staging.release()
         self.context = None
         self.engine = None
 
@@ -257,6 +359,10 @@ def _check_shapes(engine: str, outputs: Mapping[str, np.ndarray], expected: Mapp
     for name, shape in expected.items():
         if outputs[name].shape != shape:
             raise RuntimeError(f"{engine} gave {name} of shape {outputs[name].shape}; vita.json implies {shape}")
+
+
+class StaleEngineError(RuntimeError):
+    """An engine was built for another TensorRT version, GPU or graph than this machine has; rebuild it."""
 
 
 class TensorRTBackend:
@@ -275,16 +381,31 @@ class TensorRTBackend:
         self.size_divisibility = int(meta["preprocessing"]["size_divisibility"])
         self.window = int(meta["window"])
         trt = _import_tensorrt()
-        built = meta.get("tensorrt", {}).get("version")
-        if built and built != trt.__version__:
-            log.warning("engines were built with TensorRT %s; this is %s: loading may fail", built, trt.__version__)
         self._cuda = _Cuda(_import_cudart(), device_index(device))
+        self._check_fresh(export_dir, meta.get("tensorrt", {}), trt.__version__, device_index(device))
         self._stream = self._cuda.call(self._cuda.rt.cudaStreamCreate())
-        self._logger = _trt_logger(trt)
-        trt.init_libnvinfer_plugins(self._logger, "")  # engines with plugin layers need the registry filled
-        self._runtime = trt.Runtime(self._logger)
+        _init_plugins(trt)  # engines with plugin layers need the registry filled
+        self._runtime = trt.Runtime(_trt_logger(trt))
         self._detector = _Engine(trt, self._runtime, self._cuda, export_dir / DETECTOR_ENGINE)
         self._tokens = _Engine(trt, self._runtime, self._cuda, export_dir / TOKENS_ENGINE)
+
+    def _check_fresh(self, export_dir: Path, record: Mapping[str, Any], trt_version: str, device: int) -> None:
+        """StaleEngineError when an engine was built for another TensorRT, GPU or graph than it would meet here."""
+        engines = record.get("engines", {})
+        current = {"tensorrt": trt_version, "compute_capability": self._cuda.compute_capability(device)}
+        for graph, entry in engines.items():
+            fields = entry.get("cache_fields") if isinstance(entry, dict) else None
+            if not fields:
+                continue  # engines from before the cache key: TensorRT checks the version on load
+            here = dict(current)
+            onnx_path = export_dir / entry.get("onnx", "")
+            if entry.get("onnx") and onnx_path.is_file():
+                here["onnx_sha256"] = file_sha256(onnx_path)
+            stale = stale_fields(fields, here)
+            if stale:
+                detail = ", ".join(f"{k} {fields[k]} -> {here[k]}" for k in stale)
+                raise StaleEngineError(f"{entry.get('file', graph)} is stale ({detail}): "
+                                       + REBUILD_HINT.format(dir=export_dir))
 
     # -- the two graphs
 
