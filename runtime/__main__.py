@@ -3,6 +3,7 @@
   python -m runtime VIDEO --model PATH --out results.json [--render overlay.mp4] [--prune-ratio R] ...
   python -m runtime --demo [--out-dir DIR]
   python -m runtime dataset --ytvis-json valid.json --frames ROOT --model PATH --out results.json
+  python -m runtime stream SOURCE --model PATH --out results.jsonl [--render overlay.mkv] [--clip 36 --overlap 6]
 """
 
 from __future__ import annotations
@@ -105,6 +106,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if argv and argv[0] == "dataset":
             return _dataset_main(argv[1:])
+        if argv and argv[0] == "stream":
+            from .streaming.cli import stream_main
+
+            return stream_main(argv[1:], _add_run_options, _options)
         return _segment_main(argv)
     except (VideoInputError, ModelPathError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
