@@ -602,7 +602,8 @@ def rebuild_engines(export_dir: Union[str, Path], precision: Optional[str] = Non
     precision = precision or meta.get("tensorrt", {}).get("precision") or meta.get("precision", {}).get("graphs", "fp32")
     if precision != "fp32" and not (export_dir / variant_name(DETECTOR_FILE, precision)).is_file():
         prepare_graphs(export_dir, meta, precision)
-    build_engines(export_dir, meta, precision=precision, force=force)
+    tf32 = bool(meta.get("tensorrt", {}).get("tf32", True))  # as the engines were built
+    build_engines(export_dir, meta, precision=precision, tf32=tf32, force=force)
     text = json_.dumps(meta, indent=1)
     atomic_write(export_dir / METADATA_FILE, lambda f: f.write(text.encode()))
     return meta
