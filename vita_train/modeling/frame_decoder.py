@@ -21,6 +21,18 @@ class FrameDecoderOutput:
     pred_masks: list[Tensor]  # each (B, Nf, H/4, W/4); empty at inference unless asked for
 
 
+class AttentionMaskThreshold(nn.Module):
+    """Mask logits -> blocked positions: the decoder's one hard decision.
+
+    A module of its own so that export validation can observe it and pin it with a forward hook.
+    The official rule is sigmoid < 0.5, not the sign: the two differ for logits within float rounding of 0.
+    """
+
+    def forward(self, logits: Tensor) -> Tensor:
+        """True where attention is blocked."""
+        return logits.sigmoid() < 0.5
+
+
 class MaskedAttentionDecoder(nn.Module):
     """Queries attend to one feature level per layer (coarse to fine, cycling), masked by the previous masks."""
 
@@ -51,6 +63,7 @@ class MaskedAttentionDecoder(nn.Module):
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
         self.hidden_dim = hidden_dim
+        self.attn_mask_threshold = AttentionMaskThreshold()
 
     def _heads(self, output: Tensor, mask_features: Tensor, size: tuple[int, int] | None, want_mask: bool):
         decoded = self.decoder_norm(output)
@@ -61,8 +74,7 @@ class MaskedAttentionDecoder(nn.Module):
         attn_mask = None
         if size is not None:
             resized = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
-            # blocked where the predicted mask is below 0.5 (sigmoid, not the sign: they differ near 0)
-            attn_mask = (resized.sigmoid().flatten(2) < 0.5).detach()
+            attn_mask = self.attn_mask_threshold(resized.flatten(2)).detach()
         return decoded, logits, masks, attn_mask
 
     def forward(

@@ -45,13 +45,18 @@ class DeformableEncoder(nn.Module):
         nn.init.normal_(self.level_embed)
 
 
-def reference_points(shapes: list[tuple[int, int]], device: torch.device) -> Tensor:
+def at_least_fp32(x: Tensor) -> Tensor:
+    """``x`` in float32, or float64 when it already is (the float64 reference used by export validation)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def reference_points(shapes: list[tuple[int, int]], device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
     """(1, S, 2) pixel centres (x, y) of every level, normalised to [0, 1]."""
     refs = []
     for h, w in shapes:
         # arange + 0.5 equals linspace(0.5, n - 0.5, n) exactly and stays symbolic when traced
-        ys = (torch.arange(h, dtype=torch.float32, device=device) + 0.5) / h
-        xs = (torch.arange(w, dtype=torch.float32, device=device) + 0.5) / w
+        ys = (torch.arange(h, dtype=dtype, device=device) + 0.5) / h
+        xs = (torch.arange(w, dtype=dtype, device=device) + 0.5) / w
         ref_y, ref_x = torch.meshgrid(ys, xs, indexing="ij")
         refs.append(torch.stack((ref_x.reshape(-1), ref_y.reshape(-1)), -1))
     return torch.cat(refs, 0)[None]
@@ -105,7 +110,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.conv_dim = conv_dim
 
     def forward(self, features: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
-        """Returns (out /4 before the mask-feature conv, [out /32, out /16, out /8]), always in float32."""
+        """Returns (out /4 before the mask-feature conv, [out /32, out /16, out /8]) in float32 (float64 stays)."""
         # the official pixel decoder opts out of mixed precision: deformable sampling is fp32-sensitive
         with torch.autocast(device_type=features["res2"].device.type, enabled=False):
             return self._forward(features)
@@ -113,7 +118,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
     def _forward(self, features: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
         srcs, pos, shapes = [], [], []
         for lvl, name in enumerate(self.transformer_features):
-            x = features[name].float()
+            x = at_least_fp32(features[name])
             src = self.input_proj[lvl](x)
             shapes.append((src.shape[-2], src.shape[-1]))
             srcs.append(src.flatten(2).transpose(1, 2))
@@ -121,7 +126,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             pos.append(p + self.transformer.level_embed[lvl].view(1, 1, -1))
         src = torch.cat(srcs, 1)
         pos_all = torch.cat(pos, 1)
-        refs = reference_points(shapes, src.device)
+        refs = reference_points(shapes, src.device, src.dtype)
         for layer in self.transformer.encoder.layers:
             src = layer(src, pos_all, refs, shapes)
         n = src.shape[0]
@@ -129,6 +134,6 @@ class MSDeformAttnPixelDecoder(nn.Module):
             part.transpose(1, 2).reshape(n, self.conv_dim, h, w)
             for part, (h, w) in zip(src.split([h * w for h, w in shapes], dim=1), shapes)
         ]
-        lateral = self.adapter_1(features["res2"].float())
+        lateral = self.adapter_1(at_least_fp32(features["res2"]))
         y = lateral + F.interpolate(outs[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
         return self.layer_1(y), outs

@@ -15,13 +15,15 @@ def sine_position_encoding(feature: Tensor, num_pos_feats: int, temperature: flo
     """
     h, w = feature.shape[-2:]
     device = feature.device
+    # float32 like the official code; float64 only for the float64 reference that export validation runs
+    dtype = torch.float64 if feature.dtype == torch.float64 else torch.float32
     eps, scale = 1e-6, 2 * math.pi
-    ones = torch.ones((1, h, w), device=device, dtype=torch.float32)
+    ones = torch.ones((1, h, w), device=device, dtype=dtype)
     y_embed = ones.cumsum(1)
     x_embed = ones.cumsum(2)
     y_embed = y_embed / (y_embed[:, -1:, :] + eps) * scale
     x_embed = x_embed / (x_embed[:, :, -1:] + eps) * scale
-    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=device)
+    dim_t = torch.arange(num_pos_feats, dtype=dtype, device=device)
     dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
     pos_x = x_embed[:, :, :, None] / dim_t
     pos_y = y_embed[:, :, :, None] / dim_t
