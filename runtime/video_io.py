@@ -397,6 +397,29 @@ def _expected_frame_count(
     return by_count or by_duration
 
 
+def _header_frame_count(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, fps: Optional[float]
+) -> Optional[int]:
+    """The frame count the container itself records (never a duration x rate guess), or None."""
+    count = int(stream.frames) if stream.frames and stream.frames > 0 else None
+    if count and "mov" in container.format.name.split(","):
+        # MP4/MOV count every sample, also those an edit list (a trim) hides: the trimmed length caps it
+        seconds = _stream_seconds(container, stream)
+        if seconds and fps:
+            return min(count, int(round(seconds * fps)))
+    return count
+
+
+def _ends_early(last_time: Optional[float], interval: Optional[float], seconds: Optional[float]) -> bool:
+    """Whether the decoded frames stop well before the time the container says the stream lasts.
+
+    Timestamps, not frame counts: a variable-frame-rate video has no frame count to infer from its duration.
+    """
+    if last_time is None or interval is None or not seconds:
+        return False
+    return seconds - (last_time + interval) > max(2 * interval, 0.05 * seconds)
+
+
 class _VideoFileReader(_Reader):
     """Frames decoded by PyAV / FFmpeg, upright, streamed one at a time."""
 
@@ -432,6 +455,8 @@ class _VideoFileReader(_Reader):
         rate = stream.average_rate or stream.guessed_rate
         self.fps = float(rate) if rate else None
         self.num_frames = _expected_frame_count(container, stream, self.fps)
+        self._header_count = _header_frame_count(container, stream, self.fps)
+        self._seconds = _stream_seconds(container, stream)
 
     def frames(self) -> Iterator[np.ndarray]:
         container = self._open()
@@ -444,6 +469,7 @@ class _VideoFileReader(_Reader):
             decoded = container.decode(stream)
             orientation: Optional[_Orientation] = None
             count = 0
+            times: list[float] = []  # presentation times of the last frames, for the end-of-stream check
             while True:
                 try:
                     frame = next(decoded)
@@ -460,19 +486,27 @@ class _VideoFileReader(_Reader):
                     return
                 if orientation is None:
                     orientation = _video_orientation(frame, stream)
+                if frame.time is not None:
+                    times = (times + [float(frame.time)])[-32:]
                 yield _apply_orientation(frame.to_ndarray(format="rgb24"), orientation)
                 count += 1
             if count == 0:
                 raise VideoInputError(
                     f"{self.path} has a video stream but no decodable frames; the file is empty or damaged"
                 )
-            if self._looks_short(count):
-                self._report_truncated(count, f"the container announces about {self.num_frames} frames")
-
-    def _looks_short(self, count: int) -> bool:
-        # FFmpeg ends a cut-off stream quietly; a clear shortfall against the header is the only sign
-        expected = self.num_frames
-        return expected is not None and expected - count >= max(2, math.ceil(0.05 * expected))
+            # FFmpeg ends a cut-off stream quietly: a shortfall against the header's own count, or frames
+            # that stop well before the stream's recorded end, are the signs
+            expected = self._header_count
+            if expected is not None and expected - count >= max(2, math.ceil(0.05 * expected)):
+                self._report_truncated(count, f"the container's header records {expected} frames")
+            elif expected is None:
+                gaps = np.diff(times)
+                interval = float(np.median(gaps)) if gaps.size else None
+                last = times[-1] if times else None
+                if _ends_early(last, interval, self._seconds):
+                    self._report_truncated(
+                        count, f"frames end at {last:.2f} s, the container records {self._seconds:.2f} s"
+                    )
 
     def _report_truncated(self, count: int, reason: str) -> None:
         if self.truncated:

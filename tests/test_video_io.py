@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fractions
 import json
 import logging
 import struct
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import runtime
 from runtime.video_io import FrameSource, TruncatedVideoWarning, VideoInputError, open_video
 
 from .media import encode
@@ -122,7 +124,7 @@ def test_faststart_mp4_cut_short_is_truncated(tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with open_video(path) as source:
         assert source.info.num_frames == 20
-        with pytest.warns(TruncatedVideoWarning, match="announces about 20 frames"):
+        with pytest.warns(TruncatedVideoWarning, match="header records 20 frames"):
             decoded = list(source)
         assert 0 < len(decoded) < 20 and source.truncated
         with warnings.catch_warnings():
@@ -214,6 +216,44 @@ def test_truncated_file_keeps_decoded_frames(tmp_path, caplog, name, codec, pix_
         np.testing.assert_array_equal(got, want)
     records = [r for r in caplog.records if r.name == "runtime.video_io" and r.levelno == logging.WARNING]
     assert records and f"decoded {len(decoded)} frame" in records[0].getMessage()
+
+
+def variable_rate_mkv(path: Path, frames: np.ndarray, cut: bool = False) -> Path:
+    """An mkv with irregular timestamps (10, 33 and 150 ms apart) and a nominal 30 fps; optionally cut in half."""
+    gaps = np.random.default_rng(0).choice([10, 33, 150], size=len(frames))
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("ffv1", rate=30)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "bgr0"
+        stream.time_base = fractions.Fraction(1, 1000)
+        for frame, pts in zip(frames, np.concatenate([[0], np.cumsum(gaps)[:-1]])):
+            vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            vf.pts, vf.time_base = int(pts), fractions.Fraction(1, 1000)
+            container.mux(stream.encode(vf))
+        container.mux(stream.encode())
+    if cut:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def test_variable_frame_rate_video_is_not_called_truncated(tmp_path):
+    """Its duration x nominal rate (about 58) overstates the 30 frames: only timestamps or errors may say truncated."""
+    frames = random_frames(30)
+    path = variable_rate_mkv(tmp_path / "vfr.mkv", frames)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with open_video(path) as source:
+            assert_frames(source, frames)
+            assert not source.truncated
+        result = runtime.segment(path, runtime.load(DEMO_MODEL), min_size=64)
+    assert result.num_frames == 30 and result.truncated is False
+
+
+def test_variable_frame_rate_video_cut_short_still_warns(tmp_path):
+    path = variable_rate_mkv(tmp_path / "vfr_cut.mkv", random_frames(30), cut=True)
+    with open_video(path) as source:
+        with pytest.warns(TruncatedVideoWarning, match=r"frames end at [\d.]+ s, the container records [\d.]+ s"):
+            decoded = list(source)
+        assert 0 < len(decoded) < 30 and source.truncated
 
 
 def test_garbage_after_a_video_is_harmless(tmp_path):
