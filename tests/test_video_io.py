@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 import runtime
+from vita_train.pretrained import demo_checkpoint
 from runtime.video_io import FrameSource, TruncatedVideoWarning, VideoInputError, open_video
 
 from .media import encode
@@ -244,7 +245,7 @@ def test_variable_frame_rate_video_is_not_called_truncated(tmp_path):
         with open_video(path) as source:
             assert_frames(source, frames)
             assert not source.truncated
-        result = runtime.segment(path, runtime.load(DEMO_MODEL), min_size=64)
+        result = runtime.segment(path, runtime.load(demo_checkpoint(), backend="torch", device="cpu"))
     assert result.num_frames == 30 and result.truncated is False
 
 
