@@ -1,36 +1,163 @@
-"""``python -m benchmarks <name> ...``: run one benchmark, write JSON + markdown under --out."""
+"""``python -m benchmarks <name> ...`` (also ``vita-bench``): run benchmarks, write JSON + markdown + plots."""
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 
+from .settings import QUICK, Settings
+from .suite import BENCHMARKS, BenchmarkFailed
+
+NAMES = list(BENCHMARKS) + ["all"]
+# the old single benchmark: the detector, torch vs onnxruntime, one frame per call at 360p
+ALIASES = {"detector-backends": "detector"}
+
 
 def _size(text: str) -> tuple[int, int]:
-    h, w = (int(v) for v in text.lower().split("x"))
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be HxW, e.g. 360x640, got {text!r}") from None
     return h, w
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks")
-    sub = p.add_subparsers(dest="name", required=True)
-    det = sub.add_parser("detector-backends", help="detector s/frame: onnxruntime vs torch eager (CPU)")
-    det.add_argument("--preset", default="vita_r50_ytvis19")
-    det.add_argument("--size", type=_size, default=(360, 640))
-    det.add_argument("--frames", type=int, default=10)
-    det.add_argument("--threads", type=int, default=2)
-    det.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.name == "detector-backends":
-        from .detector_backends import run
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip())
 
-        report = run(args.preset, args.size, args.frames, args.threads, args.out)
-        print(json.dumps(report, indent=1))
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(",") if v.strip())
+
+
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("all benchmarks")
+    g.add_argument("--out", type=Path, default=None, help="results directory (default bench_results)")
+    g.add_argument("--preset", default=None, help="model preset with random weights (default vita_r50_ytvis19; vita_tiny with --quick)")
+    g.add_argument("--model", type=Path, default=None, help="a checkpoint or an export directory instead of random weights")
+    g.add_argument("--device", default=None, help="cpu or cuda[:N] (default cuda when torch sees one, else cpu)")
+    g.add_argument("--backend", action="append", choices=("torch", "onnxruntime", "tensorrt"), help="repeatable")
+    g.add_argument("--precision", action="append", choices=("fp32", "fp16", "bf16"), help="repeatable (default fp32)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch and onnxruntime (default: all usable)")
+    g.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median, min, max)")
+    g.add_argument("--warmup", type=int, default=None, help="untimed runs first")
+    g.add_argument("--quick", action="store_true", help="vita_tiny and small sizes (about a minute for `all` on 2 cores)")
+    g.add_argument("--compare", type=Path, default=None, metavar="OLD_DIR", help="flag >10%% regressions against an older results directory")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="tqdm bars (default: when stderr is a terminal)")
+    g = common.add_argument_group("e2e, prune, backends")
+    g.add_argument("--video", type=Path, default=None, help="a video file instead of the generated clip")
+    g.add_argument("--frames", type=int, default=None, help="generated clip length (default 36)")
+    g.add_argument("--size", type=_size, default=None, help="generated clip size HxW (default 360x640)")
+    g = common.add_argument_group("detector")
+    g.add_argument("--batches", type=_ints, default=None, help="comma-separated batch sizes (default 1,2,4,8,16)")
+    g.add_argument("--resolutions", type=_ints, default=None, help="shortest edges, 16:9 frames (default 360,480,720)")
+    g = common.add_argument_group("tokens")
+    g.add_argument("--min-frames", type=int, default=None, help="smallest T (default 36)")
+    g.add_argument("--max-frames", type=int, default=None, help="largest T (default 10000)")
+    g.add_argument("--points", type=int, default=None, help="log-spaced values of T (default 7)")
+    g.add_argument("--prune-frames", type=int, default=None, help="T of the pruning-ratio rows (default 360)")
+    g = common.add_argument_group("maxframes")
+    g.add_argument("--budget-gb", type=float, default=None, help="memory budget (default 12): host RSS on CPU, torch-allocated on CUDA")
+    g.add_argument("--windows", type=_ints, default=None, help="window sizes W (default 3,6,12)")
+    g.add_argument("--ratios", type=_floats, default=None, help="pruning ratios r (default 1.0,0.75,0.5)")
+    g.add_argument("--scope", choices=("tokens", "runtime", "both"), default=None, help="token engine, whole runtime, or both")
+    g.add_argument("--policies", type=lambda t: tuple(t.split(",")), default=None, help="feature policies of the runtime rows")
+    g.add_argument("--probe-timeout", type=float, default=None, help="seconds one probe may take (default 600)")
+    g.add_argument("--frame-cap", type=int, default=None, help="largest T probed (default 100000)")
+    g.add_argument("--runtime-frame-cap", type=int, default=None, help="largest T probed for the whole runtime (default: --frame-cap)")
+    g = common.add_argument_group("prune")
+    g.add_argument("--prune-ratios", type=_floats, default=None, help="r values (default 1.0,0.9,0.75,0.5,0.25)")
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    sub = p.add_subparsers(dest="name", required=True)
+    for name in NAMES:
+        title = BENCHMARKS[name][1] if name in BENCHMARKS else "every benchmark above, then the report"
+        sub.add_parser(name, parents=[common], help=title)
+    sub.add_parser("detector-backends", parents=[common], help="old name of `detector --batches 1 --resolutions 360`")
+    rep = sub.add_parser("report", help="render every results JSON of a directory into one markdown page")
+    rep.add_argument("dir", type=Path)
+    rep.add_argument("--out", type=Path, default=None, help="markdown file (default DIR/report.md)")
+    return p
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Settings: defaults, then --quick's, then what the command line names."""
+    s = dataclasses.replace(Settings(), **QUICK, quick=True) if args.quick else Settings()
+    if args.name == "detector-backends":
+        s.batches, s.resolutions = (1,), (360,)
+    named = {
+        "out": args.out, "preset": args.preset, "model": args.model, "threads": args.threads, "repeats": args.repeats,
+        "warmup": args.warmup, "compare": args.compare, "video": args.video, "frames": args.frames, "size": args.size,
+        "batches": args.batches, "resolutions": args.resolutions, "min_frames": args.min_frames,
+        "max_frames": args.max_frames, "points": args.points, "prune_frames": args.prune_frames,
+        "budget_gb": args.budget_gb, "windows": args.windows, "ratios": args.ratios, "scope": args.scope,
+        "policies": args.policies, "probe_timeout": args.probe_timeout, "frame_cap": args.frame_cap, "runtime_frame_cap": args.runtime_frame_cap,
+        "prune_ratios": args.prune_ratios,
+    }
+    for key, value in named.items():
+        if value is not None:
+            setattr(s, key, value)
+    s.size = tuple(s.size)
+    for key in ("batches", "resolutions", "windows", "ratios", "policies", "prune_ratios", "precisions", "backends"):
+        setattr(s, key, tuple(getattr(s, key)))
+    s.out = Path(s.out)
+    s.backends = tuple(args.backend or ())
+    s.precisions = tuple(args.precision or ())
+    if args.threads is None:
+        s.threads = _usable_cpus()
+    if args.device is None:
+        import torch
+
+        s.device = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        s.device = args.device
+    s.progress = sys.stderr.isatty() if args.progress is None else args.progress
+    if s.repeats < 1 or s.warmup < 0 or s.threads < 1:
+        raise ValueError("--repeats and --threads must be >= 1 and --warmup >= 0")
+    return s
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; exit status 1 when a benchmark failed, 130 when interrupted (results so far are written)."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.name == "report":
+        from .report import write_report
+
+        try:
+            path = write_report(args.dir, args.out)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(path)
+        return 0
+    try:
+        s = settings_from(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from .suite import run
+
+    name = ALIASES.get(args.name, args.name)
+    names = list(BENCHMARKS) if name == "all" else [name]
+    try:
+        records = run(names, s)
+    except KeyboardInterrupt:
+        print(f"interrupted: the results measured so far are in {s.out}", file=sys.stderr)
+        return 130
+    except BenchmarkFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for rec in records:
+        print(rec.md_path)
     return 0
 
 

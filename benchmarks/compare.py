@@ -1,0 +1,71 @@
+"""``--compare OLD_DIR``: each measured figure against the same row of an older results directory.
+
+A regression is a figure more than 10% worse: a time or memory 10% larger, a rate, ratio or frame count
+10% smaller.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from .record import HIGHER_IS_BETTER, LOWER_IS_BETTER, Column, Record, load_record, value_of
+
+log = logging.getLogger(__name__)
+THRESHOLD = 0.10
+
+
+def _row_key(table: dict[str, Any], row: dict[str, Any]) -> tuple:
+    return tuple(row.get(k) for k in table["keys"])
+
+
+def changes(new: dict[str, Any], old: dict[str, Any]) -> list[dict[str, Any]]:
+    """One entry per figure present in both: old, new, relative change (worse > 0) and whether it regressed."""
+    old_tables = {t["id"]: t for t in old["tables"]}
+    out = []
+    for table in new["tables"]:
+        before = old_tables.get(table["id"])
+        if before is None or not table["keys"]:
+            continue
+        old_rows = {_row_key(before, r): r for r in before["rows"]}
+        for row in table["rows"]:
+            match = old_rows.get(_row_key(table, row))
+            if match is None:
+                continue
+            for col in table["columns"]:
+                kind = col["kind"]
+                if kind not in LOWER_IS_BETTER + HIGHER_IS_BETTER:
+                    continue
+                a, b = value_of(match.get(col["key"])), value_of(row.get(col["key"]))
+                if a is None or b is None or a <= 0 or b <= 0:
+                    continue
+                worse = (b / a - 1) if kind in LOWER_IS_BETTER else (a / b - 1)
+                out.append({
+                    "table": table["id"], "row": " / ".join(str(row.get(k)) for k in table["keys"]),
+                    "figure": col["label"], "old": a, "new": b, "worse_pct": 100 * worse,
+                    "regression": worse > THRESHOLD,
+                })
+    return out
+
+
+def compare_record(rec: Record, old_dir: Path) -> None:
+    """Add a comparison table against ``old_dir/<name>.json`` to ``rec``; warn about each regression."""
+    old_path = Path(old_dir) / f"{rec.name}.json"
+    if not old_path.exists():
+        rec.note(f"--compare: {old_path} does not exist, nothing to compare")
+        return
+    found = changes(rec.to_dict(), load_record(old_path))
+    table = rec.table(
+        "comparison", f"Compared with {old_dir}",
+        [Column("table", "table"), Column("row", "row"), Column("figure", "figure"), Column("old", "old", "count"),
+         Column("new", "new", "count"), Column("worse_pct", "worse by %", "change"), Column("regression", "regression > 10%")],
+        caption="worse by %: positive = slower / larger / fewer than before; medians compared.",
+    )
+    for entry in found:
+        rec.add(table, entry)
+        if entry["regression"]:
+            log.warning("regression in %s [%s] %s: %.4g -> %.4g (%.1f%% worse)", entry["table"], entry["row"],
+                        entry["figure"], entry["old"], entry["new"], entry["worse_pct"])
+    regressions = sum(e["regression"] for e in found)
+    rec.note(f"--compare {old_dir}: {regressions} of {len(found)} figures regressed by more than 10%")

@@ -1,0 +1,115 @@
+"""``e2e``: ``runtime.segment`` on a clip per backend: s/frame, fps, per-stage latency, peak memory,
+time to first result, and the speed-up against the plain fp32 torch reference measured in the same run."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from . import references
+from .clip import Clip, benchmark_clip
+from .measure import GB, DeviceMemory, device_sync, peak_rss_bytes, reset_peak_rss
+from .progress import bar
+from .record import Column, Record, stat
+from .settings import Settings
+from .stages import STAGES, StageTimer
+from .workspace import REFERENCE, BackendSpec, Workspace, available_specs
+
+log = logging.getLogger(__name__)
+
+STAGE_KEYS = {name: "stage_" + name.replace("+", "_").replace(" ", "_") for name in STAGES}
+
+
+def requested_specs(s: Settings, default: tuple[str, ...]) -> list[BackendSpec]:
+    """Backend/precision pairs the settings ask for (``default`` backends when none are named)."""
+    specs = [BackendSpec(b, p) for b in (s.backends or default) for p in (s.precisions or ("fp32",))]
+    return list(dict.fromkeys(specs))
+
+
+def segment_repeats(
+    s: Settings, ws: Workspace, spec: BackendSpec, clip: Clip, repeats: int, **options: Any
+) -> dict[str, Any]:
+    """Load ``spec``, segment ``clip`` once cold, then ``repeats`` times; times, stages, memory, last result."""
+    size = ws.resized(clip.height, clip.width)
+    if spec.backend != "torch":
+        ws.export(size, tensorrt=spec.backend == "tensorrt", precision=spec.precision)  # not timed
+    sync = device_sync(ws.device)
+    memory = DeviceMemory(ws.device)
+    start = time.perf_counter()
+    segmenter = ws.segmenter(spec, size)
+    timer = StageTimer(segmenter.backend, sync)
+    segmenter.backend = timer
+    result, cold = timer.run(lambda: segmenter.segment(clip.video, **options))
+    first_result = time.perf_counter() - start
+    for _ in range(max(s.warmup - 1, 0)):
+        timer.run(lambda: segmenter.segment(clip.video, **options))
+    walls, stages, peaks, device_peaks = [], {k: [] for k in STAGES}, [], []
+    for _ in range(repeats):
+        reset_peak_rss()
+        memory.reset()
+        result, wall = timer.run(lambda: segmenter.segment(clip.video, **options))
+        walls.append(wall)
+        for k, v in timer.stages.items():
+            stages[k].append(v)
+        peaks.append(peak_rss_bytes())
+        device_peaks.append(memory.peak())
+    return {"walls": walls, "stages": stages, "peak_rss": max(p for p in peaks if p is not None) if any(peaks) else None,
+            "peak_device": max(device_peaks) if device_peaks[0] is not None else None,
+            "first_result": first_result, "cold": cold, "result": result, "backend": timer}
+
+
+def _per_frame(values: list[float], frames: int) -> dict[str, Any]:
+    return stat([v / frames for v in values])
+
+
+def run(s: Settings, ws: Workspace, rec: Record) -> None:
+    """Measure every requested backend after the torch fp32 reference."""
+    clip = benchmark_clip(s, ws)
+    available, missing = available_specs(ws.device)
+    specs = [REFERENCE] + [x for x in requested_specs(s, ("torch", "onnxruntime")) if x != REFERENCE]
+    if ws.is_export:
+        specs = [x for x in specs if x.backend != "torch"]
+    skipped = [x for x in specs if x not in available]
+    specs = [x for x in specs if x in available]
+    for x in skipped:
+        rec.note(f"{x.label} skipped: not available on this machine ({'; '.join(missing.values())})")
+    columns = [Column("backend", "backend"), Column("precision", "precision"),
+               Column("s_per_frame", "s/frame", "time"), Column("fps", "frames/s", "rate")]
+    columns += [Column(STAGE_KEYS[k], f"{k} s/frame", "time") for k in STAGES]
+    columns += [Column("peak_rss_gb", "peak host RSS (GB)", "memory"), Column("peak_device_gb", "peak device memory (GB)", "memory"),
+                Column("first_result_s", "time to first result (s)", "time"),
+                Column("speedup_vs_reference", "speed-up vs torch fp32 (same run)", "ratio")]
+    table = rec.table(
+        "e2e", f"End to end: runtime.segment, {clip.description}", columns, keys=("backend", "precision"),
+        caption=(f"{ws.device}, {s.threads} threads; median (min–max) over {s.repeats} runs after {s.warmup} warm-up. "
+                 "Stages: decode+resize is the time the loop waited for the background reader; time to first "
+                 "result is loading plus the first (cold) segment call. Speed-up = reference s/frame / this s/frame, "
+                 "both measured in this run."),
+    )
+    reference_s = None
+    for spec in bar(specs, s.progress, desc="e2e"):
+        m = segment_repeats(s, ws, spec, clip, s.repeats)
+        per_frame = _per_frame(m["walls"], clip.frames)
+        if spec == REFERENCE:
+            reference_s = per_frame["median"]
+        row = {"backend": spec.backend, "precision": spec.precision, "s_per_frame": per_frame,
+               "fps": stat([clip.frames / w for w in m["walls"]])}
+        for k in STAGES:
+            row[STAGE_KEYS[k]] = _per_frame(m["stages"][k], clip.frames) if max(m["stages"][k]) > 0 else None
+        row["peak_rss_gb"] = m["peak_rss"] / GB if m["peak_rss"] else None
+        row["peak_device_gb"] = m["peak_device"] / GB if m["peak_device"] else None
+        row["first_result_s"] = m["first_result"]
+        row["speedup_vs_reference"] = reference_s / per_frame["median"] if reference_s else None
+        rec.add(table, row)
+    others = rec.table(
+        "e2e_references", "Other machines' figures (not measured here)",
+        [Column("source", "source"), Column("machine", "machine"), Column("setting", "setting"),
+         Column("s_per_frame", "s/frame"), Column("fps", "frames/s"), Column("memory_gb", "memory (GB)")],
+        caption="Reported for other machines and setups; for orientation only, not comparable to the rows above.",
+    )
+    for row in references.E2E:
+        rec.add(others, dict(row))
+    from .plots import stage_bars
+
+    rec.plots += stage_bars(rec.out_dir / "e2e_stages.png", table, STAGE_KEYS)

@@ -1,0 +1,141 @@
+"""What a result was measured on: CPU (model, cores, bf16/AMX), GPU and driver, library versions, git commit."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+# distribution names to try for each library (TensorRT ships under several)
+_DISTRIBUTIONS = {
+    "torch": ("torch",),
+    "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
+    "tensorrt": ("tensorrt", "tensorrt-cu12", "tensorrt-cu11", "tensorrt-cu13"),
+    "triton": ("triton",),
+    "onnx": ("onnx",),
+    "numpy": ("numpy",),
+}
+
+
+def _version(names: tuple[str, ...]) -> Optional[str]:
+    for name in names:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    """(model name, flags) from /proc/cpuinfo; empty on systems without it."""
+    model, flags = "", set()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine(), flags
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and not model:
+            model = value.strip()
+        elif key == "flags" and not flags:
+            flags = set(value.split())
+    return model or platform.processor() or platform.machine(), flags
+
+
+def _physical_cores() -> Optional[int]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    cores, phys, core = set(), None, None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "physical id":
+            phys = value.strip()
+        elif key == "core id":
+            core = value.strip()
+        elif not line.strip() and core is not None:
+            cores.add((phys, core))
+            phys = core = None
+    if core is not None:
+        cores.add((phys, core))
+    return len(cores) or None
+
+
+def cpu_info() -> dict[str, Any]:
+    """CPU model, core counts and the bf16 / AMX instructions the kernels and autocast can use."""
+    model, flags = _cpuinfo()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    amx = sorted(f for f in flags if f.startswith("amx"))
+    bf16 = sorted(f for f in flags if "bf16" in f)
+    return {
+        "model": model,
+        "logical_cpus": os.cpu_count(),
+        "physical_cores": _physical_cores(),
+        "usable_cpus": usable,
+        "bf16": ", ".join(bf16) if bf16 else "no",
+        "amx": ", ".join(amx) if amx else "no",
+        "memory_gb": _memory_gb(),
+    }
+
+
+def _memory_gb() -> Optional[float]:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def gpu_info() -> Optional[dict[str, Any]]:
+    """Name, driver and memory of the first GPU nvidia-smi lists; None without one."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=20,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = [line for line in out.stdout.splitlines() if line.strip()]
+    if out.returncode != 0 or not lines:
+        return None
+    name, driver, memory = (part.strip() for part in lines[0].split(",")[:3])
+    return {"name": name, "driver": driver, "memory_gb": round(float(memory) / 1024, 1), "count": len(lines)}
+
+
+def git_info() -> dict[str, Any]:
+    """The project's commit and whether tracked files differ from it."""
+    def git(*args: str) -> Optional[str]:
+        try:
+            out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def capture(threads: int) -> dict[str, Any]:
+    """Everything a reader needs to know about where the numbers come from."""
+    return {
+        "cpu": cpu_info(),
+        "threads": threads,
+        "gpu": gpu_info(),
+        "versions": {name: _version(dists) for name, dists in _DISTRIBUTIONS.items()},
+        "python": platform.python_version(),
+        "os": f"{platform.system()} {platform.release()}",
+        "git": git_info(),
+    }

@@ -1,0 +1,29 @@
+"""Figures measured elsewhere, shown beside ours as reference rows (never mixed into our measurements)."""
+
+from __future__ import annotations
+
+# End-to-end speed of full-size VITA R-50 reported for other machines.
+E2E = [
+    {"source": "official code (sukjunhwang/VITA)", "machine": "AMD EPYC CPU",
+     "setting": "R-50, 36 frames 360x640, CPU", "s_per_frame": 2.79, "fps": 1 / 2.79, "memory_gb": None},
+    {"source": "official code (sukjunhwang/VITA)", "machine": "Intel Xeon CPU, 2 threads",
+     "setting": "R-50 full size, 36 frames 360x640", "s_per_frame": "1.87–2.00", "fps": "0.50–0.53",
+     "memory_gb": 7.4},
+    {"source": "VITA maintainers", "machine": "NVIDIA V100",
+     "setting": "R-50", "s_per_frame": 1 / 46.1, "fps": 46.1, "memory_gb": None},
+]
+
+# Paper Table 4: the longest video processed at once on a 12 GB Titan XP, 360x640 (R-50).
+TABLE4 = {3: 2677, 6: 1392, 12: 741}
+TABLE4_OTHERS = {"VisTR": 46, "IFC": 123, "Mask2Former-VIS": 81}
+# Paper Table 6 / Sec. 4.4: with r = 0.75 the maximum frame number at W = 6 grows from 1392 to 2635.
+TABLE6_MAXFRAMES = {(6, 0.75): 2635}
+# Paper Table 6: YouTube-VIS 2019 AP vs pruning ratio r (R-50).
+TABLE6_AP = {1.0: 49.8, 0.75: 49.7, 0.5: 48.9, 0.25: 48.1}
+
+
+def paper_max_frames(window: int, ratio: float) -> int | None:
+    """The paper's maximum frame count for (W, r) at 12 GB, where it reports one."""
+    if ratio == 1.0:
+        return TABLE4.get(window)
+    return TABLE6_MAXFRAMES.get((window, ratio))

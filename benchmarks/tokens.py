@@ -1,0 +1,104 @@
+"""``tokens``: token engine time and peak memory vs the number of frames T and vs the pruning ratio r,
+with the fitted exponents of time and memory in T (the paper's claim: linear in T).
+
+Frame queries are random: the engine's cost does not depend on their values. Each T runs in a fresh
+process (as maxframes' probes do), so memory freed by one size does not hide the next one's peak.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any, Optional
+
+from vita_train.inference.pruning import kept_per_frame
+
+from .measure import GB, MB, available_memory, geometric_points, power_fit
+from .plots import scaling
+from .probe import ProbeJob, forkserver, probe
+from .progress import bar
+from .record import Column, Record, Table, scaled, stat
+from .settings import Settings
+from .workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+
+def _measure(ctx: Any, job: ProbeJob, s: Settings) -> Optional[dict[str, Any]]:
+    """Run ``job`` in a fresh child; {seconds (stat), peak_memory_mb} or None with the reason logged."""
+    result = probe(ctx, job, s.probe_timeout)
+    if not result["ok"]:
+        log.warning("token engine at T=%d, r=%g did not complete: %s", job.frames, job.ratio, result["reason"])
+        return None
+    return {"seconds": stat(result["times"]), "peak_memory_mb": max(result["growth_bytes"], 1) / MB}
+
+
+def _columns(first: Column) -> list[Column]:
+    return [first, Column("tokens", "tokens per frame", "count"), Column("seconds", "token engine (s)", "time"),
+            Column("ms_per_frame", "per frame (ms)", "time"), Column("peak_memory_mb", "peak memory above baseline (MB)", "memory")]
+
+
+def _kernel_rows(rec: Record, s: Settings, ws: Workspace, frames: list[int]) -> None:
+    """Rows from benchmarks.kernels.token_scale (the fused token engine), when that module exists."""
+    try:
+        from . import kernels
+    except ImportError:
+        rec.note("fused token engine: benchmarks.kernels is not present yet (kernels/ not present yet)")
+        return
+    rows = kernels.token_scale(s.preset, frames, ws.device)
+    if rows:
+        from .kernel_suite import rows_table
+
+        rows_table(rec, "kernels_tokens", "Fused token engine (benchmarks.kernels.token_scale)", rows,
+                   "As measured by benchmarks.kernels.token_scale.")
+
+
+def run(s: Settings, ws: Workspace, rec: Record) -> None:
+    """Token engine over log-spaced T, then over the pruning ratios at ``prune_frames``; fits and plot."""
+    cfg = ws.config
+    n, c, w = cfg.frame_decoder.num_queries, cfg.frame_decoder.hidden_dim, cfg.vita.window
+    where = f"{ws.device}, {s.threads} threads, W={w}, {n} tokens per frame (C={c})"
+    available = available_memory()
+    job = ProbeJob(kind="tokens", checkpoint=str(ws.checkpoint()), device=ws.device, threads=s.threads, frames=0,
+                   window=w, ratio=1.0, budget_bytes=(available - GB) if available else 2**62,
+                   warmup=max(s.warmup, 1), repeats=s.repeats)
+    ctx = forkserver()
+    by_t = rec.table(
+        "tokens_vs_frames", "Token engine vs number of frames T", _columns(Column("frames", "frames T", "count")),
+        keys=("frames",),
+        caption=(f"{where}; each T in a fresh process: median (min–max) over {s.repeats} runs after "
+                 f"{max(s.warmup, 1)} warm-up; peak memory is the growth of peak RSS (CPU) or of torch-allocated "
+                 "memory (CUDA) over the memory held after the warm-up."),
+    )
+    for t in bar(geometric_points(s.min_frames, s.max_frames, s.points), s.progress, desc="tokens vs T"):
+        m = _measure(ctx, replace(job, frames=t), s)
+        if m is None:
+            rec.note(f"T={t} and longer were not measured: the run did not complete (memory or --probe-timeout)")
+            break
+        rec.add(by_t, {"frames": t, "tokens": n, "ms_per_frame": scaled(m["seconds"], 1000 / t), **m})
+    fits = _fit(rec, by_t)
+    by_r = rec.table("tokens_vs_ratio", f"Token engine vs pruning ratio r (T = {s.prune_frames})",
+                     _columns(Column("ratio", "ratio r", "count")), keys=("ratio",),
+                     caption=f"{where}; kept tokens per frame = ceil(r x {n}), at random slots.")
+    for r in bar(s.prune_ratios, s.progress, desc="tokens vs r"):
+        m = _measure(ctx, replace(job, frames=s.prune_frames, ratio=r), s)
+        if m is not None:
+            rec.add(by_r, {"ratio": r, "tokens": kept_per_frame(n, r), "ms_per_frame": scaled(m["seconds"], 1000 / s.prune_frames), **m})
+    _kernel_rows(rec, s, ws, [r["frames"] for r in by_t.rows])
+    rec.plots += scaling(rec.out_dir / "tokens.png", by_t, fits, f"{cfg.name} token engine, {where} (random weights)")
+
+
+def _fit(rec: Record, table: Table) -> dict[str, tuple[float, float]]:
+    """Power-law exponents of time and memory in T, added as a table."""
+    rows = table.rows
+    if len(rows) < 2:
+        return {}
+    t = [r["frames"] for r in rows]
+    fits = {"time": power_fit(t, [r["seconds"]["median"] for r in rows]),
+            "memory": power_fit(t, [r["peak_memory_mb"] for r in rows])}
+    out = rec.table("tokens_fit", "Fitted exponents: quantity ~ c * T^p",
+                    [Column("quantity", "quantity"), Column("exponent", "exponent p", "count"), Column("range", "fitted over T")],
+                    caption="Least squares in log-log space over all measured T; p near 1 means linear in T.")
+    for name, (p, _) in fits.items():
+        rec.add(out, {"quantity": f"token engine {name}", "exponent": p, "range": f"{min(t)}–{max(t)}"})
+    return fits

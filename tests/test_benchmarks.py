@@ -1,0 +1,245 @@
+"""The benchmark suite as a user runs it: `python -m benchmarks all --quick` writes JSON that the markdown
+shows faithfully, every measured figure is positive and finite, and the plots are real PNGs.
+
+No timing assertions: the figures are checked for shape and sanity, never for speed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.record import Column, Record, format_number, load_record, stat
+
+REPO = Path(__file__).resolve().parents[1]
+POSITIVE = ("time", "memory", "rate", "ratio", "frames")
+NON_NEGATIVE = ("error", "score", "count")
+SUITE = ("e2e", "detector", "tokens", "maxframes", "prune", "backends", "kernels")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "all", "--quick", "--threads", "2", "--out", str(out), "--no-progress"],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+def _md_tables(md: str) -> dict[str, list[list[str]]]:
+    """Markdown tables by their '### title' heading: header row then body rows, as cell text."""
+    tables, title = {}, None
+    for line in md.splitlines():
+        if line.startswith("### "):
+            title = line[4:].strip()
+            tables[title] = []
+        elif title is not None and line.startswith("|") and not line.startswith("|---"):
+            tables[title].append([c.strip() for c in line.strip().strip("|").split(" | ")])
+    return tables
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(v) for v in re.findall(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?", text)]
+
+
+def _check_cell(cell, text: str, where: str) -> None:
+    if cell is None:
+        assert text == "—", where
+    elif isinstance(cell, dict):
+        want = [cell["median"]] if cell["n"] == 1 else [cell["median"], cell["min"], cell["max"]]
+        got = _numbers(text)
+        assert len(got) == len(want), (where, text)
+        for g, w in zip(got, want):
+            assert g == pytest.approx(w, rel=1e-3, abs=1e-12), (where, text)
+    elif isinstance(cell, bool):
+        assert text == ("yes" if cell else "no"), where
+    elif isinstance(cell, (int, float)):
+        assert float(text) == pytest.approx(cell, rel=1e-3, abs=1e-12), (where, text)
+    else:
+        assert text == str(cell).replace("|", "\\|"), where
+
+
+def _check_value(kind: str, v: float, where: str) -> None:
+    assert math.isfinite(v), where
+    if kind in POSITIVE:
+        assert v > 0, where
+    elif kind in NON_NEGATIVE:
+        assert v >= 0, where
+
+
+def test_quick_suite_writes_every_benchmark(quick_run: Path):
+    for name in SUITE:
+        data = json.loads((quick_run / f"{name}.json").read_text())
+        assert data["status"] == "complete", (name, data["notes"])
+        env = data["environment"]
+        assert env["cpu"]["model"] and env["threads"] == 2 and env["versions"]["torch"]
+        assert env["git"]["commit"] and "bf16" in env["cpu"] and "amx" in env["cpu"]
+        assert data["model"]["preset"] == "vita_tiny" and len(data["model"]["sha256"]) == 64
+        assert "random init" in data["model"]["weights"]
+        if name != "kernels":
+            assert data["tables"] and all(t["rows"] for t in data["tables"]), name
+    assert (quick_run / "report.md").exists()
+    report = (quick_run / "report.md").read_text()
+    for name in SUITE:
+        assert load_record(quick_run / f"{name}.json")["title"] in report
+
+
+def test_markdown_shows_the_json_and_figures_are_sane(quick_run: Path):
+    for name in SUITE:
+        data = json.loads((quick_run / f"{name}.json").read_text())
+        md_tables = _md_tables((quick_run / f"{name}.md").read_text())
+        for table in data["tables"]:
+            lines = md_tables[table["title"]]
+            columns = table["columns"]
+            assert lines[0] == [c["label"] for c in columns], (name, table["id"])
+            assert len(lines) - 1 == len(table["rows"]), (name, table["id"])
+            for row, cells in zip(table["rows"], lines[1:]):
+                for col, text in zip(columns, cells):
+                    cell = row.get(col["key"])
+                    where = f"{name}/{table['id']}/{col['key']}"
+                    _check_cell(cell, text, where)
+                    if isinstance(cell, dict):
+                        for key in ("median", "min", "max"):
+                            _check_value(col["kind"], cell[key], where)
+                        assert cell["min"] <= cell["median"] <= cell["max"], where
+                    elif isinstance(cell, (int, float)) and not isinstance(cell, bool):
+                        _check_value(col["kind"], cell, where)
+
+
+def test_headline_figures_are_present(quick_run: Path):
+    e2e = load_record(quick_run / "e2e.json")
+    rows = {(r["backend"], r["precision"]): r for r in e2e["tables"][0]["rows"]}
+    assert ("torch", "fp32") in rows and ("onnxruntime", "fp32") in rows
+    assert rows[("torch", "fp32")]["speedup_vs_reference"] == pytest.approx(1.0)
+    for row in rows.values():
+        assert all(row[k] is not None for k in ("s_per_frame", "fps", "stage_detector", "stage_token_engine", "peak_rss_gb"))
+    tokens = load_record(quick_run / "tokens.json")
+    fit = next(t for t in tokens["tables"] if t["id"] == "tokens_fit")
+    assert {r["quantity"] for r in fit["rows"]} == {"token engine time", "token engine memory"}
+    maxframes = load_record(quick_run / "maxframes.json")
+    rows = maxframes["tables"][0]["rows"]
+    assert {r["part"] for r in rows} == {"token engine", "whole runtime"}
+    assert all(r["max_frames"] for r in rows)
+    kernels = load_record(quick_run / "kernels.json")
+    if not kernels["tables"]:
+        assert any("kernels/ not present yet" in n for n in kernels["notes"])
+
+
+def test_plots_exist_and_open(quick_run: Path):
+    from PIL import Image
+
+    expected = {"e2e_stages.png", "detector.png", "tokens.png", "prune.png"}
+    listed = {p for name in SUITE for p in load_record(quick_run / f"{name}.json")["plots"]}
+    assert expected <= listed
+    for name in listed:
+        with Image.open(quick_run / name) as im:
+            im.load()
+            assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
+
+
+def test_compare_flags_regressions_over_ten_percent(quick_run: Path, tmp_path: Path):
+    """--compare: a figure 25% slower than the old directory's is flagged; one 5% slower is not."""
+    from benchmarks.compare import changes
+
+    old = load_record(quick_run / "e2e.json")
+    new = json.loads(json.dumps(old))
+    rows = new["tables"][0]["rows"]
+    rows[0]["s_per_frame"]["median"] *= 1.25
+    rows[1]["s_per_frame"]["median"] *= 1.05
+    found = {(c["row"], c["figure"]): c for c in changes(new, old)}
+    assert found[("torch / fp32", "s/frame")]["regression"]
+    assert not found[("onnxruntime / fp32", "s/frame")]["regression"]
+    assert found[("torch / fp32", "s/frame")]["worse_pct"] == pytest.approx(25.0)
+
+
+def test_report_renders_a_directory(quick_run: Path, tmp_path: Path):
+    out = tmp_path / "page.md"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "report", str(quick_run), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = out.read_text()
+    assert "![" in text and "tokens.png" in text and "Longest video under" in text
+
+
+def test_interrupted_run_leaves_what_was_measured(tmp_path: Path):
+    """A record is on disk after every row, so a Ctrl-C keeps the rows measured so far, marked interrupted."""
+    rec = Record("e2e", "End to end", tmp_path, {"threads": 1}, {})
+    table = rec.table("t", "A table", [Column("backend", "backend"), Column("s", "s/frame", "time")], keys=("backend",))
+    rec.add(table, {"backend": "torch", "s": stat([0.5, 0.4, 0.6])})
+    assert load_record(tmp_path / "e2e.json")["tables"][0]["rows"][0]["s"]["median"] == 0.5
+    rec.finish("interrupted")
+    data = load_record(tmp_path / "e2e.json")
+    assert data["status"] == "interrupted" and data["tables"][0]["rows"]
+    assert "interrupted" in (tmp_path / "e2e.md").read_text()
+    assert format_number(0.123456) == "0.1235"
+
+
+def test_bad_arguments_exit_with_a_message(tmp_path: Path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "report", str(tmp_path / "nothing")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "not a directory of benchmark results" in proc.stderr
+
+
+def test_ctrl_c_keeps_the_rows_measured_so_far(tmp_path: Path):
+    """SIGINT during a long tokens run: exit status 130, the JSON holds the finished rows, marked interrupted."""
+    import signal
+    import time
+
+    out = tmp_path / "b"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks", "tokens", "--quick", "--threads", "1", "--repeats", "1",
+         "--max-frames", "100000", "--points", "40", "--out", str(out), "--no-progress"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            path = out / "tokens.json"
+            if path.exists() and load_record(path)["tables"] and load_record(path)["tables"][0]["rows"]:
+                break
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    data = load_record(out / "tokens.json")
+    assert data["status"] == "interrupted" and data["tables"][0]["rows"]
+    assert "Status: interrupted" in (out / "tokens.md").read_text()
+
+
+def test_maxframes_search_finds_the_threshold():
+    """The bracket search on a known linear memory model lands within the tolerance below the threshold."""
+    from benchmarks.maxframes import search
+
+    budget, base, per_frame = 12 * 2**30, 2**30, 2.2 * 2**20  # threshold T = 5120
+
+    def run(t: int) -> dict:
+        peak = int(base + per_frame * t)
+        return {"ok": peak <= budget, "reason": "over budget", "peak_bytes": peak, "seconds": 1.0}
+
+    found = search(run, 24, budget, 100000, 0.02)
+    assert 0.98 * 5120 <= found["max_frames"] <= 5120 < found["first_failing"]
+    assert found["probes"] <= 10
+    capped = search(run, 24, budget, 1000, 0.02)
+    assert capped["max_frames"] == 1000 and capped["limited_by"] == "frame cap"
+
+
+def test_gpu_script_refuses_a_machine_without_cuda(tmp_path: Path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: gpu.sh would run the whole suite")
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), str(tmp_path / "g")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "PYTHON": sys.executable})
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr
