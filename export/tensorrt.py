@@ -27,7 +27,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 from vita_train.export_format import DETECTOR_ENGINE, DETECTOR_FILE, TOKENS_ENGINE, TOKENS_FILE
 from vita_train.utils.atomic import atomic_write
 
-from .reduced_precision import PRECISIONS, precision_of, to_reduced_precision, variant_name
+from .reduced_precision import KEEP_FP32_SCOPES, PRECISIONS, precision_of, to_reduced_precision, variant_name
 from .trt_compat import (  # noqa: F401 (TRT_ONNX_SUPPORTED_OPS, TRT_PLUGIN_OPS re-exported)
     MSDA_PLUGIN_OP,
     MSDA_PLUGIN_VERSIONS,
@@ -59,7 +59,7 @@ MIN_FRAME_SIDE = 32
 # legacy weakly typed path only (TensorRT 10 with an fp32 graph): the layers kept in fp32, as the policy of
 # export/reduced_precision.py does it in the graph. Layer names are the ONNX node names, which
 # torch.onnx.export(dynamo=False) builds from module paths ("/.../pixel_decoder/...").
-FP32_SCOPES = ("/pixel_decoder/",)
+FP32_SCOPES = KEEP_FP32_SCOPES
 FP32_LAYER_TYPES = frozenset({"NORMALIZATION", "SOFTMAX"})
 # the builder flag of each reduced precision in the weakly typed path (BuilderFlag.FP16/BF16: TensorRT <= 10.x)
 LEGACY_PRECISION_FLAGS = {"fp16": "FP16", "bf16": "BF16"}
