@@ -125,9 +125,11 @@ def scaling(path: Path, table: Table, fits: dict[str, tuple[float, float]], titl
 
 def prune_agreement(path: Path, table: Table) -> list[str]:
     """Agreement with r = 1.0 and speed-up vs the pruning ratio r."""
-    rows = [r for r in table.rows if r.get("mean_iou") is not None]
-    if not rows:
+    if len(table.rows) < 2:
         return []
+    # the r = 1.0 row is the reference: agreement and speed-up 1 by definition
+    rows = [dict(r, mean_iou=1.0, label_agreement=1.0, speedup_tokens=1.0) if r.get("mean_iou") is None else r
+            for r in table.rows]
 
     def draw(plt):
         fig, ax = plt.subplots(figsize=(6.5, 3.8))

@@ -68,7 +68,7 @@ def run(s: Settings, ws: Workspace, rec: Record) -> None:
         keys=("frames",),
         caption=(f"{where}; each T in a fresh process: median (min–max) over {s.repeats} runs after "
                  f"{max(s.warmup, 1)} warm-up; peak memory is the growth of peak RSS (CPU) or of torch-allocated "
-                 "memory (CUDA) over the memory held after the warm-up."),
+                 "memory (CUDA) over what the process held before the first run (model and inputs loaded)."),
     )
     for t in bar(geometric_points(s.min_frames, s.max_frames, s.points), s.progress, desc="tokens vs T"):
         m = _measure(ctx, replace(job, frames=t), s)
