@@ -55,10 +55,11 @@ def resolve(mode: str, device_type: str) -> str:
     check_mode(mode)
     if mode == "reference":
         return "reference"
-    runs_triton = triton_importable() and (device_type == "cuda" or _interpreted())
+    # triton is imported only where it can run: on a plain CPU "auto" never pays for the import
+    runs_triton = (device_type == "cuda" or _interpreted()) and triton_importable()
     if mode == "triton":
         if not runs_triton:
-            why = "triton is not importable" if not triton_importable() else f"tensors are on {device_type}"
+            why = f"tensors are on {device_type}" if device_type != "cuda" else "triton is not importable"
             raise KernelUnavailableError(
                 f'kernels="triton" needs CUDA tensors and triton ({why}); use kernels="auto" or "reference" '
                 "(CPU tensors run the Triton kernels only under TRITON_INTERPRET=1, for tests)"

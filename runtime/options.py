@@ -24,12 +24,19 @@ class SegmentOptions:
     host_budget_mb: float = 4096.0  # auto: host bytes (fp16) for features before switching to recompute
     queue_size: int = 8  # decoded frames buffered by the background reader
     progress: bool = False  # tqdm progress bars
+    # torch backend, applied when the model is loaded (runtime.load); None = the model config's
+    kernels: Optional[str] = None  # attention kernels: auto | reference | triton
+    token_dtype: Optional[str] = None  # tokens stored between stages: float32 | float16 | bfloat16
 
     def __post_init__(self) -> None:
         if not 0.0 < self.prune_ratio <= 1.0:
             raise ValueError(f"prune_ratio must be in (0, 1] (1.0 = off), got {self.prune_ratio}")
         if self.feature_policy not in FEATURE_POLICIES:
             raise ValueError(f"feature_policy must be one of {FEATURE_POLICIES}, got {self.feature_policy!r}")
+        if self.kernels not in (None, "auto", "reference", "triton"):
+            raise ValueError(f"kernels must be auto, reference or triton, got {self.kernels!r}")
+        if self.token_dtype not in (None, "float32", "float16", "bfloat16"):
+            raise ValueError(f"token_dtype must be float32, float16 or bfloat16, got {self.token_dtype!r}")
         for name in ("window", "topk", "min_size", "max_size", "batch_size"):
             value = getattr(self, name)
             low = 0 if name == "window" else 1

@@ -84,7 +84,8 @@ def load(
         model = load_model(path, config=config)
     except CheckpointError as e:
         raise ModelPathError(f"cannot use {path} as a model: {e}") from None
-    return Segmenter(TorchBackend(model, device=device, dtype=dtype), opts)
+    backend = TorchBackend(model, device=device, dtype=dtype, kernels=opts.kernels, token_dtype=opts.token_dtype)
+    return Segmenter(backend, opts)
 
 
 def _graph_backend(path: Path, kind: str, device: Optional[str], providers: Optional[list[str]]) -> Any:

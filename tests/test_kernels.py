@@ -184,3 +184,65 @@ def test_ms_deform_attn_triton_forward_and_backward(lq):
     assert (out - ref).abs().max() <= 1e-5
     for name, ours, theirs in zip(("value", "locations", "weights"), grads, ref_grads):
         assert (ours - theirs).abs().max() <= 1e-4, name
+
+
+# ---- the model through the switch ------------------------------------------------------------------
+def _vita(window: int = W, **kw):
+    from vita_train.modeling.vita_module import VitaModule
+
+    return VitaModule(num_classes=5, num_frame_queries=7, hidden_dim=32, num_queries=4, num_heads=4, ffn_dim=48,
+                      enc_layers=4, dec_layers=2, window=window, conv_dim=16, mask_dim=16, **kw).eval()
+
+
+@pytest.mark.parametrize("mode", ["reference", "auto"])
+@pytest.mark.parametrize("t", [1, W - 1, W, W + 1, 37])
+def test_encoder_chunks_match_the_official_algorithm(mode, t):
+    from .test_vita_window import reference_encode
+
+    torch.manual_seed(t)
+    # 2 windows per chunk: long clips cross several chunk boundaries, in both layouts
+    vita = _vita(kernels=mode, chunk_tokens=2 * W * 7)
+    tokens = torch.randn(2, t, 7, 32)
+    ref = reference_encode(vita, tokens)
+    with torch.no_grad():
+        assert (vita.encode(tokens) - ref).abs().max() <= 1e-5
+    grad_path = vita.encode(tokens)  # grad enabled: chunks concatenated, not overwritten
+    assert (grad_path.detach() - ref).abs().max() <= 1e-5
+
+
+def test_chunked_decoder_overwrite_and_token_dtype_keep_the_output():
+    torch.manual_seed(0)
+    vita = _vita()
+    tokens = torch.randn(1, 37, 7, 32)
+    index = torch.stack([torch.randperm(7) for _ in range(37)])
+    with torch.no_grad():
+        whole = vita(tokens, index)
+        vita.chunk_tokens = 3 * W * 7  # the cross-attention reads the tokens in 2 chunks
+        chunked = vita(tokens, index)
+        given = tokens.clone()
+        overwritten = vita(given, index, overwrite_input=True)
+        vita.token_dtype = torch.bfloat16
+        reduced = vita(tokens, index)
+    for out in (chunked, overwritten):
+        assert (out.pred_logits - whole.pred_logits).abs().max() <= 1e-5
+        assert (out.pred_mask_embed - whole.pred_mask_embed).abs().max() <= 1e-5
+    assert not torch.equal(given, tokens), "overwrite_input let the encoder use the input as its buffer"
+    # bf16 storage between layers rounds the tokens (8 bits of mantissa): close, not equal
+    assert (reduced.pred_logits - whole.pred_logits).abs().max() <= 0.05
+
+
+def test_official_parity_with_reference_kernels(official_case):
+    from vita_train import load_model
+
+    from .conftest import rel_err
+
+    model = load_model(official_case.ckpt)
+    model.set_kernels("reference")
+    e = official_case.expected
+    frames = torch.from_numpy(e["images_resized_subset"])
+    with torch.no_grad():
+        logits, embed = model.track(torch.from_numpy(e["frame_queries"]))
+        features = model.detect(frames).mask_features
+    assert rel_err(logits, e["pred_logits"]) <= 1e-4
+    assert rel_err(embed, e["pred_mask_embed"]) <= 1e-4
+    assert rel_err(features, e["mask_features_subset"]) <= 1e-4

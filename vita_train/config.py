@@ -11,6 +11,10 @@ from typing import Any, Optional
 import yaml
 
 
+TOKEN_DTYPES = ("float32", "float16", "bfloat16")
+KERNEL_MODES = ("auto", "reference", "triton")
+
+
 class ConfigError(ValueError):
     """A configuration value or key is wrong; the message says which and what to do."""
 
@@ -99,6 +103,7 @@ class TestConfig:
     topk: int = 10
     detector_chunk: int = 18
     mask_chunk: int = 5
+    token_dtype: str = "float32"  # tokens stored between VITA stages: float32 | float16 | bfloat16
 
 
 @dataclass
@@ -117,6 +122,7 @@ class ModelConfig:
     vita: VitaConfig = field(default_factory=VitaConfig)
     input: InputConfig = field(default_factory=InputConfig)
     test: TestConfig = field(default_factory=TestConfig)
+    kernels: str = "auto"  # attention kernels: auto | reference | triton (see the kernels package)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -138,6 +144,10 @@ class ModelConfig:
             raise ConfigError(f"vita.window must be >= 0 (0 = full attention), got {self.vita.window}")
         if self.test.topk < 1:
             raise ConfigError(f"test.topk must be >= 1, got {self.test.topk}")
+        if self.test.token_dtype not in TOKEN_DTYPES:
+            raise ConfigError(f"test.token_dtype must be one of {TOKEN_DTYPES}, got {self.test.token_dtype!r}")
+        if self.kernels not in KERNEL_MODES:
+            raise ConfigError(f"kernels must be one of {KERNEL_MODES}, got {self.kernels!r}")
 
     def label_names(self) -> tuple[str, ...]:
         """Class names, or generic ones when the dataset is unknown."""

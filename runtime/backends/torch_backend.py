@@ -33,7 +33,15 @@ class _TorchMaskHead:
 class TorchBackend:
     """Backend over a VitaModel; ``dtype`` float16/bfloat16 runs under CUDA autocast (pixel decoder fp32)."""
 
-    def __init__(self, model: VitaModel, device: Optional[str] = None, dtype: str = "float32") -> None:
+    def __init__(
+        self,
+        model: VitaModel,
+        device: Optional[str] = None,
+        dtype: str = "float32",
+        kernels: Optional[str] = None,
+        token_dtype: Optional[str] = None,
+    ) -> None:
+        """``kernels`` and ``token_dtype`` (None: the model config's) as in SegmentOptions."""
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -41,7 +49,15 @@ class TorchBackend:
             raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU; use device='cpu'")
         if dtype != "float32" and not device.startswith("cuda"):
             raise ValueError(f"dtype {dtype} needs a CUDA device; on {device} use float32")
+        if token_dtype is not None and token_dtype not in _DTYPES:
+            raise ValueError(f"token_dtype must be one of {sorted(_DTYPES)}, got {token_dtype!r}")
         self.model = model.to(device).eval()
+        if kernels is not None:
+            self.model.set_kernels(kernels)
+        if token_dtype is not None:
+            self.model.vita.token_dtype = _DTYPES[token_dtype]
+        # tokens are kept in this dtype from detection to the token engine
+        self.token_dtype = self.model.vita.token_dtype
         self.config = model.config
         self.device = device
         self.dtype = dtype
@@ -59,7 +75,8 @@ class TorchBackend:
         with self._autocast():
             out = self.model.detect(self._images(frames))
         tokens, index = prune_frame_queries(out.frame_queries.float(), out.frame_logits, prune_ratio)
-        return Detection(tokens, None if index is None else index.cpu().numpy(), out.mask_features.float())
+        index = None if index is None else index.cpu().numpy()
+        return Detection(tokens.to(self.token_dtype), index, out.mask_features.float())
 
     @torch.no_grad()
     def mask_features(self, frames: np.ndarray) -> torch.Tensor:
@@ -73,7 +90,8 @@ class TorchBackend:
         if query_index is not None:
             index = torch.from_numpy(np.concatenate(list(query_index))).to(self.device)
         with self._autocast():
-            logits, embed = self.model.track(queries, index, window=window)
+            # the concatenation is ours: the encoder may overwrite it instead of copying the tokens
+            logits, embed = self.model.track(queries, index, window=window, overwrite_input=True)
         return logits.float().cpu().numpy(), embed.float()
 
     def select(self, logits: np.ndarray, k: int) -> Selection:

@@ -1,45 +1,30 @@
-"""Multi-scale deformable attention (Deformable DETR) in pure PyTorch, sampling through grid_sample."""
+"""Multi-scale deformable attention (Deformable DETR): projections here, sampling in the kernels package."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+import kernels as kernels_lib
+from kernels import reference
 
-def ms_deform_attn_sample(
-    value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor
-) -> Tensor:
-    """Weighted bilinear samples of every level; the reference that any fused kernel must match.
 
-    value (N, S, heads, D) with S = sum(H_l*W_l), levels in ``shapes`` order;
-    locations (N, Lq, heads, levels, points, 2) as (x, y) in [0, 1];
-    weights (N, Lq, heads, levels, points), already softmax-normalised.
-    Returns (N, Lq, heads*D). Out-of-range samples read zeros (grid_sample padding "zeros").
-    """
-    n, _, heads, d = value.shape
-    _, lq, _, levels, points, _ = locations.shape
-    grids = 2 * locations - 1
-    sizes = [h * w for h, w in shapes]
-    per_level = value.split(sizes, dim=1)
-    # weight and sum each level as it is sampled: no (N*heads, D, Lq, levels*points) stack is built
-    out = None
-    for lvl, (h, w) in enumerate(shapes):
-        v = per_level[lvl].flatten(2).transpose(1, 2).reshape(n * heads, d, h, w)
-        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (N*heads, Lq, points, 2)
-        sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)
-        wl = weights[:, :, :, lvl].transpose(1, 2).reshape(n * heads, 1, lq, points)
-        term = (sampled * wl).sum(-1)  # (N*heads, D, Lq)
-        out = term if out is None else out + term
-    return out.view(n, heads * d, lq).transpose(1, 2).contiguous()
+# The plain reference lives in kernels.reference (held to the fused forms there); export traces it.
+ms_deform_attn_sample = reference.ms_deform_attn
+
+
+def _exporting() -> bool:
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_exporting()
 
 
 class MSDeformAttn(nn.Module):
     """Deformable attention over ``num_levels`` feature maps with ``num_points`` samples per head and level."""
 
-    def __init__(self, dim: int, num_levels: int = 3, num_heads: int = 8, num_points: int = 4) -> None:
+    def __init__(
+        self, dim: int, num_levels: int = 3, num_heads: int = 8, num_points: int = 4, kernels: str = "auto"
+    ) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"deformable attention width {dim} is not divisible by {num_heads} heads")
@@ -48,8 +33,10 @@ class MSDeformAttn(nn.Module):
         self.attention_weights = nn.Linear(dim, num_heads * num_levels * num_points)
         self.value_proj = nn.Linear(dim, dim)
         self.output_proj = nn.Linear(dim, dim)
-        # swappable for export (e.g. a form that maps to TensorRT's deformable-attention plugin)
+        # swappable for export (e.g. a form that maps to TensorRT's deformable-attention plugin); the
+        # default runs the ``kernels`` implementation, and the plain reference when traced for export
         self.sample_fn = ms_deform_attn_sample
+        self.kernels = kernels_lib.check_mode(kernels)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -83,4 +70,7 @@ class MSDeformAttn(nn.Module):
             for lvl, (h, w) in enumerate(shapes)
         ]
         locations = reference_points[:, :, None, None, None, :] + torch.stack(scaled, dim=3)
-        return self.output_proj(self.sample_fn(v, shapes, locations, weights))
+        sample = self.sample_fn
+        if sample is ms_deform_attn_sample and self.kernels != "reference" and not _exporting():
+            return self.output_proj(kernels_lib.ms_deform_attn(v, shapes, locations, weights, mode=self.kernels))
+        return self.output_proj(sample(v, shapes, locations, weights))

@@ -9,8 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels import check_mode
+
 from ..config import ModelConfig
 from .frame_decoder import MaskedAttentionDecoder
+from .ms_deform_attn import MSDeformAttn
 from .pixel_decoder import MSDeformAttnPixelDecoder
 from .resnet import ResNet
 from .swin import SwinTransformer
@@ -72,25 +75,17 @@ class VitaModel(nn.Module):
             mask_dim=pd.mask_dim,
             num_levels=pd.num_levels,
         )
-        self.vita = VitaModule(
-            config.num_classes,
-            num_frame_queries=fd.num_queries,
-            hidden_dim=vc.hidden_dim,
-            num_queries=vc.num_queries,
-            num_heads=vc.num_heads,
-            ffn_dim=vc.ffn_dim,
-            enc_layers=vc.enc_layers,
-            dec_layers=vc.dec_layers,
-            window=vc.window,
-            enforce_input_proj=vc.enforce_input_proj,
-            conv_dim=pd.conv_dim,
-            mask_dim=pd.mask_dim,
-            sim_embed_frame=vc.sim_embed_frame,
-            sim_embed_clip=vc.sim_embed_clip,
-        )
+        self.vita = VitaModule.from_config(config)
+        self.set_kernels(config.kernels)
         inp = config.input
         self.register_buffer("pixel_mean", torch.tensor(inp.pixel_mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(inp.pixel_std).view(1, -1, 1, 1), persistent=False)
+
+    def set_kernels(self, mode: str) -> None:
+        """Run every attention that has a fused form with kernels ``mode``: "auto" | "reference" | "triton"."""
+        for module in self.modules():
+            if isinstance(module, (MSDeformAttn, VitaModule)):
+                module.kernels = check_mode(mode)
 
     def normalize_and_pad(self, images: Tensor) -> Tensor:
         """(B, 3, Hr, Wr) RGB in 0..255 (uint8 or float) -> normalised, zero-padded to the size divisibility."""
@@ -176,10 +171,17 @@ class VitaModel(nn.Module):
         return self.vita.vita_mask_features(out4)
 
     def track(
-        self, frame_queries: Tensor, query_index: Optional[Tensor] = None, window: Optional[int] = None
+        self,
+        frame_queries: Tensor,
+        query_index: Optional[Tensor] = None,
+        window: Optional[int] = None,
+        overwrite_input: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """All T frames' queries (T, N, C) -> video class logits (cQ, K+1) and mask embeddings (cQ, D).
 
-        ``query_index`` (T, N): each token's frame-query slot (after pruning); ``window`` overrides W."""
-        out: VitaOutput = self.vita(frame_queries.unsqueeze(0), query_index, window=window)
+        ``query_index`` (T, N): each token's frame-query slot (after pruning); ``window`` overrides W;
+        ``overwrite_input``: the encoder may use ``frame_queries`` as its buffer (VitaModule.forward)."""
+        out: VitaOutput = self.vita(
+            frame_queries.unsqueeze(0), query_index, window=window, overwrite_input=overwrite_input
+        )
         return out.pred_logits[0], out.pred_mask_embed[0]

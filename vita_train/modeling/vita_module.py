@@ -1,21 +1,31 @@
 """The VITA module: Object Encoder over frame queries, Object Decoder with video queries, and heads.
 
-Windowed attention folds the windows into the batch. Only the windows that need a mask get one, built
-at frame level and expanded to tokens for those windows alone, so memory grows linearly in T (the
-official code builds a dense (windows x heads, W*Nf, W*Nf) mask).
+The encoder runs each layer over bounded chunks of whole windows through ``kernels.window_attention``
+(no padding frames, no roll, no mask tensor); at inference it overwrites one token buffer in place, so
+memory is the tokens themselves plus one chunk's working set (the official code builds a dense
+(windows x heads, W*Nf, W*Nf) mask and runs every token through each layer at once). The decoder's
+cross-attention reads the tokens in the same chunks with an online softmax. ``encode_blocks`` is the
+branch-free form that exported graphs trace (plain ops; TensorRT fuses attention itself).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels import check_mode, window_attention
+
 from .transformer_layers import MLP, CrossAttentionLayer, FFNLayer, SelfAttentionLayer
+
+if TYPE_CHECKING:
+    from ..config import ModelConfig
+
+DEFAULT_CHUNK_TOKENS = 8192
 
 # The official shifted-window mask is additive -1000, not -inf: the padded query rows of the first
 # window are fully masked and a finite constant keeps their softmax finite.
@@ -31,32 +41,6 @@ class VitaOutput:
     aux: list[dict[str, Tensor]] = field(default_factory=list)  # earlier decoder layers, training only
     pred_fq_embed: Optional[Tensor] = None  # (B, T, N, C) frame-query similarity embeddings
     pred_cq_embed: Optional[Tensor] = None  # (B, cQ, C) video-query similarity embeddings
-
-
-def pad_frames(tokens: Tensor, window: int) -> tuple[Tensor, int]:
-    """Append all-zero frames so T is a multiple of ``window``; returns (padded, T)."""
-    t = tokens.shape[1]
-    pad = math.ceil(t / window) * window - t
-    if pad:
-        tokens = F.pad(tokens, (0, 0, 0, 0, 0, pad))
-    return tokens, t
-
-
-def shifted_edge_masks(num_frames: int, padded: int, window: int) -> tuple[Tensor, Tensor]:
-    """Frame-level boolean masks (W, W) of the first and last shifted windows (True = blocked).
-
-    After rolling by h = ceil(W/2), position p holds frame (p - h) mod T_pad. Both edge windows block
-    pairs involving a padded frame; the first also separates the wrapped tail from the head.
-    Middle windows never hold padding and need no mask.
-    """
-    h = math.ceil(window / 2)
-    is_pad = torch.arange(padded) >= num_frames
-    rolled = torch.roll(is_pad, h)
-    first, last = rolled[:window], rolled[-window:]
-    first_mask = first[:, None] | first[None, :]
-    head = torch.arange(window) < h
-    first_mask = first_mask | (head[:, None] != head[None, :])
-    return first_mask, last[:, None] | last[None, :]
 
 
 def window_block_bias(num_frames, padded, window: int, shifted: bool, device: torch.device) -> Tensor:
@@ -81,11 +65,6 @@ def window_block_bias(num_frames, padded, window: int, shifted: bool, device: to
     return blocked.float() * SHIFT_MASK_VALUE
 
 
-def _expand(frame_mask: Tensor, tokens_per_frame: int) -> Tensor:
-    """(W, W) frame mask -> (W*N, W*N) token mask, tokens frame-major."""
-    return frame_mask.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
-
-
 class VitaModule(nn.Module):
     """Frame queries of T frames -> video queries: class logits and mask embeddings."""
 
@@ -105,12 +84,21 @@ class VitaModule(nn.Module):
         mask_dim: int = 256,
         sim_embed_frame: bool = True,
         sim_embed_clip: bool = True,
+        kernels: str = "auto",
+        token_dtype: torch.dtype = torch.float32,
+        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     ) -> None:
         super().__init__()
         self.window = window
         self.num_heads = num_heads
         # encode with the branch-free form (encode_blocks): what exported graphs trace
         self.export_mode = False
+        # "auto" | "reference" | "triton": the window-attention implementation (kernels package)
+        self.kernels = check_mode(kernels)
+        # dtype of the tokens stored between layers at inference (compute stays fp32)
+        self.token_dtype = token_dtype
+        # tokens per encoder/decoder chunk: bounds the working set (a chunk of 8192 holds a 64 MB FFN hidden)
+        self.chunk_tokens = chunk_tokens
         self.enc_self_attn = nn.ModuleList(SelfAttentionLayer(hidden_dim, num_heads) for _ in range(enc_layers))
         self.enc_ffn = nn.ModuleList(FFNLayer(hidden_dim, ffn_dim) for _ in range(enc_layers))
         self.transformer_self_attention_layers = nn.ModuleList(
@@ -131,40 +119,67 @@ class VitaModule(nn.Module):
         self.sim_embed_frame = nn.Linear(hidden_dim, hidden_dim) if sim_embed_frame else None
         self.sim_embed_clip = nn.Linear(hidden_dim, hidden_dim) if sim_embed_frame and sim_embed_clip else None
 
+    @classmethod
+    def from_config(cls, config: "ModelConfig") -> "VitaModule":
+        """The VITA module of a model config (widths, window, token_dtype, kernels)."""
+        pd, fd, vc = config.pixel_decoder, config.frame_decoder, config.vita
+        return cls(
+            config.num_classes,
+            num_frame_queries=fd.num_queries,
+            hidden_dim=vc.hidden_dim,
+            num_queries=vc.num_queries,
+            num_heads=vc.num_heads,
+            ffn_dim=vc.ffn_dim,
+            enc_layers=vc.enc_layers,
+            dec_layers=vc.dec_layers,
+            window=vc.window,
+            enforce_input_proj=vc.enforce_input_proj,
+            conv_dim=pd.conv_dim,
+            mask_dim=pd.mask_dim,
+            sim_embed_frame=vc.sim_embed_frame,
+            sim_embed_clip=vc.sim_embed_clip,
+            kernels=config.kernels,
+            token_dtype=getattr(torch, config.test.token_dtype),
+        )
+
     # ----- Object Encoder -------------------------------------------------------------------------
-    def _layer(self, i: int, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        return self.enc_ffn[i](self.enc_self_attn[i](x, mask=mask))
+    def _dtypes(self) -> tuple[torch.dtype, torch.dtype]:
+        """(compute, storage) dtypes: the weights' (at least fp32; float64 for a float64 reference copy),
+        and ``token_dtype`` when reduced storage was asked for."""
+        compute = torch.promote_types(self.query_feat.weight.dtype, torch.float32)
+        return compute, (compute if self.token_dtype == torch.float32 else self.token_dtype)
 
-    def _window_layer(self, i: int, x: Tensor, num_frames: int, w: int) -> Tensor:
-        """Attention inside consecutive windows of ``w`` frames; padded frames are masked as keys."""
-        b, tp, n, c = x.shape
-        nw = tp // w
-        windows = x.reshape(b * nw, w * n, c)
-        mask = None
-        if tp > num_frames:
-            key_pad = (torch.arange(tp, device=x.device) >= num_frames).view(1, nw, 1, 1, w, 1)
-            mask = key_pad.expand(b, nw, 1, 1, w, n).reshape(b * nw, 1, 1, w * n)
-        return self._layer(i, windows, mask).view(b, tp, n, c)
+    def _chunks(self, num_frames: int, tokens_per_frame: int, w: int, shifted: bool) -> list[tuple[int, int]]:
+        """Frame ranges [a, b) that hold whole (shifted) windows and about ``chunk_tokens`` tokens each."""
+        if w == 0:
+            return [(0, num_frames)]
+        # the reference kernel builds a dense mask over its input: give it one window run at a time
+        per = w if self.kernels == "reference" else max(1, self.chunk_tokens // (w * tokens_per_frame)) * w
+        head = (w - math.ceil(w / 2)) % w if shifted else 0  # frames before the first shifted boundary
+        edges = [0, *range(head + per, num_frames, per), num_frames]
+        return list(zip(edges[:-1], edges[1:]))
 
-    def _shifted_window_layer(self, i: int, x: Tensor, num_frames: int, w: int) -> Tensor:
-        """Attention inside windows shifted by ceil(W/2) frames, masking wrapped and padded frames."""
-        b, tp, n, c = x.shape
-        nw = tp // w
-        h = math.ceil(w / 2)
-        first_mask, last_mask = shifted_edge_masks(num_frames, tp, w)
-        windows = torch.roll(x, h, dims=1).view(b, nw, w * n, c)
+    def _encoder_chunk(self, i: int, x: Tensor, first_frame: int, w: int, shifted: bool) -> Tensor:
+        """Encoder layer i on the whole windows of frames [first_frame, first_frame + F): x (B, F, N, C)."""
+        layer, ffn = self.enc_self_attn[i], self.enc_ffn[i]
+        attn = layer.self_attn
+        b, f, n, c = x.shape
+        heads = attn.num_heads
+        seq = x.reshape(b, f * n, c).to(self._dtypes()[0])
+        qkv = F.linear(seq, attn.in_proj_weight, attn.in_proj_bias).view(b, f * n, 3, heads, c // heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, F*N, d)
+        out = window_attention(q, k, v, n, w, shifted, first_frame, mode=self.kernels)
+        out = attn.out_proj(out.transpose(1, 2).reshape(b, f * n, c))
+        return ffn(layer.norm(seq + out)).view(b, f, n, c)
 
-        def masked(win: Tensor, frame_mask: Tensor) -> Tensor:
-            bias = _expand(frame_mask.to(x.device), n).to(x.dtype) * SHIFT_MASK_VALUE
-            return self._layer(i, win, bias)
-
-        parts = [masked(windows[:, 0], first_mask)]
-        if nw > 2:
-            parts.append(self._layer(i, windows[:, 1:-1].reshape(b * (nw - 2), w * n, c)).view(b, nw - 2, w * n, c))
-        if nw > 1:
-            parts.append(masked(windows[:, -1], last_mask))
-        out = torch.cat([p if p.dim() == 4 else p.unsqueeze(1) for p in parts], dim=1)
-        return torch.roll(out.view(b, tp, n, c), -h, dims=1)
+    def _encode_into(self, x: Tensor, shifted: bool, w: int) -> Tensor:
+        """Every encoder layer over ``x`` (B, T, N, C) in place, chunk by chunk (windows are independent)."""
+        t, n = x.shape[1], x.shape[2]
+        for i in range(len(self.enc_self_attn)):
+            layer_shifted = shifted and i % 2 == 1
+            for a, b in self._chunks(t, n, w, layer_shifted):
+                x[:, a:b] = self._encoder_chunk(i, x[:, a:b], a, w, layer_shifted).to(x.dtype)
+        return x
 
     def _block_layer(self, i: int, x: Tensor, bias: Tensor, tokens_per_frame: int) -> Tensor:
         """Layer i over windows x (B*Nw, W*N, C) with a frame-level bias (Nw, W, W) broadcast to tokens."""
@@ -209,40 +224,101 @@ class VitaModule(nn.Module):
 
         ``shifted``: use the shifted window on odd layers (the official inference); defaults to
         ``not self.training`` because the official training never shifts. ``window`` overrides W
-        (0 = full attention over all frames).
+        (0 = full attention over all frames). With grad enabled the chunks are concatenated (autograd);
+        without, a copy in ``token_dtype`` is overwritten in place.
         """
         if shifted is None:
             shifted = not self.training
         w = self.window if window is None else window
-        b, t, n, c = tokens.shape
-        if w == 0:
-            x = tokens.reshape(b, t * n, c)
-            for i in range(len(self.enc_self_attn)):
-                x = self._layer(i, x)
-            return x.view(b, t, n, c)
-        x, t = pad_frames(tokens, w)
+        if not torch.is_grad_enabled():
+            return self._encode_into(tokens.to(self._dtypes()[1], copy=True), shifted, w)
+        x = tokens
+        t, n = x.shape[1], x.shape[2]
         for i in range(len(self.enc_self_attn)):
-            if shifted and i % 2 == 1:
-                x = self._shifted_window_layer(i, x, t, w)
-            else:
-                x = self._window_layer(i, x, t, w)
-        return x[:, :t]
+            layer_shifted = shifted and i % 2 == 1
+            x = torch.cat([self._encoder_chunk(i, x[:, a:b], a, w, layer_shifted)
+                           for a, b in self._chunks(t, n, w, layer_shifted)], dim=1)
+        return x
+
+    def _project(self, frame_queries: Tensor, overwrite_input: bool) -> Tensor:
+        """input_proj_dec of every token into a ``token_dtype`` buffer (the input itself if it may be overwritten)."""
+        b, t, n, c = frame_queries.shape
+        compute, store = self._dtypes()
+        if overwrite_input and frame_queries.dtype == store and frame_queries.is_contiguous():
+            x = frame_queries
+        else:
+            x = torch.empty(b, t, n, c, dtype=store, device=frame_queries.device)
+        per = max(1, self.chunk_tokens // n)
+        for a in range(0, t, per):
+            x[:, a : a + per] = self.input_proj_dec(frame_queries[:, a : a + per].to(compute)).to(store)
+        return x
 
     # ----- Object Decoder ---------------------------------------------------------------------------
+    def _token_pos(self, query_index: Optional[Tensor], a: int, b: int, batch: int, n: int) -> Tensor:
+        """Positional embedding (B, b - a, N, C) of the tokens of frames [a, b)."""
+        c = self.fq_pos.embedding_dim
+        if query_index is None:
+            return self.fq_pos.weight[:n].view(1, 1, n, c).expand(batch, b - a, n, c)
+        index = query_index[a:b] if query_index.dim() == 2 else query_index[:, a:b]
+        pos = self.fq_pos.weight[index]
+        return pos.expand(batch, b - a, n, c) if pos.dim() == 3 else pos
+
     def forward(
         self,
         frame_queries: Tensor,
         query_index: Optional[Tensor] = None,
         all_layers: bool = False,
         window: Optional[int] = None,
+        overwrite_input: bool = False,
     ) -> VitaOutput:
         """frame_queries (B, T, N, C); query_index (T, N) or (B, T, N): the frame-query slot of each token
         (defaults to 0..N-1, i.e. no pruning). ``all_layers`` adds every decoder layer's heads (training).
-        ``window`` overrides the encoder window W."""
+        ``window`` overrides the encoder window W. ``overwrite_input``: at inference the encoder may
+        reuse ``frame_queries`` (when it is contiguous and in ``token_dtype``) as its buffer, holding no
+        second copy of the tokens; the caller must not use it afterwards."""
+        if self.export_mode:
+            return self._forward_export(frame_queries, query_index, window)
         b, t, n, c = frame_queries.shape
-        projected = self.input_proj_dec(frame_queries)
-        tokens = self.encode_blocks(projected, window) if self.export_mode else self.encode(projected, window=window)
-        fq_embed = self.sim_embed_frame(tokens) if (all_layers and self.sim_embed_frame is not None) else None
+        if torch.is_grad_enabled():
+            tokens = self.encode(self.input_proj_dec(frame_queries), window=window)
+        else:
+            tokens = self._project(frame_queries, overwrite_input)
+            self._encode_into(tokens, not self.training, self.window if window is None else window)
+        compute = self._dtypes()[0]
+        fq_embed = self.sim_embed_frame(tokens.to(compute)) if (all_layers and self.sim_embed_frame is not None) else None
+        per = max(1, self.chunk_tokens // n)
+        if t <= per:  # one chunk: attend to all tokens at once
+            memory = tokens.to(compute).reshape(b, t * n, c)
+            pos = self._token_pos(query_index, 0, t, b, n).reshape(b, t * n, c)
+            chunks = None
+        else:
+            memory = pos = None
+
+            def chunks():
+                for a in range(0, t, per):
+                    mem = tokens[:, a : a + per].to(compute).reshape(b, -1, c)
+                    yield mem + self._token_pos(query_index, a, min(a + per, t), b, n).reshape(b, -1, c), mem
+
+        query_pos = self.query_embed.weight.unsqueeze(0).expand(b, -1, -1)
+        output = self.query_feat.weight.unsqueeze(0).expand(b, -1, -1)
+        decoded = []
+        num_layers = len(self.transformer_cross_attention_layers)
+        for i in range(num_layers):
+            cross = self.transformer_cross_attention_layers[i]
+            if chunks is None:
+                output = cross(output, memory, pos=query_pos, memory_pos=pos)
+            else:
+                output = cross.forward_chunks(output, chunks(), pos=query_pos)
+            output = self.transformer_self_attention_layers[i](output, pos=query_pos)
+            output = self.transformer_ffn_layers[i](output)
+            if all_layers or i == num_layers - 1:
+                decoded.append(self.decoder_norm(output))
+        return self._output(decoded, all_layers, fq_embed)
+
+    def _forward_export(self, frame_queries: Tensor, query_index: Optional[Tensor], window: Optional[int]) -> VitaOutput:
+        """The traced form: branch-free encoder and one dense cross-attention, plain ops only."""
+        b, t, n, c = frame_queries.shape
+        tokens = self.encode_blocks(self.input_proj_dec(frame_queries), window)
         if query_index is None:
             pos = self.fq_pos.weight[:n].view(1, 1, n, c).expand(b, t, n, c)
         else:
@@ -252,14 +328,14 @@ class VitaModule(nn.Module):
         pos = pos.reshape(b, t * n, c)
         query_pos = self.query_embed.weight.unsqueeze(0).expand(b, -1, -1)
         output = self.query_feat.weight.unsqueeze(0).expand(b, -1, -1)
-        decoded = []
         num_layers = len(self.transformer_cross_attention_layers)
         for i in range(num_layers):
             output = self.transformer_cross_attention_layers[i](output, memory, pos=query_pos, memory_pos=pos)
             output = self.transformer_self_attention_layers[i](output, pos=query_pos)
             output = self.transformer_ffn_layers[i](output)
-            if all_layers or i == num_layers - 1:
-                decoded.append(self.decoder_norm(output))
+        return self._output([self.decoder_norm(output)], False, None)
+
+    def _output(self, decoded: list[Tensor], all_layers: bool, fq_embed: Optional[Tensor]) -> VitaOutput:
         heads = [self._heads(d, all_layers) for d in decoded]
         last = heads[-1]
         return VitaOutput(

@@ -1,0 +1,230 @@
+"""The kernels package measured: each fast kernel against its plain reference, and the token engine's
+time and peak memory against the number of frames T (each T in a fresh process).
+
+``measure`` and ``token_scale`` are what the ``kernels`` and ``tokens`` suites call; ``python -m
+benchmarks.kernels {measure,scale}`` runs them alone and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+import kernels
+from kernels import reference
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _timer(device: str) -> Callable[[Callable[[], Any]], float]:
+    def run(fn: Callable[[], Any]) -> float:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    return run
+
+
+def _compare(name: str, shape: str, ref: Callable[[], Any], fast: Callable[[], Any], device: str, repeats: int) -> dict:
+    """Best-of-``repeats`` times of both, interleaved (the machine may be shared), and their max abs difference."""
+    timed = _timer(device)
+    out_ref, out_fast = ref(), fast()  # warm-up (and Triton compilation)
+    best_ref = best_fast = math.inf
+    for _ in range(repeats):
+        best_ref = min(best_ref, timed(ref))
+        best_fast = min(best_fast, timed(fast))
+    if isinstance(out_ref, tuple):
+        err = max(float((a - b).abs().max()) for a, b in zip(out_ref, out_fast))
+    else:
+        err = float((out_ref - out_fast).abs().max())
+    impl = kernels.resolve("auto", torch.device(device).type)
+    return {"name": name, "shape": shape, "kernel": impl, "device": device, "reference_s": best_ref,
+            "kernel_s": best_fast, "speedup": best_ref / best_fast, "max_abs_error": err}
+
+
+def _msda_case(frames: int, height: int, width: int, device: str, seed: int = 0):
+    """Pixel-decoder deformable attention of ``frames`` frames of height x width: levels 1/8, 1/16, 1/32."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(math.ceil(height / s), math.ceil(width / s)) for s in (8, 16, 32)]
+    total = sum(h * w for h, w in shapes)
+    value = torch.randn(frames, total, 8, 32, generator=g)
+    locations = torch.rand(frames, total, 8, 3, 4, 2, generator=g) * 1.2 - 0.1
+    weights = torch.rand(frames, total, 8, 3, 4, generator=g).softmax(-1)
+    return shapes, [t.to(device) for t in (value, locations, weights)]
+
+
+def measure(quick: bool = False, device: str = "cpu") -> list[dict]:
+    """One row per kernel and shape: reference_s, kernel_s (mode "auto" on ``device``), speedup, max_abs_error."""
+    repeats = 2 if quick else 5
+    rows = []
+    n, w = 100, 6
+    for t in ([12] if quick else [12, 24]):
+        g = torch.Generator().manual_seed(t)
+        q, k, v = (torch.randn(1, 8, t * n, 32, generator=g).to(device) for _ in range(3))
+        for shifted in (False, True):
+            with torch.no_grad():
+                rows.append(_compare(
+                    "window_attention" + (" shifted" if shifted else ""), f"B=1 heads=8 T={t} N={n} d=32 W={w}",
+                    lambda: reference.window_attention(q, k, v, n, w, shifted),
+                    lambda: kernels.window_attention(q, k, v, n, w, shifted), device, repeats))
+    size = (192, 320) if quick else (384, 640)
+    frames = 1 if quick else 2
+    shapes, (value, locations, weights) = _msda_case(frames, *size, device)
+    label = f"N={frames} frames {size[0]}x{size[1]} levels={shapes} heads=8 d=32 points=4"
+    with torch.no_grad():
+        rows.append(_compare("ms_deform_attn forward", label,
+                             lambda: reference.ms_deform_attn(value, shapes, locations, weights),
+                             lambda: kernels.ms_deform_attn(value, shapes, locations, weights), device, repeats))
+    grad_out = torch.randn(frames, locations.shape[1], 256).to(device)
+
+    def train_step(fn: Callable) -> Callable[[], tuple]:
+        def step() -> tuple:
+            inputs = [x.detach().requires_grad_() for x in (value, locations, weights)]
+            torch.autograd.backward(fn(inputs[0], shapes, inputs[1], inputs[2]), grad_out)
+            return tuple(x.grad for x in inputs)
+
+        return step
+
+    rows.append(_compare("ms_deform_attn forward+backward", label, train_step(reference.ms_deform_attn),
+                         train_step(kernels.ms_deform_attn), device, max(2, repeats // 2)))
+    return rows
+
+
+_SCALE_SCRIPT = r"""
+import json, resource, sys, time
+import torch
+from vita_train.modeling.vita_module import VitaModule
+from vita_train.presets import preset
+
+name, frames, device, token_dtype, threads = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+if threads:
+    torch.set_num_threads(threads)
+cfg = preset(name)
+vita = VitaModule.from_config(cfg).to(device).eval()
+vita.token_dtype = getattr(torch, token_dtype)
+a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
+floor = 0.0
+for _ in range(3):
+    if device.startswith("cuda"): torch.cuda.synchronize()
+    t0 = time.perf_counter(); a @ b
+    if device.startswith("cuda"): torch.cuda.synchronize()
+    floor = max(floor, 2 * 2048 ** 3 / (time.perf_counter() - t0))
+del a, b
+baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+n, c = cfg.frame_decoder.num_queries, cfg.frame_decoder.hidden_dim
+tokens = torch.empty(1, frames, n, c, dtype=vita.token_dtype, device=device)
+for i in range(0, frames, 1000):
+    tokens[:, i : i + 1000].normal_()
+if device.startswith("cuda"): torch.cuda.reset_peak_memory_stats(); torch.cuda.synchronize()
+t0 = time.perf_counter()
+with torch.no_grad():
+    out = vita(tokens, overwrite_input=True)
+float(out.pred_logits.sum())
+seconds = time.perf_counter() - t0
+result = {"seconds": seconds, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+          "baseline_rss_bytes": baseline, "floor_flops": floor, "threads": torch.get_num_threads(),
+          "kernel": __import__("kernels").resolve(vita.kernels, torch.device(device).type)}
+if device.startswith("cuda"):
+    result["peak_device_bytes"] = torch.cuda.max_memory_allocated()
+print(json.dumps(result))
+"""
+
+
+def token_engine_flops(preset: str, frames: int) -> float:
+    """Multiply-adds x 2 of the token engine on T frames (full windows assumed; heads and norms left out)."""
+    from vita_train.presets import preset as load_preset
+
+    cfg = load_preset(preset)
+    v, n, c = cfg.vita, cfg.frame_decoder.num_queries, cfg.vita.hidden_dim
+    keys = (v.window or frames) * n
+    per_token = 2 * c * c  # input projection
+    per_token += v.enc_layers * (2 * 4 * c * c + 2 * 2 * c * v.ffn_dim + 2 * 2 * keys * c)
+    per_token += v.dec_layers * (2 * 2 * c * c + 2 * 2 * v.num_queries * c)  # cross-attention keys/values
+    return float(frames * n * per_token)
+
+
+def token_scale(
+    preset: str, frames: list[int], device: str = "cpu", token_dtype: str = "float32",
+    threads: int = 0, timeout: Optional[float] = None,
+) -> list[dict]:
+    """Token engine of ``preset`` (random weights, synthetic tokens) at each T, each in a fresh process.
+
+    Rows: T, seconds, peak_rss_bytes (whole process), baseline_rss_bytes (before the tokens), token_bytes,
+    gflop, floor_gflops (a 2048^3 matmul in the same process) and floor_ratio = seconds over gflop/floor.
+    """
+    rows = []
+    for t in frames:
+        cmd = [sys.executable, "-c", _SCALE_SCRIPT, preset, str(t), device, token_dtype, str(threads)]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            rows.append({"T": t, "token_dtype": token_dtype, "error": proc.stderr.strip().splitlines()[-1:]})
+            continue
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        flops = token_engine_flops(preset, t)
+        from vita_train.presets import preset as load_preset
+
+        cfg = load_preset(preset)
+        itemsize = torch.empty(0, dtype=getattr(torch, token_dtype)).element_size()
+        rows.append({
+            "T": t, "token_dtype": token_dtype, "kernel": r["kernel"], "threads": r["threads"],
+            "seconds": r["seconds"], "peak_rss_bytes": r["peak_rss_bytes"], "baseline_rss_bytes": r["baseline_rss_bytes"],
+            "token_bytes": t * cfg.frame_decoder.num_queries * cfg.frame_decoder.hidden_dim * itemsize,
+            "gflop": flops / 1e9, "floor_gflops": r["floor_flops"] / 1e9,
+            "floor_ratio": r["seconds"] / (flops / r["floor_flops"]),
+            **({"peak_device_bytes": r["peak_device_bytes"]} if "peak_device_bytes" in r else {}),
+        })
+    return rows
+
+
+def fitted_exponents(rows: list[dict]) -> dict[str, float]:
+    """Exponents p of seconds ~ T^p and of (peak RSS - baseline) ~ T^p over the rows that completed."""
+    import numpy as np
+
+    done = [r for r in rows if "seconds" in r]
+    if len(done) < 2:
+        return {}
+    t = np.log([r["T"] for r in done])
+    time_p = float(np.polyfit(t, np.log([r["seconds"] for r in done]), 1)[0])
+    growth = [max(r["peak_rss_bytes"] - r["baseline_rss_bytes"], 1) for r in done]
+    return {"time_exponent": time_p, "memory_exponent": float(np.polyfit(t, np.log(growth), 1)[0])}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m benchmarks.kernels measure|scale``: print JSON (and write it with --out)."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.kernels")
+    p.add_argument("what", choices=("measure", "scale"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--preset", default="vita_r50_ytvis19")
+    p.add_argument("--frames", type=int, nargs="+", default=[1000, 10000, 100000])
+    p.add_argument("--token-dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--threads", type=int, default=0, help="torch threads in each child (0 = torch's default)")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    if args.what == "measure":
+        report: Any = {"rows": measure(args.quick, args.device)}
+    else:
+        rows = token_scale(args.preset, args.frames, args.device, args.token_dtype, args.threads)
+        report = {"preset": args.preset, "rows": rows, **fitted_exponents(rows)}
+    text = json.dumps(report, indent=1)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
