@@ -239,6 +239,20 @@ def test_exported_graphs_pass_the_static_tensorrt_check(fixture_exports, name, m
     assert trt_compat.check_export(export_dir, plugins) == []
 
 
+def test_tensorrt_targeted_export_fails_on_what_the_parser_would_refuse(tmp_path, monkeypatch):
+    from export.graphs import DetectorGraph
+
+    def permute_first(self, frames):  # the detector graph as it was: a UINT8 Transpose before the cast
+        out = self.model.detect(frames.permute(0, 3, 1, 2))
+        return out.frame_queries, out.frame_logits, out.mask_features
+
+    monkeypatch.setattr(DetectorGraph, "forward", permute_first)
+    out = tmp_path / "refused"
+    with pytest.raises(trt_compat.TensorRTCompatibilityError, match=r"(?s)would refuse 2 part.*'/Transpose'.*UINT8"):
+        export_model(OfficialCase("r50_tiny").ckpt, ExportOptions(out=out, validate=False, tensorrt=True))
+    assert not out.exists()  # before any TensorRT import or GPU work, and nothing left behind
+
+
 def test_static_check_finds_what_the_parser_refuses():
     u8 = helper.make_tensor_value_info("frames", TensorProto.UINT8, [1, 4, 4, 3])
     out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])
