@@ -743,6 +743,7 @@ class _LiveReader(_Reader):
                         yield _apply_orientation(frame.to_ndarray(format="rgb24"), orientation)
                     return  # the sender ended the stream
                 except av.error.FFmpegError as err:
+                    yield from self._drain(stream, orientation)
                     stall = f"no data for {self.timeout:g} s after {self.frames_read} frame(s) ({err})"
             attempt += 1
             if not self._retry(attempt, stall):
@@ -750,6 +751,17 @@ class _LiveReader(_Reader):
                     f"the live source {self.url} stalled: {stall}. The sender stopped or the network dropped; "
                     f"pass a longer timeout or reconnect=N to retry"
                 )
+
+    def _drain(self, stream: av.video.stream.VideoStream, orientation: Optional[_Orientation]) -> Iterator[np.ndarray]:
+        """The frames the decoder still holds when reading fails: every frame that arrived is kept."""
+        try:
+            for frame in stream.codec_context.decode(None):
+                if orientation is None:
+                    orientation = _video_orientation(frame, stream)
+                self.frames_read += 1
+                yield _apply_orientation(frame.to_ndarray(format="rgb24"), orientation)
+        except av.error.FFmpegError:
+            return
 
     def empty_error(self) -> VideoInputError:
         return VideoInputError(f"the live source {self.url} ended before sending a frame")
