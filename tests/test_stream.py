@@ -26,6 +26,7 @@ from pycocotools import mask as mask_utils
 import runtime
 from runtime.streaming.association import mask_iou, match
 from runtime.streaming.options import StreamOptions
+from runtime.streaming.tracks import TrackSet
 from vita_train.data.synthetic_render import render_clip
 from vita_train.pretrained import demo_checkpoint
 
@@ -142,6 +143,18 @@ def test_hungarian_maximises_total_iou_where_greedy_takes_the_best_pair_first():
     # equal IoU (one mask under two classes): the label decides
     assert match(np.full((2, 2), 0.7), "hungarian", 0.3, [1, 2], [2, 1]) == [(0, 1), (1, 0)]
     assert match(np.full((2, 2), 0.7), "greedy", 0.3, [1, 2], [2, 1]) == [(0, 1), (1, 0)]
+
+
+def test_tracks_vote_labels_by_score_and_end_after_too_many_missed_clips():
+    mask = np.zeros((1, 8, 8), bool)
+    mask[0, :4] = True
+    m = rles(mask)
+    tracks = TrackSet(StreamOptions(clip_len=4, overlap=1, max_missed=1), 64)
+    assert tracks.update([2], [0.9], [m], [m]) == ([(0, 2, True)], [])
+    assert tracks.update([1], [0.5], [m], [m]) == ([(0, 2, False)], [])  # 0.5 for class 1 < 0.9 for class 2
+    assert tracks.update([1], [0.6], [m], [m]) == ([(0, 1, False)], [])  # 1.1 > 0.9: the vote turns
+    assert tracks.update([], [], [], []) == ([], [])  # one missed clip is allowed
+    assert tracks.update([3], [0.9], [rles(~mask)], [m]) == ([(1, 3, True)], [0])  # no overlap: new track; 0 ends
 
 
 def test_stream_options_round_trip_through_yaml_and_refuse_bad_values():
