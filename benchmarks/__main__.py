@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--max-frames", type=int, default=None, help="largest T (default 10000)")
     g.add_argument("--points", type=int, default=None, help="log-spaced values of T (default 7)")
     g.add_argument("--prune-frames", type=int, default=None, help="T of the pruning-ratio rows (default 360)")
+    g.add_argument("--kernel-scale", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run benchmarks.kernels.token_scale at the same T (default on; it doubles the time)")
     g = common.add_argument_group("maxframes")
     g.add_argument("--budget-gb", type=float, default=None, help="memory budget (default 12): host RSS on CPU, torch-allocated on CUDA")
     g.add_argument("--windows", type=_ints, default=None, help="window sizes W (default 3,6,12)")
@@ -71,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--scope", choices=("tokens", "runtime", "both"), default=None, help="token engine, whole runtime, or both")
     g.add_argument("--policies", type=lambda t: tuple(t.split(",")), default=None, help="feature policies of the runtime rows")
     g.add_argument("--probe-timeout", type=float, default=None, help="seconds one probe may take (default 600)")
+    g.add_argument("--tolerance", type=float, default=None, help="stop when the bracket is this fraction of T (default 0.02)")
     g.add_argument("--frame-cap", type=int, default=None, help="largest T probed (default 100000)")
     g.add_argument("--runtime-frame-cap", type=int, default=None, help="largest T probed for the whole runtime (default: --frame-cap)")
     g = common.add_argument_group("prune")
@@ -97,9 +100,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         "out": args.out, "preset": args.preset, "model": args.model, "threads": args.threads, "repeats": args.repeats,
         "warmup": args.warmup, "compare": args.compare, "video": args.video, "frames": args.frames, "size": args.size,
         "batches": args.batches, "resolutions": args.resolutions, "min_frames": args.min_frames,
-        "max_frames": args.max_frames, "points": args.points, "prune_frames": args.prune_frames,
+        "max_frames": args.max_frames, "points": args.points, "prune_frames": args.prune_frames, "kernel_scale": args.kernel_scale,
         "budget_gb": args.budget_gb, "windows": args.windows, "ratios": args.ratios, "scope": args.scope,
-        "policies": args.policies, "probe_timeout": args.probe_timeout, "frame_cap": args.frame_cap, "runtime_frame_cap": args.runtime_frame_cap,
+        "policies": args.policies, "probe_timeout": args.probe_timeout, "tolerance": args.tolerance, "frame_cap": args.frame_cap, "runtime_frame_cap": args.runtime_frame_cap,
         "prune_ratios": args.prune_ratios,
     }
     for key, value in named.items():

@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import Any, Callable, Optional
 
 from . import references
-from .measure import GB, available_memory
+from .measure import GB, MB, available_memory
 from .probe import ProbeJob, forkserver, probe
 from .progress import bar
 from .record import Column, Record
@@ -23,17 +23,27 @@ from .workspace import Workspace
 
 log = logging.getLogger(__name__)
 MAX_PROBES = 14
+PAPER_BUDGET = 12 * GB  # Table 4's Titan XP
 
 
-def _guess(passes: list[tuple[int, int]], budget: int) -> Optional[int]:
-    """T where a line through the two largest passing probes' peaks reaches the budget."""
+def _line(passes: list[tuple[int, int]]) -> Optional[tuple[float, float]]:
+    """(bytes per frame, bytes at T = 0) of the line through the longest passing probe's peak and the
+    longest one at most 70% of its T (far enough apart that noise does not tilt the line)."""
     if len(passes) < 2:
         return None
-    (t1, m1), (t2, m2) = sorted(passes)[-2:]
+    ordered = sorted(passes)
+    t2, m2 = ordered[-1]
+    t1, m1 = next((p for p in reversed(ordered[:-1]) if p[0] <= 0.7 * t2), ordered[0])
     if t2 == t1 or m2 <= m1:
         return None
     slope = (m2 - m1) / (t2 - t1)
-    return int(t2 + (budget - m2) / slope)
+    return slope, m2 - slope * t2
+
+
+def _guess(passes: list[tuple[int, int]], budget: int) -> Optional[int]:
+    """T where that line reaches the budget."""
+    line = _line(passes)
+    return None if line is None else int((budget - line[1]) / line[0])
 
 
 def search(run: Callable[[int], dict[str, Any]], start: int, budget: int, cap: int, tolerance: float) -> dict[str, Any]:
@@ -68,7 +78,10 @@ def search(run: Callable[[int], dict[str, Any]], start: int, budget: int, cap: i
             # the linear guess when it falls inside the bracket (every third probe bisects instead)
             inside = guess is not None and lo < guess < hi and probes % 3 != 0
             t = min(max(guess if inside else (lo + hi) // 2, lo + 1), hi - 1)
+    line = _line(passes)
     return {
+        "mb_per_frame": line[0] / MB if line else None,
+        "estimate_12gb": int((PAPER_BUDGET - line[1]) / line[0]) if line else None,
         "max_frames": lo or None,
         "first_failing": hi,
         "probes": probes,
@@ -113,12 +126,16 @@ def run(s: Settings, ws: Workspace, rec: Record) -> None:
          Column("max_frames", "max frames T", "frames"), Column("first_failing", "first T that did not fit", "count"),
          Column("limited_by", "limited by"), Column("peak_gb", "peak at max T (GB)", "memory"),
          Column("seconds", "time at max T (s)", "time"), Column("probes", "probes", "count"),
+         Column("mb_per_frame", "memory per frame (MB)", "memory"),
+         Column("estimate_12gb", "T at 12 GB (linear estimate)", "count"),
          Column("paper", "paper (Titan XP 12 GB, 360x640)")],
         keys=("part", "policy", "window", "ratio"),
         caption=(f"{ws.device}, {s.threads} threads; budget = {measure}, including the model and the framework. "
                  f"Whole-runtime rows segment {s.size[0]}x{s.size[1]} frames from an iterator. Search tolerance "
                  f"{100 * s.tolerance:g}%, each probe limited to {s.probe_timeout:g} s, T capped at {s.frame_cap} (whole runtime: {s.runtime_frame_cap or s.frame_cap}). "
-                 "Paper figures: Table 4 (r = 1) and Table 6's 2635 frames at W = 6, r = 0.75."),
+                 "Memory per frame: slope through two passing probes far apart in T; the 12 GB estimate extends that line "
+                 "(an extrapolation, not a measurement). Paper figures: Table 4 (r = 1) and Table 6's 2635 frames at "
+                 "W = 6, r = 0.75."),
     )
     for kind, policy, window, ratio in bar(_configs(s), s.progress, desc="maxframes"):
         job = ProbeJob(kind=kind, checkpoint=ckpt, device=s.device, threads=s.threads, frames=0, window=window,

@@ -75,6 +75,12 @@ def _limit_address_space(budget: int) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
 
 
+def _reset_peaks(device: str) -> None:
+    """Peaks count from here: what is resident now (model, inputs) stays counted, the loading transient not."""
+    DeviceMemory(device).reset()
+    reset_peak_rss()
+
+
 def _run_tokens(job: ProbeJob) -> dict[str, Any]:
     import torch
 
@@ -95,6 +101,7 @@ def _run_tokens(job: ProbeJob) -> dict[str, Any]:
         sync()
 
     if not job.repeats:
+        _reset_peaks(job.device)
         once()
         return {}
     # one frame first, so one-time library set-up (thread pools, kernel caches) is not counted; the peak
@@ -123,6 +130,7 @@ def _run_runtime(job: ProbeJob) -> dict[str, Any]:
     segmenter = runtime.load(job.checkpoint, backend="torch", device=job.device)
     clip = moving_shapes_clip(8, *job.size, seed=0)
     frames = (clip[i % len(clip)] for i in range(job.frames))  # an iterator: nothing held for the whole video
+    _reset_peaks(job.device)
     segmenter.segment(frames, window=job.window, prune_ratio=job.ratio, feature_policy=job.policy)
     return {}
 
@@ -153,7 +161,6 @@ def run_probe(job: ProbeJob, conn: Any) -> None:
         watchdog.start()
     start = time.perf_counter()
     try:
-        reset_peak_rss()
         extra = (_run_tokens if job.kind == "tokens" else _run_runtime)(job)
         if cuda:
             torch.cuda.synchronize()

@@ -39,6 +39,7 @@ class Settings:
     max_frames: int = 10000
     points: int = 7
     prune_frames: int = 360
+    kernel_scale: bool = True  # also run benchmarks.kernels.token_scale at the same T (when it exists)
     # maxframes
     budget_gb: float = 12.0
     windows: tuple[int, ...] = (3, 6, 12)

@@ -45,7 +45,9 @@ def _kernel_rows(rec: Record, s: Settings, ws: Workspace, frames: list[int]) -> 
     except ImportError:
         rec.note("fused token engine: benchmarks.kernels is not present yet (kernels/ not present yet)")
         return
-    rows = kernels.token_scale(s.preset, frames, ws.device)
+    # each T is a fresh process there too: in quick mode only the longest one
+    rows = kernels.token_scale(s.preset, frames[-1:] if s.quick else frames, ws.device, threads=s.threads,
+                               timeout=s.probe_timeout)
     if rows:
         from .kernel_suite import rows_table
 
@@ -84,7 +86,8 @@ def run(s: Settings, ws: Workspace, rec: Record) -> None:
         m = _measure(ctx, replace(job, frames=s.prune_frames, ratio=r), s)
         if m is not None:
             rec.add(by_r, {"ratio": r, "tokens": kept_per_frame(n, r), "ms_per_frame": scaled(m["seconds"], 1000 / s.prune_frames), **m})
-    _kernel_rows(rec, s, ws, [r["frames"] for r in by_t.rows])
+    if s.kernel_scale and by_t.rows:
+        _kernel_rows(rec, s, ws, [r["frames"] for r in by_t.rows])
     rec.plots += scaling(rec.out_dir / "tokens.png", by_t, fits, f"{cfg.name} token engine, {where} (random weights)")
 
 
