@@ -411,3 +411,17 @@ def test_peak_memory_does_not_grow_with_stream_length_short():
 @pytest.mark.slow
 def test_peak_memory_does_not_grow_with_stream_length_600_vs_2400():
     _check_memory_flat(600, 2400)
+
+
+@pytest.mark.slow
+def test_onnxruntime_export_streams_the_same_tracks_as_torch(demo, tmp_path):
+    from export import ExportOptions, export_model
+
+    export_dir = export_model(demo_checkpoint(), ExportOptions(out=tmp_path / "export"))
+    frames = clip_with_gt(30, 2).frames
+    ours = demo.segment(frames, mode="clips", clip_len=12, overlap=3)
+    graph = runtime.load(export_dir).segment(frames, mode="clips", clip_len=12, overlap=3)
+    assert len(graph.instances) == len(ours.instances) > 0
+    for a, b in zip(ours.instances, graph.instances):
+        assert a.label == b.label and a.masks == b.masks
+        assert abs(a.score - b.score) < 1e-3
