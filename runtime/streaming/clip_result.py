@@ -49,8 +49,8 @@ class ClipResult:
     width: int
     instances: list[TrackedInstance]
     ended_tracks: list[int]  # tracks that missed too many clips and will not come back
-    latency_s: float  # from the arrival of frame first_frame to this result
-    compute_s: float  # from the arrival of the clip's last frame to this result
+    latency_s: float  # from the arrival (decoding) of frame first_frame to this result
+    compute_s: float  # from the arrival (decoding) of the clip's last frame to this result
     fps: Optional[float] = None
     class_names: tuple[str, ...] = ()
     source: Optional[str] = None
