@@ -140,6 +140,8 @@ def test_hungarian_maximises_total_iou_where_greedy_takes_the_best_pair_first():
     assert match(iou, "greedy", 0.3) == [(0, 0)]  # (1, 1) is below min_iou
     assert match(iou, "hungarian", 0.3) == [(0, 1), (1, 0)]
     assert match(np.array([[0.2]]), "hungarian", 0.3) == []
+    # a pair below min_iou cannot buy a larger total: (0, 0) wins over (0, 1) + (1, 0) = 0.45 + 0.2
+    assert match(np.array([[0.5, 0.45], [0.2, 0.0]]), "hungarian", 0.3) == [(0, 0)]
     # equal IoU (one mask under two classes): the label decides
     assert match(np.full((2, 2), 0.7), "hungarian", 0.3, [1, 2], [2, 1]) == [(0, 1), (1, 0)]
     assert match(np.full((2, 2), 0.7), "greedy", 0.3, [1, 2], [2, 1]) == [(0, 1), (1, 0)]

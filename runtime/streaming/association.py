@@ -44,6 +44,8 @@ def match(
     gain = iou.astype(np.float64)
     if track_labels is not None and instance_labels is not None:
         gain = gain + _LABEL_TIE_BREAK * (np.asarray(track_labels)[:, None] == np.asarray(instance_labels)[None, :])
+    # pairs that may not link add nothing, so they cannot pull the assignment away from pairs that may
+    gain[iou < min_iou] = 0.0
     if method == "hungarian":
         rows, cols = linear_sum_assignment(gain, maximize=True)
         pairs = list(zip(rows.tolist(), cols.tolist()))
