@@ -63,13 +63,13 @@ def run(s: Settings, ws: Workspace, rec: Record) -> None:
     available = available_memory()
     job = ProbeJob(kind="tokens", checkpoint=str(ws.checkpoint()), device=ws.device, threads=s.threads, frames=0,
                    window=w, ratio=1.0, budget_bytes=(available - GB) if available else 2**62,
-                   warmup=max(s.warmup, 1), repeats=s.repeats)
+                   warmup=s.warmup, repeats=s.repeats)
     ctx = forkserver()
     by_t = rec.table(
         "tokens_vs_frames", "Token engine vs number of frames T", _columns(Column("frames", "frames T", "count")),
         keys=("frames",),
         caption=(f"{where}; each T in a fresh process: median (min–max) over {s.repeats} runs after "
-                 f"{max(s.warmup, 1)} warm-up; peak memory is the growth of peak RSS (CPU) or of torch-allocated "
+                 f"{s.warmup} warm-up (after a one-frame priming run); peak memory is the growth of peak RSS (CPU) or of torch-allocated "
                  "memory (CUDA) over what the process held before the first run (model and inputs loaded)."),
     )
     for t in bar(geometric_points(s.min_frames, s.max_frames, s.points), s.progress, desc="tokens vs T"):
