@@ -62,11 +62,11 @@ def run(s: Settings, ws: Workspace, rec: Record) -> None:
     names = ("frame queries", "mask features", "video logits", "mask embeddings")
     table = rec.table(
         "backends", f"Backends side by side ({clip.description})",
-        [Column("backend", "backend"), Column("precision", "precision"), Column("s_per_frame", "end to end s/frame", "time"),
+        [Column("backend", "backend"), Column("precision", "precision"), Column("kernels", "kernels"), Column("s_per_frame", "end to end s/frame", "time"),
          Column("speedup", f"speed-up vs {reference.label}", "ratio")]
         + [Column("diff_" + n.replace(" ", "_"), f"max |diff| {n}", "error") for n in names]
         + [Column("mask_iou", "mean mask IoU vs reference", "score")],
-        keys=("backend", "precision"),
+        keys=("backend", "precision", "kernels"),
         caption=(f"{ws.device}, {s.threads} threads; s/frame: median (min–max) over {s.repeats} runs. Differences "
                  f"against {reference.label} on the same frames and weights ({ws.model_info()['weights']}); each "
                  "backend's token engine runs on its own detector's queries, so differences accumulate as in use."),
@@ -77,7 +77,7 @@ def run(s: Settings, ws: Workspace, rec: Record) -> None:
         m = segment_repeats(s, ws, spec, clip, s.repeats)
         per_frame = stat([w / clip.frames for w in m["walls"]])
         out = _outputs(m["backend"], frames, 2)
-        row = {"backend": spec.backend, "precision": spec.precision, "s_per_frame": per_frame}
+        row = {"backend": spec.backend, "precision": spec.precision, "kernels": spec.kernels_label, "s_per_frame": per_frame}
         if ref_out is None:
             ref_out, ref_result, ref_s = out, m["result"], per_frame["median"]
             row.update({"speedup": 1.0, "mask_iou": None, **{"diff_" + n.replace(" ", "_"): None for n in names}})

@@ -74,18 +74,18 @@ def run(s: Settings, ws: Workspace, rec: Record) -> None:
     specs = [x for x in specs if x in available]
     for x in skipped:
         rec.note(f"{x.label} skipped: not available on this machine ({'; '.join(missing.values())})")
-    columns = [Column("backend", "backend"), Column("precision", "precision"),
+    columns = [Column("backend", "backend"), Column("precision", "precision"), Column("kernels", "kernels"),
                Column("s_per_frame", "s/frame", "time"), Column("fps", "frames/s", "rate")]
     columns += [Column(STAGE_KEYS[k], f"{k} s/frame", "time") for k in STAGES]
     columns += [Column("peak_rss_gb", "peak host RSS (GB)", "memory"), Column("peak_device_gb", "peak device memory (GB)", "memory"),
                 Column("first_result_s", "time to first result (s)", "time"),
-                Column("speedup_vs_reference", "speed-up vs torch fp32 (same run)", "ratio")]
+                Column("speedup_vs_reference", "speed-up vs torch fp32 reference (same run)", "ratio")]
     table = rec.table(
-        "e2e", f"End to end: runtime.segment, {clip.description}", columns, keys=("backend", "precision"),
+        "e2e", f"End to end: runtime.segment, {clip.description}", columns, keys=("backend", "precision", "kernels"),
         caption=(f"{ws.device}, {s.threads} threads; median (min–max) over {s.repeats} runs after {s.warmup} warm-up. "
                  "Stages: decode+resize is the time the loop waited for the background reader; time to first "
-                 "result is loading plus the first (cold) segment call. Speed-up = reference s/frame / this s/frame, "
-                 "both measured in this run."),
+                 "result is loading plus the first (cold) segment call. Speed-up = s/frame of the plain fp32 PyTorch "
+                 "path (reference kernels) / this s/frame, both measured in this run."),
     )
     reference_s = None
     for spec in bar(specs, s.progress, desc="e2e"):
@@ -93,7 +93,7 @@ def run(s: Settings, ws: Workspace, rec: Record) -> None:
         per_frame = _per_frame(m["walls"], clip.frames)
         if spec == REFERENCE:
             reference_s = per_frame["median"]
-        row = {"backend": spec.backend, "precision": spec.precision, "s_per_frame": per_frame,
+        row = {"backend": spec.backend, "precision": spec.precision, "kernels": spec.kernels_label, "s_per_frame": per_frame,
                "fps": stat([clip.frames / w for w in m["walls"]])}
         for k in STAGES:
             row[STAGE_KEYS[k]] = _per_frame(m["stages"][k], clip.frames) if max(m["stages"][k]) > 0 else None

@@ -56,7 +56,7 @@ def stage_bars(path: Path, table: Table, stage_keys: dict[str, str]) -> list[str
 
     def draw(plt):
         fig, ax = plt.subplots(figsize=(7, 3.8))
-        labels = [f"{r['backend']} {r['precision']}" for r in table.rows]
+        labels = [f"{r['backend']} {r['precision']}\n{r.get('kernels', '')}" for r in table.rows]
         bottom = [0.0] * len(labels)
         for name, key in stage_keys.items():
             values = [value_of(r.get(key)) or 0.0 for r in table.rows]

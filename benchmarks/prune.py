@@ -11,7 +11,7 @@ from .plots import prune_agreement
 from .progress import bar
 from .record import Column, Record, stat
 from .settings import Settings
-from .workspace import REFERENCE, Workspace
+from .workspace import TORCH, Workspace
 
 
 def run(s: Settings, ws: Workspace, rec: Record) -> None:
@@ -26,13 +26,13 @@ def run(s: Settings, ws: Workspace, rec: Record) -> None:
          Column("label_agreement", "label agreement", "score"), Column("score_diff", "mean |score diff|", "error"),
          Column("instances", "instances", "count"), Column("paper_ap", "paper Table 6 AP (YTVIS19, R-50)")],
         keys=("ratio",),
-        caption=(f"torch fp32, {ws.device}, {s.threads} threads; median (min–max) over {s.repeats} runs. "
+        caption=(f"torch fp32 (kernels auto), {ws.device}, {s.threads} threads; median (min–max) over {s.repeats} runs. "
                  f"Weights: {ws.model_info()['weights']} — agreement figures mean little for an untrained model. "
                  "The paper's AP column is from trained models on YouTube-VIS 2019, for orientation."),
     )
     base = None
     for r in bar(ratios, s.progress, desc="prune"):
-        m = segment_repeats(s, ws, REFERENCE, clip, s.repeats, prune_ratio=r)
+        m = segment_repeats(s, ws, TORCH, clip, s.repeats, prune_ratio=r)
         e2e = stat([w / clip.frames for w in m["walls"]])
         tokens = stat(m["stages"]["token engine"])
         row = {"ratio": r, "s_per_frame": e2e, "tokens_s": tokens, "instances": len(m["result"].instances),

@@ -26,14 +26,22 @@ class BackendSpec:
 
     backend: str
     precision: str = "fp32"
+    kernels: Optional[str] = None  # torch only: "reference" = the plain PyTorch forms; None = the model's (auto)
 
     @property
     def label(self) -> str:
-        """e.g. ``torch fp32``."""
-        return f"{self.backend} {self.precision}"
+        """e.g. ``torch fp32`` or ``torch fp32 (reference kernels)``."""
+        return f"{self.backend} {self.precision}" + (f" ({self.kernels} kernels)" if self.kernels else "")
+
+    @property
+    def kernels_label(self) -> str:
+        """What runs the attention kernels: the graph for exported backends, else the torch mode."""
+        return (self.kernels or "auto") if self.backend == "torch" else "graph"
 
 
-REFERENCE = BackendSpec("torch", "fp32")
+# The plain fp32 PyTorch path every fast path is measured against.
+REFERENCE = BackendSpec("torch", "fp32", "reference")
+TORCH = BackendSpec("torch", "fp32")
 
 
 def _sha256(path: Path) -> str:
@@ -147,7 +155,7 @@ class Workspace:
         if spec.backend == "torch":
             from runtime.backends.torch_backend import TorchBackend
 
-            return TorchBackend(self.torch_model(), device=self.device, dtype=PRECISIONS[spec.precision])
+            return TorchBackend(self.torch_model(), device=self.device, dtype=PRECISIONS[spec.precision], kernels=spec.kernels)
         if spec.backend == "onnxruntime":
             if spec.precision != "fp32":
                 raise ValueError("the onnxruntime backend runs the fp32 graphs; use --precision fp32")
@@ -210,7 +218,7 @@ def available_specs(device: str) -> tuple[list[BackendSpec], dict[str, str]]:
     import importlib.util
 
     cuda = str(device).startswith("cuda")
-    specs = [BackendSpec("torch", "fp32")]
+    specs = [REFERENCE, TORCH]
     missing: dict[str, str] = {}
     if cuda:
         specs += [BackendSpec("torch", "fp16"), BackendSpec("torch", "bf16")]

@@ -116,9 +116,9 @@ def test_markdown_shows_the_json_and_figures_are_sane(quick_run: Path):
 
 def test_headline_figures_are_present(quick_run: Path):
     e2e = load_record(quick_run / "e2e.json")
-    rows = {(r["backend"], r["precision"]): r for r in e2e["tables"][0]["rows"]}
-    assert ("torch", "fp32") in rows and ("onnxruntime", "fp32") in rows
-    assert rows[("torch", "fp32")]["speedup_vs_reference"] == pytest.approx(1.0)
+    rows = {(r["backend"], r["precision"], r["kernels"]): r for r in e2e["tables"][0]["rows"]}
+    assert set(rows) == {("torch", "fp32", "reference"), ("torch", "fp32", "auto"), ("onnxruntime", "fp32", "graph")}
+    assert rows[("torch", "fp32", "reference")]["speedup_vs_reference"] == pytest.approx(1.0)
     for row in rows.values():
         assert all(row[k] is not None for k in ("s_per_frame", "fps", "stage_detector", "stage_token_engine", "peak_rss_gb"))
     tokens = load_record(quick_run / "tokens.json")
@@ -155,9 +155,9 @@ def test_compare_flags_regressions_over_ten_percent(quick_run: Path, tmp_path: P
     rows[0]["s_per_frame"]["median"] *= 1.25
     rows[1]["s_per_frame"]["median"] *= 1.05
     found = {(c["row"], c["figure"]): c for c in changes(new, old)}
-    assert found[("torch / fp32", "s/frame")]["regression"]
-    assert not found[("onnxruntime / fp32", "s/frame")]["regression"]
-    assert found[("torch / fp32", "s/frame")]["worse_pct"] == pytest.approx(25.0)
+    assert found[("torch / fp32 / reference", "s/frame")]["regression"]
+    assert not found[("torch / fp32 / auto", "s/frame")]["regression"]
+    assert found[("torch / fp32 / reference", "s/frame")]["worse_pct"] == pytest.approx(25.0)
 
 
 def test_report_renders_a_directory(quick_run: Path, tmp_path: Path):
