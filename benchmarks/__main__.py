@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -128,6 +129,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return s
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; exit status 1 when a benchmark failed, 130 when interrupted (results so far are written)."""
     args = _parser().parse_args(argv)
@@ -149,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .suite import run
 
+    signal.signal(signal.SIGTERM, _interrupt)  # a kill ends like Ctrl-C: results written, probes stopped
     name = ALIASES.get(args.name, args.name)
     names = list(BENCHMARKS) if name == "all" else [name]
     try:

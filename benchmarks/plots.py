@@ -49,6 +49,14 @@ def _err(rows: list[dict], key: str) -> tuple[list[float], list[list[float]]]:
     return med, [lo, hi]
 
 
+def _plain_log_ticks(ax: Any) -> None:
+    """A log T axis labelled 100, 1000 rather than 10^2 with crowded minor labels."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def stage_bars(path: Path, table: Table, stage_keys: dict[str, str]) -> list[str]:
     """Stacked per-stage s/frame bars, one per backend row."""
     if not table.rows:
@@ -93,7 +101,7 @@ def detector_lines(path: Path, table: Table) -> list[str]:
     return _save(path, draw)
 
 
-def scaling(path: Path, table: Table, fits: dict[str, tuple[float, float]], title: str) -> list[str]:
+def scaling(path: Path, table: Table, fits: dict[tuple[str, str], tuple[float, float, int, int]], title: str) -> list[str]:
     """Token-engine time and peak memory vs T on log-log axes, with the fitted power laws."""
     rows = [r for r in table.rows if value_of(r.get("seconds"))]
     if len(rows) < 2:
@@ -108,12 +116,12 @@ def scaling(path: Path, table: Table, fits: dict[str, tuple[float, float]], titl
         ):
             med, err = _err(rows, key)
             ax.errorbar(t, med, yerr=err, marker="o", capsize=3, linestyle="none", label="measured")
-            if fit_key in fits:
-                p, c = fits[fit_key]
-                xs = [min(t), max(t)]
-                ax.plot(xs, [c * x**p for x in xs], "--", label=f"fit: T^{p:.2f}")
+            for (quantity, over), (p, c, lo, hi) in fits.items():
+                if quantity == fit_key:
+                    ax.plot([lo, hi], [c * lo**p, c * hi**p], "--", label=f"fit over {over}: T^{p:.2f}")
             ax.set_xscale("log")
             ax.set_yscale("log")
+            _plain_log_ticks(ax)
             ax.set_xlabel("frames T")
             ax.set_ylabel(label)
             ax.legend(fontsize=8)
