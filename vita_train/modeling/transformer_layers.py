@@ -137,7 +137,8 @@ class FFNLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., C)."""
-        return self.norm(x + self.linear2(F.relu(self.linear1(x))))
+        # ReLU in place: the hidden is the layer's largest temporary (autograd keeps ReLU's output anyway)
+        return self.norm(x + self.linear2(F.relu_(self.linear1(x))))
 
 
 class MLP(nn.Module):
