@@ -81,43 +81,54 @@ def _reset_peaks(device: str) -> None:
     reset_peak_rss()
 
 
+def _tokens(job: ProbeJob, n: int, c: int, frames: int) -> tuple[Any, Any]:
+    """Random frame queries (frames, k, C) of the kept tokens and their slots (None when nothing is pruned)."""
+    import torch
+
+    from vita_train.inference.pruning import kept_per_frame
+
+    k = kept_per_frame(n, job.ratio)
+    gen = torch.Generator().manual_seed(0)
+    queries = torch.randn(frames, k, c, generator=gen).to(job.device)
+    index = None if k == n else torch.rand(frames, n, generator=gen).argsort(1)[:, :k].sort(1).values.to(job.device)
+    return queries, index
+
+
 def _run_tokens(job: ProbeJob) -> dict[str, Any]:
+    """The token engine on T random frames' tokens; with ``repeats``, times and the memory it grew by."""
     import torch
 
     from vita_train import load_model
-    from vita_train.inference.pruning import kept_per_frame
 
     model = load_model(job.checkpoint).eval().to(job.device)
     n, c = model.config.frame_decoder.num_queries, model.config.frame_decoder.hidden_dim
-    k = kept_per_frame(n, job.ratio)
-    gen = torch.Generator().manual_seed(0)
-    queries = torch.randn(job.frames, k, c, generator=gen).to(job.device)
-    index = None if k == n else torch.rand(job.frames, n, generator=gen).argsort(1)[:, :k].sort(1).values.to(job.device)
     sync = device_sync(job.device)
 
-    def once() -> None:
+    def track(queries: Any, index: Any) -> None:
         with torch.no_grad():
             model.track(queries, index, window=job.window)
         sync()
 
     if not job.repeats:
+        queries, index = _tokens(job, n, c, job.frames)
         _reset_peaks(job.device)
-        once()
+        track(queries, index)
         return {}
     # one frame first, so one-time library set-up (thread pools, kernel caches) is not counted; the peak
-    # then counts from before the warm-up, because later runs reuse memory the allocator kept from the first
-    with torch.no_grad():
-        model.track(queries[:1], None if index is None else index[:1], window=job.window)
+    # then counts from before the T frames' tokens exist (holding them is part of the cost of T) and
+    # includes the warm-up, because later runs reuse memory the allocator kept from the first
+    track(*_tokens(job, n, c, 1))
     memory = DeviceMemory(job.device)
     memory.reset()
     reset_peak_rss()
     baseline = memory.peak() if memory.cuda else rss_bytes()
+    queries, index = _tokens(job, n, c, job.frames)
     for _ in range(job.warmup):
-        once()
+        track(queries, index)
     times = []
     for _ in range(job.repeats):
         start = time.perf_counter()
-        once()
+        track(queries, index)
         times.append(time.perf_counter() - start)
     peak = memory.peak() if memory.cuda else peak_rss_bytes()
     return {"times": times, "growth_bytes": peak - baseline}

@@ -70,7 +70,7 @@ def run(s: Settings, ws: Workspace, rec: Record) -> None:
         keys=("frames",),
         caption=(f"{where}; each T in a fresh process: median (min–max) over {s.repeats} runs after "
                  f"{s.warmup} warm-up (after a one-frame priming run); peak memory is the growth of peak RSS (CPU) or of torch-allocated "
-                 "memory (CUDA) over what the process held before the first run (model and inputs loaded)."),
+                 "memory (CUDA) over what the process held before the T frames' tokens were made (the tokens count)."),
     )
     for t in bar(geometric_points(s.min_frames, s.max_frames, s.points), s.progress, desc="tokens vs T"):
         m = _measure(ctx, replace(job, frames=t), s)
