@@ -14,6 +14,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("VITA_SHARED_DIR", REPO.parent / "shared"))
 OFFICIAL_CASES = ("r50_tiny", "swin_tiny")
+# End-to-end parity of another backend (ONNX Runtime) with the official results. The fixtures' frames hold
+# masked-attention decisions within float32 noise of the threshold (swin_tiny: 3 within 3e-5), which a
+# backend on another CPU may take either way. Flipping all of them at once moves scores by up to 4e-3 and
+# swaps the lowest of the top-k for a query just below it (random weights: the ten scores span 0.16-0.22).
+# So: scores within 5e-3, mask IoU >= 0.99, and one swap allowed at the top-k boundary;
+# tests/test_export_validation.py holds these tolerances to that worst case.
+PARITY_SCORE_TOL = 5e-3
+PARITY_MIN_IOU = 0.99
 
 
 def require_shared(*parts: str) -> Path:
@@ -77,3 +85,31 @@ def assert_imports_without(modules: list[str], blocked: tuple[str, ...] = ("torc
     code += "".join(f"import {m}\n" for m in modules)
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def match_official(result, case: "OfficialCase", score_tol: float = PARITY_SCORE_TOL,
+                   min_iou: float = PARITY_MIN_IOU, boundary_swaps: int = 1) -> tuple[float, float]:
+    """Match ``result``'s instances with the official ones (same label, nearest score); assert the tolerances.
+
+    At most ``boundary_swaps`` instances may differ, and only at the top-k boundary (both within
+    ``score_tol`` of the lowest official score). Returns (worst score difference, worst mask IoU).
+    """
+    e, official = case.expected, case.expected_masks()
+    scores = [float(s) for s in e["pred_scores"]]
+    unmatched, extra = list(range(len(scores))), []
+    worst_score, worst_iou = 0.0, 1.0
+    for i, inst in enumerate(result.instances):
+        candidates = [j for j in unmatched if int(e["pred_labels"][j]) == inst.label]
+        j = min(candidates, key=lambda j: abs(scores[j] - inst.score), default=None)
+        if j is None or abs(scores[j] - inst.score) > score_tol:
+            extra.append(inst.score)
+            continue
+        unmatched.remove(j)
+        worst_score = max(worst_score, abs(scores[j] - inst.score))
+        ours = np.stack([result.mask(i, t) for t in range(result.num_frames)])
+        worst_iou = min(worst_iou, float(np.logical_and(ours, official[j]).sum() / np.logical_or(ours, official[j]).sum()))
+    cutoff = min(scores) + score_tol
+    assert len(extra) == len(unmatched) <= boundary_swaps, (extra, [scores[j] for j in unmatched])
+    assert all(s <= cutoff for s in extra) and all(scores[j] <= cutoff for j in unmatched), (extra, unmatched)
+    assert worst_iou >= min_iou, worst_iou
+    return worst_score, worst_iou

@@ -17,7 +17,7 @@ from export import ExportOptions, ExportTargetError, export_model
 from export.__main__ import main as export_cli
 from vita_train import CheckpointError
 
-from .conftest import OFFICIAL_CASES, REPO, OfficialCase
+from .conftest import OFFICIAL_CASES, REPO, OfficialCase, match_official
 from .media import encode
 
 _exports: dict[str, Path] = {}
@@ -44,18 +44,7 @@ def test_onnxruntime_backend_matches_official(official_case, exported):
     seg = runtime.load(export_dir)
     assert type(seg.backend).__name__ == "OnnxRuntimeBackend"
     result = runtime.segment(official_case.frames, seg)
-    e = official_case.expected
-    official = official_case.expected_masks()
-    unmatched = list(range(len(e["pred_scores"])))
-    for i, inst in enumerate(result.instances):
-        j = min(
-            (j for j in unmatched if int(e["pred_labels"][j]) == inst.label),
-            key=lambda j: abs(float(e["pred_scores"][j]) - inst.score),
-        )
-        assert abs(float(e["pred_scores"][j]) - inst.score) <= 1e-3
-        unmatched.remove(j)
-        ours = np.stack([result.mask(i, t) for t in range(result.num_frames)])
-        assert np.logical_and(ours, official[j]).sum() / np.logical_or(ours, official[j]).sum() >= 0.99
+    match_official(result, official_case)
 
 
 def test_graph_inputs_outputs_and_dynamic_axes(exported):

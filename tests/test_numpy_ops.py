@@ -18,6 +18,21 @@ def _rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+def _softmax64(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _boundary_gap(values: np.ndarray, k: int) -> float:
+    """How far the k-th largest value is from the next one, relative to it (inf when all are kept).
+
+    float32 softmax values are good to a few 1e-7 relative; a gap of 1e-5 relative cannot flip.
+    """
+    s = np.sort(values)[::-1]
+    return float((s[k - 1] - s[k]) / abs(s[k - 1])) if 0 < k < s.size else np.inf
+
+
 def _torch_resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     t = torch.from_numpy(x).reshape(-1, 1, *x.shape[-2:])
     out = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=False)
@@ -62,8 +77,9 @@ def test_sigmoid_has_no_overflow():
 
 @pytest.mark.parametrize("num_queries,num_classes,k", [(100, 41, 10), (50, 26, 30), (3, 2, 100), (7, 5, 1)])
 def test_select_topk_matches_torch(num_queries, num_classes, k):
-    # continuous random logits: ties have probability ~0
     logits = (_rng(k).standard_normal((num_queries, num_classes + 1)) * 3).astype(np.float32)
+    # top-k is a hard decision: two float32 implementations may order scores within ~1e-7 either way
+    assert _boundary_gap(_softmax64(logits)[:, :-1].ravel(), k) > 1e-5, "the input sits on the top-k boundary"
     scores, labels, query = numpy_ops.select_topk(logits, k)
     ref = ref_post.select_topk(torch.from_numpy(logits), k)
     assert labels.dtype == np.int64 and query.dtype == np.int64 and scores.dtype == np.float32
@@ -84,7 +100,12 @@ def test_prune_matches_torch(ratio):
     rng = _rng(2)
     queries = rng.standard_normal((3, 100, 16)).astype(np.float32)
     logits = (rng.standard_normal((3, 100, 42)) * 3).astype(np.float32)
+    no_object = _softmax64(logits)[..., -1]
+    keep = index_count = ref_prune.kept_per_frame(100, ratio)
+    # which tokens are kept is a hard decision: check the input does not sit on it in any frame
+    assert min(_boundary_gap(-frame, keep) for frame in no_object) > 1e-5, "the input sits on the pruning boundary"
     kept, index = numpy_ops.prune_frame_queries(queries, logits, ratio)
+    assert index.shape == (3, index_count)
     ref_kept, ref_index = ref_prune.prune_frame_queries(torch.from_numpy(queries), torch.from_numpy(logits), ratio)
     assert index.dtype == np.int64 and np.all(np.diff(index, axis=1) > 0), "ascending slots"
     np.testing.assert_array_equal(index, ref_index.numpy())

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from vita_train.evaluation.video_iou import build_track, video_iou
 
@@ -47,6 +46,9 @@ def match(
     # pairs that may not link add nothing, so they cannot pull the assignment away from pairs that may
     gain[iou < min_iou] = 0.0
     if method == "hungarian":
+        # imported here: the torch-free edge install (numpy, av, onnxruntime, ...) need not carry scipy
+        from scipy.optimize import linear_sum_assignment
+
         rows, cols = linear_sum_assignment(gain, maximize=True)
         pairs = list(zip(rows.tolist(), cols.tolist()))
     elif method == "greedy":
