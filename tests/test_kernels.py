@@ -246,3 +246,24 @@ def test_official_parity_with_reference_kernels(official_case):
     assert rel_err(logits, e["pred_logits"]) <= 1e-4
     assert rel_err(embed, e["pred_mask_embed"]) <= 1e-4
     assert rel_err(features, e["mask_features_subset"]) <= 1e-4
+
+
+def test_runtime_options_choose_kernels_and_token_dtype():
+    import runtime
+
+    from .conftest import OfficialCase
+
+    official_case = OfficialCase("r50_tiny")
+    frames = official_case.frames[:8]
+    base = runtime.load(official_case.ckpt, device="cpu").segment(frames)
+    ref = runtime.load(official_case.ckpt, device="cpu", kernels="reference").segment(frames)
+    half = runtime.load(official_case.ckpt, device="cpu", token_dtype="bfloat16")
+    assert half.backend.model.vita.token_dtype == torch.bfloat16
+    reduced = half.segment(frames)
+    assert [i.label for i in ref.instances] == [i.label for i in base.instances]
+    assert max(abs(a.score - b.score) for a, b in zip(ref.instances, base.instances)) <= 1e-4
+    # bf16 storage moves scores slightly; the strongest instance stays
+    assert reduced.instances[0].label == base.instances[0].label
+    assert abs(reduced.instances[0].score - base.instances[0].score) <= 0.02
+    with pytest.raises(ValueError, match="token_dtype"):
+        runtime.load(official_case.ckpt, device="cpu", token_dtype="int8")
