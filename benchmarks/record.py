@@ -85,9 +85,11 @@ def value_of(cell: Any) -> Optional[float]:
 
 
 def format_number(v: float) -> str:
-    """Four significant digits, plain notation where it reads well."""
-    if v == 0 or not math.isfinite(v):
+    """Integers as they are; otherwise four significant digits, without exponents from 10^4 to 10^9."""
+    if isinstance(v, int) or v == 0 or not math.isfinite(v):
         return str(v)
+    if 1e4 <= abs(v) < 1e9:
+        return f"{v:.0f}"
     return f"{v:.4g}"
 
 
