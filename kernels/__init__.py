@@ -108,12 +108,7 @@ def ms_deform_attn(
     return cpu.ms_deform_attn(value, shapes, locations, weights)
 
 
-def sampler(mode: str = "auto") -> "functools.partial":
-    """``ms_deform_attn`` with ``mode`` bound: a drop-in for ``MSDeformAttn.sample_fn``."""
-    return functools.partial(ms_deform_attn, mode=check_mode(mode))
-
-
 __all__ = [
     "MODES", "KernelUnavailableError", "check_mode", "cpu", "ms_deform_attn", "reference", "resolve",
-    "sampler", "triton_importable", "window_attention",
+    "triton_importable", "window_attention",
 ]

@@ -119,6 +119,36 @@ def window_attention(
 
 
 @triton.jit
+def _point(LOC, AW, SHAPES, STARTS, idx, q_ok, lvl: tl.constexpr):
+    """One sampling point of a block of queries: level size and start, weight, top-left tap and fractions."""
+    hl = tl.load(SHAPES + 2 * lvl)
+    wl = tl.load(SHAPES + 2 * lvl + 1)
+    start = tl.load(STARTS + lvl)
+    lx = tl.load(LOC + 2 * idx, mask=q_ok, other=0.0).to(tl.float32)
+    ly = tl.load(LOC + 2 * idx + 1, mask=q_ok, other=0.0).to(tl.float32)
+    a = tl.load(AW + idx, mask=q_ok, other=0.0).to(tl.float32)
+    # align_corners False: pixel centres sit at (i + 0.5) / size
+    px = lx * wl - 0.5
+    py = ly * hl - 0.5
+    x0f = tl.floor(px)
+    y0f = tl.floor(py)
+    return hl, wl, start, a, x0f.to(tl.int32), y0f.to(tl.int32), px - x0f, py - y0f
+
+
+@triton.jit
+def _tap(x0, y0, fx, fy, hl, wl, start, q_ok, c: tl.constexpr):
+    """Corner c (0..3, row-major) of the bilinear footprint: in-bounds mask, x and y weights, value row."""
+    dx = c % 2
+    dy = c // 2
+    xi = x0 + dx
+    yi = y0 + dy
+    ok = q_ok & (xi >= 0) & (xi < wl) & (yi >= 0) & (yi < hl)
+    wx = fx if dx == 1 else 1.0 - fx
+    wy = fy if dy == 1 else 1.0 - fy
+    return ok, wx, wy, (start + yi * wl + xi).to(tl.int64)
+
+
+@triton.jit
 def _msda_fwd(
     V, LOC, AW, OUT, SHAPES, STARTS,
     num_values, num_queries, heads,
@@ -136,32 +166,11 @@ def _msda_fwd(
     v_base = V + n.to(tl.int64) * num_values * heads * D + h * D
     acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     for lvl in tl.static_range(LEVELS):
-        hl = tl.load(SHAPES + 2 * lvl)
-        wl = tl.load(SHAPES + 2 * lvl + 1)
-        start = tl.load(STARTS + lvl)
         for p in tl.static_range(POINTS):
             idx = row_q + lvl * POINTS + p
-            lx = tl.load(LOC + 2 * idx, mask=q_ok, other=0.0).to(tl.float32)
-            ly = tl.load(LOC + 2 * idx + 1, mask=q_ok, other=0.0).to(tl.float32)
-            a = tl.load(AW + idx, mask=q_ok, other=0.0).to(tl.float32)
-            # align_corners False: pixel centres sit at (i + 0.5) / size
-            px = lx * wl - 0.5
-            py = ly * hl - 0.5
-            x0f = tl.floor(px)
-            y0f = tl.floor(py)
-            fx = px - x0f
-            fy = py - y0f
-            x0 = x0f.to(tl.int32)
-            y0 = y0f.to(tl.int32)
+            hl, wl, start, a, x0, y0, fx, fy = _point(LOC, AW, SHAPES, STARTS, idx, q_ok, lvl)
             for c in tl.static_range(4):
-                dx = c % 2
-                dy = c // 2
-                xi = x0 + dx
-                yi = y0 + dy
-                ok = q_ok & (xi >= 0) & (xi < wl) & (yi >= 0) & (yi < hl)
-                wx = fx if dx == 1 else 1.0 - fx
-                wy = fy if dy == 1 else 1.0 - fy
-                row = (start + yi * wl + xi).to(tl.int64)
+                ok, wx, wy, row = _tap(x0, y0, fx, fy, hl, wl, start, q_ok, c)
                 vals = tl.load(v_base + row[:, None] * (heads * D) + offs_d[None, :],
                                mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
                 acc += (a * wx * wy)[:, None] * vals
@@ -188,34 +197,16 @@ def _msda_bwd(
     g_ptr = GRAD + ((n * num_queries + offs_q).to(tl.int64) * heads + h)[:, None] * D + offs_d[None, :]
     g = tl.load(g_ptr, mask=q_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     for lvl in tl.static_range(LEVELS):
-        hl = tl.load(SHAPES + 2 * lvl)
-        wl = tl.load(SHAPES + 2 * lvl + 1)
-        start = tl.load(STARTS + lvl)
         for p in tl.static_range(POINTS):
             idx = row_q + lvl * POINTS + p
-            lx = tl.load(LOC + 2 * idx, mask=q_ok, other=0.0).to(tl.float32)
-            ly = tl.load(LOC + 2 * idx + 1, mask=q_ok, other=0.0).to(tl.float32)
-            a = tl.load(AW + idx, mask=q_ok, other=0.0).to(tl.float32)
-            px = lx * wl - 0.5
-            py = ly * hl - 0.5
-            x0f = tl.floor(px)
-            y0f = tl.floor(py)
-            fx = px - x0f
-            fy = py - y0f
-            x0 = x0f.to(tl.int32)
-            y0 = y0f.to(tl.int32)
+            hl, wl, start, a, x0, y0, fx, fy = _point(LOC, AW, SHAPES, STARTS, idx, q_ok, lvl)
             grad_a = tl.zeros([BLOCK_Q], tl.float32)
             grad_fx = tl.zeros([BLOCK_Q], tl.float32)
             grad_fy = tl.zeros([BLOCK_Q], tl.float32)
             for c in tl.static_range(4):
+                ok, wx, wy, row = _tap(x0, y0, fx, fy, hl, wl, start, q_ok, c)
                 dx = c % 2
                 dy = c // 2
-                xi = x0 + dx
-                yi = y0 + dy
-                ok = q_ok & (xi >= 0) & (xi < wl) & (yi >= 0) & (yi < hl)
-                wx = fx if dx == 1 else 1.0 - fx
-                wy = fy if dy == 1 else 1.0 - fy
-                row = (start + yi * wl + xi).to(tl.int64)
                 ptr = row[:, None] * (heads * D) + offs_d[None, :] + v_off
                 mask = ok[:, None] & d_ok[None, :]
                 vals = tl.load(V + ptr, mask=mask, other=0.0).to(tl.float32)
