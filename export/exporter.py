@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ from vita_train.export_format import (
     is_export_dir,
 )
 from vita_train.inference.preprocess import resized_size
+from vita_train.utils.hashing import sha256_file
 
 from . import onnx_io, validate
 from .validate import OrtSettings
@@ -61,15 +61,6 @@ class ExportTargetError(ValueError):
     """The output directory cannot be used (exists and is not an export, or is a file)."""
 
 
-def sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _check_target(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ExportTargetError(f"{out} exists and is a file; choose a directory for the export")
@@ -93,7 +84,7 @@ def _metadata(model, ckpt: Path, opts: ExportOptions, min_size: int, max_size: i
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "source_checkpoint": {"name": ckpt.name, "sha256": sha256(ckpt)},
+        "source_checkpoint": {"name": ckpt.name, "sha256": sha256_file(ckpt)},
         "class_names": list(cfg.label_names()),
         "model_config": cfg.replace(**{"input.min_size_test": min_size, "input.max_size_test": max_size}).to_dict(),
         "dims": {

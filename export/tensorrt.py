@@ -546,7 +546,7 @@ def build_engines(
     beside the engines. Profiles default to default_profiles(meta); plugins are on when meta["msda"] is
     "trt-plugin". ``fp16=True`` is the old spelling of precision="fp16".
     """
-    from .exporter import sha256
+    from vita_train.utils.hashing import sha256_file
 
     if fp16:
         precision = "fp16"
@@ -559,7 +559,7 @@ def build_engines(
     engines, records, plans = {}, {}, {}
     for graph, (_, engine_file) in GRAPH_FILES.items():
         onnx_path = graph_file(graph, precision, export_dir)
-        fields = engine_cache_fields(sha256(onnx_path), trt.__version__, capability, precision, profiles[graph],
+        fields = engine_cache_fields(sha256_file(onnx_path), trt.__version__, capability, precision, profiles[graph],
                                      plugins, tf32)
         key = engine_cache_key(fields)
         engine_path = export_dir / engine_file

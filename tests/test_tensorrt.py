@@ -13,6 +13,7 @@ import torch
 from onnx import TensorProto, helper
 
 from export import ExportOptions, export_model
+from vita_train.utils.hashing import sha256_file
 from export import tensorrt as trt_export
 from export import trt_compat
 from export.reduced_precision import precision_of, to_reduced_precision, variant_name
@@ -744,7 +745,7 @@ def test_backend_refuses_stale_engines(tmp_path, monkeypatch):
     (tmp_path / "detector.onnx").write_bytes(b"graph v1")
     meta = _meta()
     fields = {"tensorrt": "11.4.0.106", "compute_capability": "9.0",
-              "onnx_sha256": trt_backend.file_sha256(tmp_path / "detector.onnx"), "precision": "fp16"}
+              "onnx_sha256": sha256_file(tmp_path / "detector.onnx"), "precision": "fp16"}
     meta["tensorrt"] = {"engines": {"detector": {"file": "detector.engine", "onnx": "detector.onnx",
                                                  "cache_fields": fields}}}
     _install_fakes(monkeypatch, add_runtime(FakeTensorRT("11.4.0.106")), FakeCudart((9, 0)))

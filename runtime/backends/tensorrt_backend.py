@@ -11,7 +11,6 @@ the command that rebuilds it.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import importlib.metadata
 import logging
 import re
@@ -22,6 +21,7 @@ import numpy as np
 
 from vita_train.config import ModelConfig
 from vita_train.export_format import DETECTOR_ENGINE, TOKENS_ENGINE
+from vita_train.utils.hashing import sha256_file
 
 from . import numpy_ops
 from .base import Detection, Selection
@@ -127,15 +127,6 @@ def check_cuda_majors(trt_major: Optional[int], cuda_python: Optional[int]) -> N
 def stale_fields(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """Names of the engine cache fields whose recorded value differs from this machine's."""
     return sorted(k for k, v in current.items() if k in recorded and str(recorded[k]) != str(v))
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- TensorRT and CUDA
@@ -400,7 +391,7 @@ class TensorRTBackend:
             here = dict(current)
             onnx_path = export_dir / entry.get("onnx", "")
             if entry.get("onnx") and onnx_path.is_file():
-                here["onnx_sha256"] = file_sha256(onnx_path)
+                here["onnx_sha256"] = sha256_file(onnx_path)
             stale = stale_fields(fields, here)
             if stale:
                 detail = ", ".join(f"{k} {fields[k]} -> {here[k]}" for k in stale)
