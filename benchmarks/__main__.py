@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--video", type=Path, default=None, help="a video file instead of the generated clip")
     g.add_argument("--frames", type=int, default=None, help="generated clip length (default 36)")
     g.add_argument("--size", type=_size, default=None, help="generated clip size HxW (default 360x640)")
+    g.add_argument("--compile", action="store_true", help="also run each torch row with the detector through torch.compile")
     g = common.add_argument_group("detector")
     g.add_argument("--batches", type=_ints, default=None, help="comma-separated batch sizes (default 1,2,4,8,16)")
     g.add_argument("--resolutions", type=_ints, default=None, help="shortest edges, 16:9 frames (default 360,480,720)")
@@ -115,6 +116,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     s.out = Path(s.out)
     s.backends = tuple(args.backend or ())
     s.precisions = tuple(args.precision or ())
+    s.compile = bool(getattr(args, "compile", False))
     if args.threads is None:
         s.threads = _usable_cpus()
     if args.device is None:

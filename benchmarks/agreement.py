@@ -31,12 +31,13 @@ def video_iou_matrix(a: Any, b: Any) -> np.ndarray:
 
 
 def agreement(reference: Any, other: Any) -> dict[str, Any]:
-    """Mean IoU over the reference's instances (unmatched = 0), label agreement and mean |score difference|
-    of the pairs matched by maximum total IoU."""
+    """Mean and minimum IoU over the reference's instances (unmatched = 0), label agreement and mean / max
+    |score difference| of the pairs matched by maximum total IoU."""
     from scipy.optimize import linear_sum_assignment
 
     if not reference.instances:
-        return {"mean_iou": None, "label_agreement": None, "score_diff": None, "matched": 0}
+        return {"mean_iou": None, "min_iou": None, "label_agreement": None, "score_diff": None,
+                "max_score_diff": None, "matched": 0}
     iou = video_iou_matrix(reference, other)
     rows, cols = linear_sum_assignment(-iou) if iou.size else ([], [])
     matched = [(i, j) for i, j in zip(rows, cols)]
@@ -46,5 +47,8 @@ def agreement(reference: Any, other: Any) -> dict[str, Any]:
         "mean_iou": float(sum(iou[i, j] for i, j in matched) / len(reference.instances)),
         "label_agreement": float(np.mean(labels)) if labels else 0.0,
         "score_diff": float(np.mean(diffs)) if diffs else None,
+        "max_score_diff": float(max(diffs)) if diffs else None,
+        # the worst reference instance: unmatched ones count as 0
+        "min_iou": float(min(iou[i, j] for i, j in matched)) if len(matched) == len(reference.instances) else 0.0,
         "matched": len(matched),
     }

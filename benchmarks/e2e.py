@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 from . import references
@@ -24,6 +25,8 @@ STAGE_KEYS = {name: "stage_" + name.replace("+", "_").replace(" ", "_") for name
 def requested_specs(s: Settings, default: tuple[str, ...]) -> list[BackendSpec]:
     """Backend/precision pairs the settings ask for (``default`` backends when none are named)."""
     specs = [BackendSpec(b, p) for b in (s.backends or default) for p in (s.precisions or ("fp32",))]
+    if s.compile:  # each torch row also compiled, right after its eager twin
+        specs = [v for x in specs for v in ((x, replace(x, compiled=True)) if x.backend == "torch" else (x,))]
     return list(dict.fromkeys(specs))
 
 

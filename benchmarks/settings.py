@@ -27,6 +27,7 @@ class Settings:
     quick: bool = False
     progress: bool = False
     compare: Optional[Path] = None
+    compile: bool = False  # torch rows also with the detector through torch.compile
     # the clip (e2e, prune, backends)
     video: Optional[Path] = None
     frames: int = 36

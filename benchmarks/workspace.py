@@ -27,16 +27,20 @@ class BackendSpec:
     backend: str
     precision: str = "fp32"
     kernels: Optional[str] = None  # torch only: "reference" = the plain PyTorch forms; None = the model's (auto)
+    compiled: bool = False  # torch only: the detector through torch.compile
 
     @property
     def label(self) -> str:
-        """e.g. ``torch fp32`` or ``torch fp32 (reference kernels)``."""
-        return f"{self.backend} {self.precision}" + (f" ({self.kernels} kernels)" if self.kernels else "")
+        """e.g. ``torch fp32``, ``torch fp32 (reference kernels)`` or ``torch bf16 (compiled)``."""
+        return (f"{self.backend} {self.precision}" + (f" ({self.kernels} kernels)" if self.kernels else "")
+                + (" (compiled)" if self.compiled else ""))
 
     @property
     def kernels_label(self) -> str:
-        """What runs the attention kernels: the graph for exported backends, else the torch mode."""
-        return (self.kernels or "auto") if self.backend == "torch" else "graph"
+        """What runs the attention kernels: the graph for exported backends, else the torch mode (+ compiled)."""
+        if self.backend != "torch":
+            return "graph"
+        return (self.kernels or "auto") + (", compiled" if self.compiled else "")
 
 
 # The plain fp32 PyTorch path every fast path is measured against.
@@ -155,7 +159,8 @@ class Workspace:
         if spec.backend == "torch":
             from runtime.backends.torch_backend import TorchBackend
 
-            return TorchBackend(self.torch_model(), device=self.device, dtype=PRECISIONS[spec.precision], kernels=spec.kernels)
+            return TorchBackend(self.torch_model(), device=self.device, dtype=PRECISIONS[spec.precision],
+                                kernels=spec.kernels, compile=spec.compiled)
         if spec.backend == "onnxruntime":
             if spec.precision != "fp32":
                 raise ValueError("the onnxruntime backend runs the fp32 graphs; use --precision fp32")
@@ -223,7 +228,13 @@ def available_specs(device: str) -> tuple[list[BackendSpec], dict[str, str]]:
     if cuda:
         specs += [BackendSpec("torch", "fp16"), BackendSpec("torch", "bf16")]
     else:
-        missing["torch fp16/bf16"] = "the torch backend runs fp16/bf16 only on CUDA"
+        from vita_train.modeling.precision import bf16_supported
+
+        missing["torch fp16"] = "the torch backend runs fp16 only on CUDA"
+        if bf16_supported():
+            specs.append(BackendSpec("torch", "bf16"))
+        else:
+            missing["torch bf16"] = "this CPU has neither AVX-512-BF16 nor AMX"
     if importlib.util.find_spec("onnxruntime") is None:
         missing["onnxruntime fp32"] = "onnxruntime is not installed (pip install vita-toolkit[onnx])"
     else:

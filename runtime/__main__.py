@@ -28,8 +28,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topk", type=int, help="instances per video")
     p.add_argument("--min-size", type=int, help="test-time shortest edge")
     p.add_argument("--batch-size", type=int, help="frames per detector call")
-    p.add_argument("--feature-policy", default="auto", choices=["auto", "device", "host", "recompute"])
+    p.add_argument("--feature-policy", default="auto", choices=["auto", "device", "host", "disk", "recompute"])
     p.add_argument("--progress", action="store_true", help="show progress bars")
+    p.add_argument("--compile", action="store_true",
+                   help="torch backend: compile the detector with torch.compile (minutes once, cached; then faster)")
 
 
 def _options(args: argparse.Namespace) -> dict:
@@ -73,7 +75,7 @@ def _segment_main(argv: list[str]) -> int:
             p.error(f"{target} is one of the inputs; choose another output path")
     from .segmenter import load
 
-    segmenter = load(args.model, backend=args.backend, device=args.device, dtype=args.dtype)
+    segmenter = load(args.model, backend=args.backend, device=args.device, dtype=args.dtype, compile=args.compile)
     result = segmenter.segment(args.video, **_options(args))
     result.save(out)
     if args.render:
@@ -94,7 +96,7 @@ def _dataset_main(argv: list[str]) -> int:
     from .dataset import run_dataset
     from .segmenter import load
 
-    segmenter = load(args.model, backend=args.backend, device=args.device, dtype=args.dtype)
+    segmenter = load(args.model, backend=args.backend, device=args.device, dtype=args.dtype, compile=args.compile)
     run_dataset(segmenter, args.ytvis_json, args.frames, args.out, **_options(args))
     return 0
 

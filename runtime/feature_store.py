@@ -1,15 +1,17 @@
 """Where mask features live between detection and mask making: the policy that bounds memory.
 
-auto: on the device while they fit its budget, then in host memory as float16, then dropped for a
-second (recompute) pass. device / host / recompute force one place.
+auto: on the device while they fit its budget, then in host memory as float16 while they fit the host
+budget, then in a temporary file as float16 (memory stays flat in video length), and only if that file
+cannot be written, dropped for a second (recompute) pass. device / host / disk / recompute force one place.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from .backends.base import Backend
+from .spool import ArraySpool
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +26,7 @@ class FeatureStore:
         self.device_budget, self.host_budget = device_budget, host_budget
         self.parts: list[Any] = []
         self.bytes = 0
+        self.spool: Optional[ArraySpool] = None
 
     @property
     def needs_recompute(self) -> bool:
@@ -33,6 +36,9 @@ class FeatureStore:
     def add(self, features: Any) -> None:
         """Keep one batch of features (B, D, h, w), moving or dropping all of them when a budget is exceeded."""
         if self.mode == "recompute":
+            return
+        if self.mode == "disk":
+            self._spill([self.backend.to_host(features)])
             return
         if self.mode == "host":
             features = self.backend.to_host(features)
@@ -49,12 +55,33 @@ class FeatureStore:
             self.bytes = sum(p.nbytes for p in self.parts)
             self.mode = "host"
         if self.mode == "host" and self.bytes > self.host_budget:
-            log.info("mask features exceed the host budget (%.0f MB): recomputing them in a second pass",
+            log.info("mask features exceed the host budget (%.0f MB): spooling them to a temporary file in float16",
                      self.host_budget / 2**20)
-            self.parts, self.bytes, self.mode = [], 0, "recompute"
+            parts, self.parts, self.bytes, self.mode = self.parts, [], 0, "disk"
+            self._spill(parts)
+
+    def _spill(self, parts: list[Any]) -> None:
+        """Append host (float16) parts to the spool file; a write that fails (disk full) falls back to recompute."""
+        try:
+            if self.spool is None:
+                self.spool = ArraySpool(prefix="vita-features-")
+            for part in parts:
+                self.spool.append(part)
+        except OSError as e:
+            if not self.auto:
+                raise OSError(f"cannot spool mask features to a temporary file ({e}); "
+                              "free disk space in the temporary folder or use feature_policy='recompute'") from e
+            log.warning("cannot spool mask features to a temporary file (%s): recomputing them in a second pass", e)
+            self.close()
+            self.mode = "recompute"
 
     def chunks(self, size: int) -> Iterator[Any]:
         """Stored features in consecutive chunks of ``size`` frames (compute type, on the device)."""
+        if self.mode == "disk":
+            if self.spool is not None:
+                for part in self.spool.chunks(size):
+                    yield self.backend.from_host(part)
+            return
         pending: list[Any] = []
         count = 0
         while self.parts:
@@ -70,3 +97,9 @@ class FeatureStore:
                 pending, count = ([rest] if rest.shape[0] else []), rest.shape[0]
         if count:
             yield self.backend.concat(pending) if len(pending) > 1 else pending[0]
+
+    def close(self) -> None:
+        """Delete the spool file, if any."""
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
-FEATURE_POLICIES = ("auto", "device", "host", "recompute")
+FEATURE_POLICIES = ("auto", "device", "host", "disk", "recompute")
 
 
 @dataclass
@@ -19,14 +19,15 @@ class SegmentOptions:
     min_size: Optional[int] = None  # test-time shortest edge
     max_size: Optional[int] = None  # test-time longest-edge cap
     batch_size: Optional[int] = None  # frames per detector call (default: 2 on CPU, 8 on CUDA)
-    feature_policy: str = "auto"  # where mask features live: auto | device | host | recompute
+    feature_policy: str = "auto"  # where mask features live: auto | device | host | disk | recompute
     device_budget_mb: Optional[float] = None  # auto: device bytes for features before moving to host
-    host_budget_mb: float = 4096.0  # auto: host bytes (fp16) for features before switching to recompute
+    host_budget_mb: float = 256.0  # auto: host bytes (fp16) for features before spooling them to a temporary file
     queue_size: int = 8  # decoded frames buffered by the background reader
     progress: bool = False  # tqdm progress bars
     # torch backend, applied when the model is loaded (runtime.load); None = the model config's
     kernels: Optional[str] = None  # attention kernels: auto | reference | triton
     token_dtype: Optional[str] = None  # tokens stored between stages: float32 | float16 | bfloat16
+    compile: bool = False  # compile the detector with torch.compile (minutes once, cached on disk; then faster)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.prune_ratio <= 1.0:

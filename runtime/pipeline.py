@@ -7,7 +7,6 @@ policy, and masks are encoded to RLE chunk by chunk.
 from __future__ import annotations
 
 import logging
-import tempfile
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -19,6 +18,7 @@ from .feature_store import FeatureStore
 from .options import SegmentOptions
 from .prefetch import prefetch
 from .results import Instance, MaskEncoder, VideoResult
+from .spool import ArraySpool
 from .video_io import FrameSource, VideoInputError, open_video
 
 log = logging.getLogger(__name__)
@@ -43,35 +43,12 @@ def _progress(iterable, enabled: bool, **kw):
     return tqdm(iterable, **kw)
 
 
-class _Spool:
-    """Resized frames written to a temporary file, for a second pass over a one-shot input."""
-
-    def __init__(self) -> None:
-        self.file = tempfile.TemporaryFile(prefix="vita-frames-")
-        self.shape: Optional[tuple[int, ...]] = None
-        self.count = 0
-
-    def write(self, frame: np.ndarray) -> np.ndarray:
-        self.shape = frame.shape
-        self.file.write(np.ascontiguousarray(frame).tobytes())
-        self.count += 1
-        return frame
-
-    def frames(self) -> Iterator[np.ndarray]:
-        self.file.seek(0)
-        size = int(np.prod(self.shape))
-        for _ in range(self.count):
-            yield np.frombuffer(self.file.read(size), dtype=np.uint8).reshape(self.shape)
-
-    def close(self) -> None:
-        self.file.close()
-
-
 def run(backend: Backend, video: Any, options: SegmentOptions) -> VideoResult:
     """Segment ``video`` (path, frame folder, uint8 array or iterable of frames) with ``backend``."""
     cfg = backend.config
     source: FrameSource = open_video(video)
-    spool: Optional[_Spool] = None
+    spool: Optional[ArraySpool] = None
+    store: Optional[FeatureStore] = None
     try:
         info = source.info
         h, w = info.height, info.width
@@ -85,11 +62,13 @@ def run(backend: Backend, video: Any, options: SegmentOptions) -> VideoResult:
         )
         store = FeatureStore(backend, options.feature_policy, device_budget, int(options.host_budget_mb * 2**20))
         if options.feature_policy in ("auto", "recompute") and not source.reopenable:
-            spool = _Spool()
+            spool = ArraySpool(prefix="vita-frames-")
 
         def resize(frame: np.ndarray) -> np.ndarray:
             out = resize_frame(frame, size)
-            return spool.write(out) if spool is not None else out
+            if spool is not None:
+                spool.append(out[None])
+            return out
 
         tokens, indices = [], []
         num_frames = 0
@@ -122,6 +101,8 @@ def run(backend: Backend, video: Any, options: SegmentOptions) -> VideoResult:
         rles, boxes = encoder.finish()
         scores = selection.scores * head.mask_quality()
     finally:
+        if store is not None:
+            store.close()
         if spool is not None:
             spool.close()
         source.close()
@@ -145,7 +126,7 @@ def run(backend: Backend, video: Any, options: SegmentOptions) -> VideoResult:
 
 def _recompute(backend, source, spool, size, batch_size, chunk, queue_size) -> Iterator[Any]:
     """Second pass: re-read the frames and recompute mask features, yielding chunks of ``chunk`` frames."""
-    frames = spool.frames() if spool is not None else prefetch(iter(source), lambda f: resize_frame(f, size), queue_size)
+    frames = (f[0] for f in spool.chunks(1)) if spool is not None else prefetch(iter(source), lambda f: resize_frame(f, size), queue_size)
     # batches of a multiple of the chunk keep chunk boundaries where the official code has them
     step = max(chunk, (batch_size // chunk) * chunk)
     for batch in _batches(iter(frames), step):

@@ -84,7 +84,8 @@ def load(
         model = load_model(path, config=config)
     except CheckpointError as e:
         raise ModelPathError(f"cannot use {path} as a model: {e}") from None
-    backend = TorchBackend(model, device=device, dtype=dtype, kernels=opts.kernels, token_dtype=opts.token_dtype)
+    backend = TorchBackend(model, device=device, dtype=dtype, kernels=opts.kernels, token_dtype=opts.token_dtype,
+                           compile=opts.compile)
     return Segmenter(backend, opts)
 
 

@@ -65,12 +65,27 @@ def test_segment_matches_official(official_case, segmenters, tmp_path, kind):
     assert result.class_names == tuple(_segmenter(official_case, segmenters).config.label_names())
 
 
-@pytest.mark.parametrize("policy", ["host", "recompute"])
+@pytest.mark.parametrize("policy", ["host", "disk", "recompute"])
 def test_feature_policies_match_official(official_case, segmenters, policy):
     result = _segmenter(official_case, segmenters).segment(
         iter(list(official_case.frames)), feature_policy=policy, batch_size=3
     )
     _check_official(result, official_case)
+
+
+def test_auto_policy_spools_features_past_the_budgets(official_case, segmenters, caplog):
+    """With no memory budget left, auto keeps the features in a temporary file: same result, no file left."""
+    import tempfile
+    from pathlib import Path
+
+    before = set(Path(tempfile.gettempdir()).glob("vita-features-*"))
+    with caplog.at_level("INFO", logger="runtime.feature_store"):
+        result = _segmenter(official_case, segmenters).segment(
+            official_case.frames, device_budget_mb=0, host_budget_mb=0, batch_size=3
+        )
+    assert "spooling them to a temporary file" in caplog.text
+    _check_official(result, official_case)
+    assert set(Path(tempfile.gettempdir()).glob("vita-features-*")) == before
 
 
 def test_prune_ratio_one_is_bit_identical(official_case, segmenters):

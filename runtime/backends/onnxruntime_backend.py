@@ -15,7 +15,7 @@ from . import numpy_ops
 from .base import Detection, Selection
 
 log = logging.getLogger(__name__)
-_CPU_FEATURE_BUDGET = 1 << 30
+_CPU_FEATURE_BUDGET = 128 << 20
 _DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
 

@@ -1,8 +1,10 @@
-"""The PyTorch backend: runs vita_train's model (CPU or CUDA; float32, float16/bfloat16 on CUDA)."""
+"""The PyTorch backend: runs vita_train's model (CPU: float32, bfloat16 where the CPU has it; CUDA: float32,
+float16, bfloat16)."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -10,13 +12,16 @@ import torch
 
 from vita_train.inference.postprocess import MaskScorer, select_topk
 from vita_train.inference.pruning import prune_frame_queries
+from vita_train.modeling.precision import bf16_supported, cast_detector
 from vita_train.modeling.vita_model import VitaModel
 
 from .base import Detection, Selection
+from .compiled import CompiledDetector
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Without a device budget, CPU "device" memory is host memory: keep fp32 features up to this many bytes.
-_CPU_FEATURE_BUDGET = 1 << 30
+# CPU "device" memory is host memory: keep fp32 features up to this many bytes, then float16 (host budget), then
+# a temporary file, so that peak memory does not grow with the video.
+_CPU_FEATURE_BUDGET = 128 << 20
 
 
 class _TorchMaskHead:
@@ -31,7 +36,12 @@ class _TorchMaskHead:
 
 
 class TorchBackend:
-    """Backend over a VitaModel; ``dtype`` float16/bfloat16 runs under CUDA autocast (pixel decoder fp32)."""
+    """Backend over a VitaModel.
+
+    ``dtype`` float16/bfloat16 runs under autocast on CUDA (pixel decoder fp32, as the official code);
+    bfloat16 on a CPU with AVX-512-BF16 or AMX runs a bf16 copy of the detector under the policy of
+    ``vita_train.modeling.precision`` (the caller's model is left in float32).
+    """
 
     def __init__(
         self,
@@ -40,17 +50,26 @@ class TorchBackend:
         dtype: str = "float32",
         kernels: Optional[str] = None,
         token_dtype: Optional[str] = None,
+        compile: bool = False,
     ) -> None:
-        """``kernels`` and ``token_dtype`` (None: the model config's) as in SegmentOptions."""
+        """``kernels``, ``token_dtype`` (None: the model config's) and ``compile`` as in SegmentOptions."""
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU; use device='cpu'")
-        if dtype != "float32" and not device.startswith("cuda"):
-            raise ValueError(f"dtype {dtype} needs a CUDA device; on {device} use float32")
+        cpu_bf16 = dtype == "bfloat16" and not device.startswith("cuda")
+        if dtype == "float16" and not device.startswith("cuda"):
+            raise ValueError(f"dtype float16 needs a CUDA device; on {device} use float32 (or bfloat16 where the CPU has it)")
+        if cpu_bf16 and not bf16_supported():
+            raise ValueError(
+                "dtype bfloat16 on the CPU needs AVX-512-BF16 or AMX, which this CPU lacks "
+                "(torch.ops.mkldnn._is_mkldnn_bf16_supported() is False); use dtype float32"
+            )
         if token_dtype is not None and token_dtype not in _DTYPES:
             raise ValueError(f"token_dtype must be one of {sorted(_DTYPES)}, got {token_dtype!r}")
+        if cpu_bf16:
+            model = cast_detector(copy.deepcopy(model), torch.bfloat16)
         self.model = model.to(device).eval()
         if kernels is not None:
             self.model.set_kernels(kernels)
@@ -61,9 +80,10 @@ class TorchBackend:
         self.config = model.config
         self.device = device
         self.dtype = dtype
+        self._detect = CompiledDetector(self.model) if compile else self.model.detect
 
     def _autocast(self):
-        if self.dtype == "float32":
+        if self.dtype == "float32" or not self.device.startswith("cuda"):
             return contextlib.nullcontext()
         return torch.autocast(device_type="cuda", dtype=_DTYPES[self.dtype])
 
@@ -73,8 +93,8 @@ class TorchBackend:
     @torch.no_grad()
     def detect(self, frames: np.ndarray, prune_ratio: float) -> Detection:
         with self._autocast():
-            out = self.model.detect(self._images(frames))
-        tokens, index = prune_frame_queries(out.frame_queries.float(), out.frame_logits, prune_ratio)
+            out = self._detect(self._images(frames))
+        tokens, index = prune_frame_queries(out.frame_queries.float(), out.frame_logits.float(), prune_ratio)
         index = None if index is None else index.cpu().numpy()
         return Detection(tokens.to(self.token_dtype), index, out.mask_features.float())
 

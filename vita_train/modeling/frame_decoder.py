@@ -88,7 +88,7 @@ class MaskedAttentionDecoder(nn.Module):
         srcs, poss, sizes = [], [], []
         for i, x in enumerate(features):
             sizes.append((x.shape[-2], x.shape[-1]))
-            poss.append(sine_position_encoding(x, self.hidden_dim // 2).flatten(2).transpose(1, 2))
+            poss.append(sine_position_encoding(x, self.hidden_dim // 2).flatten(2).transpose(1, 2).to(x.dtype))
             srcs.append(x.flatten(2).transpose(1, 2) + self.level_embed.weight[i].view(1, 1, -1))
         b = features[0].shape[0]
         query_pos = self.query_embed.weight.unsqueeze(0).expand(b, -1, -1)

@@ -60,7 +60,8 @@ class MSDeformAttn(nn.Module):
         n, lq, c = query.shape
         heads, levels, points = self.num_heads, self.num_levels, self.num_points
         v = self.value_proj(value).view(n, value.shape[1], heads, c // heads)
-        offsets = self.sampling_offsets(query).view(n, lq, heads, levels, points, 2)
+        # positions in the reference points' dtype (at least fp32): bf16 cannot tell pixels apart at 1/160
+        offsets = self.sampling_offsets(query).view(n, lq, heads, levels, points, 2).to(reference_points.dtype)
         weights = self.attention_weights(query).view(n, lq, heads, levels * points).softmax(-1)
         weights = weights.view(n, lq, heads, levels, points)
         # offsets are in pixels of each level: normalise by that level's (W, H); dividing by the sizes

@@ -45,9 +45,10 @@ class DeformableEncoder(nn.Module):
         nn.init.normal_(self.level_embed)
 
 
-def at_least_fp32(x: Tensor) -> Tensor:
-    """``x`` in float32, or float64 when it already is (the float64 reference used by export validation)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+def like_weights(x: Tensor, module: nn.Module) -> Tensor:
+    """``x`` in the dtype of ``module``'s weights: fp32 under CUDA autocast (the official opt-out), float64
+    for the export reference, bf16 when the detector was cast (``precision.cast_detector``)."""
+    return x.to(next(module.parameters()).dtype)
 
 
 def reference_points(shapes: list[tuple[int, int]], device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -118,15 +119,16 @@ class MSDeformAttnPixelDecoder(nn.Module):
     def _forward(self, features: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
         srcs, pos, shapes = [], [], []
         for lvl, name in enumerate(self.transformer_features):
-            x = at_least_fp32(features[name])
+            x = like_weights(features[name], self.input_proj[lvl])
             src = self.input_proj[lvl](x)
             shapes.append((src.shape[-2], src.shape[-1]))
             srcs.append(src.flatten(2).transpose(1, 2))
             p = sine_position_encoding(x, self.conv_dim // 2).flatten(2).transpose(1, 2)
-            pos.append(p + self.transformer.level_embed[lvl].view(1, 1, -1))
+            pos.append((p + self.transformer.level_embed[lvl].view(1, 1, -1)).to(x.dtype))
         src = torch.cat(srcs, 1)
         pos_all = torch.cat(pos, 1)
-        refs = reference_points(shapes, src.device, src.dtype)
+        # sampling positions stay at least fp32 (the reduced-precision policy)
+        refs = reference_points(shapes, src.device, torch.promote_types(src.dtype, torch.float32))
         for layer in self.transformer.encoder.layers:
             src = layer(src, pos_all, refs, shapes)
         n = src.shape[0]
@@ -134,6 +136,6 @@ class MSDeformAttnPixelDecoder(nn.Module):
             part.transpose(1, 2).reshape(n, self.conv_dim, h, w)
             for part, (h, w) in zip(src.split([h * w for h, w in shapes], dim=1), shapes)
         ]
-        lateral = self.adapter_1(at_least_fp32(features["res2"]))
+        lateral = self.adapter_1(like_weights(features["res2"], self.adapter_1))
         y = lateral + F.interpolate(outs[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
         return self.layer_1(y), outs

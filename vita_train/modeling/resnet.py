@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +37,32 @@ class ConvNorm(nn.Module):
         self.stride, self.padding = stride, padding
         self.norm = FrozenBatchNorm2d(cout)
 
+        self._folded: Optional[tuple[tuple, Tensor, Tensor]] = None
+
+    def folded(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(weight, bias) of the convolution with the frozen normalisation folded in, cached until either changes.
+
+        The fold is computed in at least float32 and then cast: a bf16 weight times a bf16 scale would round twice.
+        """
+        n = self.norm
+        key = tuple((id(t), t._version) for t in (self.weight, n.weight, n.bias, n.running_mean, n.running_var))
+        key += (dtype, self.weight.device)
+        if self._folded is None or self._folded[0] != key:
+            compute = torch.promote_types(self.weight.dtype, torch.float32)
+            scale = n.weight.to(compute) * (n.running_var.to(compute) + n.eps).rsqrt()
+            weight = (self.weight.to(compute) * scale.view(-1, 1, 1, 1)).to(dtype)
+            bias = (n.bias.to(compute) - n.running_mean.to(compute) * scale).to(dtype)
+            # oneDNN reorders an NCHW weight for channels-last input on every call: store it channels-last
+            self._folded = (key, weight.contiguous(memory_format=torch.channels_last), bias)
+        return self._folded[1], self._folded[2]
+
     def forward(self, x: Tensor) -> Tensor:
-        """Convolution then frozen normalisation."""
-        return self.norm(F.conv2d(x, self.weight, None, self.stride, self.padding))
+        """Convolution then frozen normalisation (folded into one convolution when no gradient is needed)."""
+        # compilers (Inductor's freezing, torch.export) fold it themselves and must not trace the cache
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad)):
+            return self.norm(F.conv2d(x, self.weight, None, self.stride, self.padding))
+        weight, bias = self.folded(x.dtype)
+        return F.conv2d(x, weight, bias, self.stride, self.padding)
 
 
 class Bottleneck(nn.Module):

@@ -15,6 +15,7 @@ from ..config import ModelConfig
 from .frame_decoder import MaskedAttentionDecoder
 from .ms_deform_attn import MSDeformAttn
 from .pixel_decoder import MSDeformAttnPixelDecoder
+from .precision import detector_dtype
 from .resnet import ResNet
 from .swin import SwinTransformer
 from .vita_module import VitaModule, VitaOutput
@@ -94,6 +95,10 @@ class VitaModel(nn.Module):
         h, w = x.shape[-2:]
         if d > 1:
             x = F.pad(x, (0, (-w) % d, 0, (-h) % d))  # after normalisation, as detectron2's ImageList
+        x = x.to(detector_dtype(self))
+        if self.config.backbone == "resnet":
+            # channels-last: oneDNN's convolutions run on it without reordering (ResNet's weights follow)
+            x = x.contiguous(memory_format=torch.channels_last)
         return x
 
     def detect(self, images: Tensor, num_query_layers: int = 1) -> DetectorOutput:
@@ -102,11 +107,14 @@ class VitaModel(nn.Module):
         features = self.backbone(x)
         out4, multi_scale = self.pixel_decoder(features)
         frame_mask_features = self.pixel_decoder.mask_features(out4)
-        decoded = self.frame_decoder(multi_scale, frame_mask_features, num_query_layers=num_query_layers)
+        # each stage computes in its own weights' dtype (the reduced-precision policy may differ per stage)
+        fd = next(self.frame_decoder.parameters()).dtype
+        decoded = self.frame_decoder([f.to(fd) for f in multi_scale], frame_mask_features.to(fd),
+                                     num_query_layers=num_query_layers)
         return DetectorOutput(
             frame_queries=decoded.frame_queries[-1],
             frame_logits=decoded.pred_logits[-1],
-            mask_features=self.vita.vita_mask_features(out4),
+            mask_features=self.vita.vita_mask_features(out4.to(self.vita.vita_mask_features.weight.dtype)),
         )
 
     def batch_clips(self, clips: list[Tensor]) -> Tensor:
