@@ -94,6 +94,17 @@ def window_attention(
     return fn(q, k, v, tokens_per_frame, window, shifted, frame_offset)
 
 
+def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, mode: str = "auto") -> tuple[Tensor, Tensor]:
+    """Unmasked attention and each query's log-sum-exp, the signature of ``kernels.reference.attention_with_lse``.
+
+    What the decoder's cross-attention needs to read the tokens in chunks. The CPU form is the fused flash
+    kernel; elsewhere the reference (100 queries: the scores are small).
+    """
+    if resolve(mode, q.device.type) == "cpu" and q.dtype == torch.float32:
+        return cpu.attention_with_lse(q, k, v)
+    return reference.attention_with_lse(q, k, v)
+
+
 def ms_deform_attn(
     value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor, mode: str = "auto"
 ) -> Tensor:
@@ -109,6 +120,6 @@ def ms_deform_attn(
 
 
 __all__ = [
-    "MODES", "KernelUnavailableError", "check_mode", "cpu", "ms_deform_attn", "reference", "resolve",
+    "MODES", "KernelUnavailableError", "attention_with_lse", "check_mode", "cpu", "ms_deform_attn", "reference", "resolve",
     "triton_importable", "window_attention",
 ]

@@ -13,6 +13,7 @@ The bilinear corner weights carry the sampling position, so autograd gives every
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -47,18 +48,56 @@ def window_attention(
     if len(runs) == 1 and runs[0][2] == 1:
         return F.scaled_dot_product_attention(q, k, v)
     # (B, T*N, heads, d) storage: the caller's usual next step, transpose(1, 2).reshape(B, T*N, C), is free
-    out = q.new_empty(b, length, heads, d)
+    out = q.new_empty(b, length, heads, d) if len(runs) > 1 else None
     for start, frames, count in runs:
         lo, hi = start * n, (start + frames * count) * n
         # windows folded into the batch: 4-D inputs reach the fused SDPA kernel (5-D ones fall back to
-        # the unfused math path, measured 7x slower here)
+        # the unfused math path, measured 7x slower here); for B = 1 the folds are views of q, k, v
         parts = [
             t[:, :, lo:hi].reshape(b, heads, count, frames * n, d).transpose(1, 2).reshape(b * count, heads, frames * n, d)
             for t in (q, k, v)
         ]
-        res = F.scaled_dot_product_attention(*parts)  # (B*count, heads, frames*N, d)
-        out[:, lo:hi].view(b, count, frames * n, heads, d).copy_(res.view(b, count, heads, frames * n, d).transpose(2, 3))
+        res = F.scaled_dot_product_attention(*parts)  # (B*count, heads, frames*N, d), (.., frames*N, heads, d) storage
+        res = res.view(b, count, heads, frames * n, d).transpose(2, 3)
+        if out is None:  # one run: its result already is the whole output, no copy
+            return res.reshape(b, length, heads, d).transpose(1, 2)
+        out[:, lo:hi].view(b, count, frames * n, heads, d).copy_(res)
     return out.transpose(1, 2)
+
+
+def attention_with_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """``kernels.reference.attention_with_lse`` through the fused CPU flash-attention kernel (strided inputs as they are)."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+    return out, lse
+
+
+class PackedLinear:
+    """``F.linear`` through MKL's packed GEMM: each weight is packed once per row count and reused.
+
+    Blocks of a few hundred rows make the weights' repacking (what a plain GEMM call does every time) a
+    large part of the cost; measured here, packed blocks of 512-1024 rows ran at the 2048^3 matmul rate
+    and plain ``F.linear`` at about 80% of it. The packs belong to the weights as they are now: make a
+    new instance when they change. Where MKL is absent, or for inputs it does not take (not 2-D fp32,
+    needing grad), it is ``F.linear`` itself.
+    """
+
+    def __init__(self) -> None:
+        self._packs: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+        self.enabled = torch.backends.mkl.is_available()
+
+    def __call__(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        """``F.linear(x, weight, bias)``."""
+        if not (self.enabled and x.dim() == 2 and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
+                and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+            return F.linear(x, weight, bias)
+        rows = x.shape[0]
+        if rows < 128 or min(weight.shape) < 128:  # a pack costs megabytes and its set-up: not for small GEMMs
+            return F.linear(x, weight, bias)
+        key = (id(weight), rows)
+        entry = self._packs.get(key)
+        if entry is None:  # the weight is kept with its pack: its id cannot be reused while the pack lives
+            entry = self._packs[key] = (weight, torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows))
+        return torch.ops.mkl._mkl_linear(x, entry[1], weight.detach(), None if bias is None else bias.detach(), rows)
 
 
 def _taps(locations: Tensor, weights: Tensor, shapes: list[tuple[int, int]], heads: int, rows_per_sample: int):

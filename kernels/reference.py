@@ -46,6 +46,17 @@ def window_attention(
     return (scores.softmax(-1) @ v.float()).to(q.dtype)
 
 
+def attention_with_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Softmax(q k^T / sqrt(d)) v and the log-sum-exp of each query's scaled scores.
+
+    q (B, heads, Lq, d), k and v (B, heads, Lk, d); returns (B, heads, Lq, d) and (B, heads, Lq). The
+    log-sum-exp lets attention over keys given in chunks be combined exactly (online softmax).
+    """
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    lse = scores.logsumexp(-1)
+    return ((scores - lse.unsqueeze(-1)).exp() @ v.float()).to(q.dtype), lse
+
+
 def ms_deform_attn(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor) -> Tensor:
     """Weighted bilinear samples of every level (Deformable DETR's multi-scale deformable attention).
 

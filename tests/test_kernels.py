@@ -129,6 +129,33 @@ def test_ms_deform_attn_cpu_form_gradients():
         assert (ours - ref).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("mode", ["reference", "auto"])
+def test_attention_with_lse_combines_chunks_exactly(mode):
+    g = torch.Generator().manual_seed(0)
+    # keys and values as strided views of one packed (B, L, 2, heads, d) tensor, as the decoder gives them
+    q = torch.randn(2, HEADS, 7, D, generator=g)
+    kv = torch.randn(2, 37, 2, HEADS, D, generator=g)
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    scores = q @ k.transpose(-1, -2) * D**-0.5
+    out, lse = kernels.attention_with_lse(q, k, v, mode=mode)
+    assert (out - scores.softmax(-1) @ v).abs().max() <= 1e-5
+    assert (lse - scores.logsumexp(-1)).abs().max() <= 1e-5
+    (o1, l1), (o2, l2) = (kernels.attention_with_lse(q, k[:, :, a:b], v[:, :, a:b], mode=mode) for a, b in [(0, 20), (20, 37)])
+    total = torch.logaddexp(l1, l2)
+    combined = o1 * (l1 - total).exp().unsqueeze(-1) + o2 * (l2 - total).exp().unsqueeze(-1)
+    assert (combined - out).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("rows", [5, 300])
+def test_packed_linear_is_linear(rows):
+    g = torch.Generator().manual_seed(rows)
+    x, w, b = torch.randn(rows, 256, generator=g), torch.randn(384, 256, generator=g), torch.randn(384, generator=g)
+    linear = cpu.PackedLinear()
+    for _ in range(2):  # the second call reuses the pack
+        assert (linear(x, w, b) - torch.nn.functional.linear(x, w, b)).abs().max() <= 1e-4
+    assert (linear(x[::2], w, b) - torch.nn.functional.linear(x[::2], w, b)).abs().max() <= 1e-4
+
+
 def test_unknown_mode_and_unavailable_triton():
     q, k, v = _qkv(1, 2, 3, seed=0)
     with pytest.raises(ValueError, match="kernels must be one of"):
@@ -208,6 +235,21 @@ def test_encoder_chunks_match_the_official_algorithm(mode, t):
         assert (vita.encode(tokens) - ref).abs().max() <= 1e-5
     grad_path = vita.encode(tokens)  # grad enabled: chunks concatenated, not overwritten
     assert (grad_path.detach() - ref).abs().max() <= 1e-5
+
+
+def test_encoder_at_gemm_sizes_matches_the_official_algorithm():
+    from vita_train.modeling.vita_module import VitaModule
+
+    from .test_vita_window import reference_encode
+
+    # wide enough (C 128, 192 rows a window) for the packed GEMMs and FFN row blocks of the in-place path
+    torch.manual_seed(0)
+    vita = VitaModule(num_classes=3, num_frame_queries=32, hidden_dim=128, num_queries=4, num_heads=4, ffn_dim=256,
+                      enc_layers=2, dec_layers=1, window=W, conv_dim=16, mask_dim=16, chunk_tokens=2 * W * 32).eval()
+    vita.ffn_rows = 160
+    tokens = torch.randn(1, 2 * W + 5, 32, 128)
+    with torch.no_grad():
+        assert (vita.encode(tokens) - reference_encode(vita, tokens)).abs().max() <= 1e-4
 
 
 def test_chunked_decoder_overwrite_and_token_dtype_keep_the_output():
