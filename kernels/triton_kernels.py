@@ -149,21 +149,29 @@ def _tap(x0, y0, fx, fy, hl, wl, start, q_ok, c: tl.constexpr):
 
 
 @triton.jit
+def _query_block(
+    num_values, num_queries, heads,
+    D: tl.constexpr, LEVELS: tl.constexpr, POINTS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """This program's block of queries of one (sample, head): channel offsets, query and channel masks, each
+    query's first sampling-point row, its output row in (N, Lq, heads) and the offset of its value table."""
+    n = tl.program_id(1) // heads
+    h = tl.program_id(1) % heads
+    offs_q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, BLOCK_D)
+    out_row = (n * num_queries + offs_q).to(tl.int64) * heads + h
+    v_off = n.to(tl.int64) * num_values * heads * D + h * D
+    return offs_d, offs_q < num_queries, offs_d < D, out_row * (LEVELS * POINTS), out_row, v_off
+
+
+@triton.jit
 def _msda_fwd(
     V, LOC, AW, OUT, SHAPES, STARTS,
     num_values, num_queries, heads,
     D: tl.constexpr, LEVELS: tl.constexpr, POINTS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_q = tl.program_id(0)
-    pid_nh = tl.program_id(1)
-    n = pid_nh // heads
-    h = pid_nh % heads
-    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_ok = offs_q < num_queries
-    d_ok = offs_d < D
-    row_q = ((n * num_queries + offs_q).to(tl.int64) * heads + h) * (LEVELS * POINTS)
-    v_base = V + n.to(tl.int64) * num_values * heads * D + h * D
+    offs_d, q_ok, d_ok, row_q, out_row, v_off = _query_block(num_values, num_queries, heads, D, LEVELS, POINTS, BLOCK_Q, BLOCK_D)
+    v_base = V + v_off
     acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     for lvl in tl.static_range(LEVELS):
         for p in tl.static_range(POINTS):
@@ -174,7 +182,7 @@ def _msda_fwd(
                 vals = tl.load(v_base + row[:, None] * (heads * D) + offs_d[None, :],
                                mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
                 acc += (a * wx * wy)[:, None] * vals
-    out_ptr = OUT + ((n * num_queries + offs_q).to(tl.int64) * heads + h)[:, None] * D + offs_d[None, :]
+    out_ptr = OUT + out_row[:, None] * D + offs_d[None, :]
     tl.store(out_ptr, acc.to(OUT.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
 
 
@@ -184,17 +192,8 @@ def _msda_bwd(
     num_values, num_queries, heads,
     D: tl.constexpr, LEVELS: tl.constexpr, POINTS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_q = tl.program_id(0)
-    pid_nh = tl.program_id(1)
-    n = pid_nh // heads
-    h = pid_nh % heads
-    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_ok = offs_q < num_queries
-    d_ok = offs_d < D
-    row_q = ((n * num_queries + offs_q).to(tl.int64) * heads + h) * (LEVELS * POINTS)
-    v_off = n.to(tl.int64) * num_values * heads * D + h * D
-    g_ptr = GRAD + ((n * num_queries + offs_q).to(tl.int64) * heads + h)[:, None] * D + offs_d[None, :]
+    offs_d, q_ok, d_ok, row_q, out_row, v_off = _query_block(num_values, num_queries, heads, D, LEVELS, POINTS, BLOCK_Q, BLOCK_D)
+    g_ptr = GRAD + out_row[:, None] * D + offs_d[None, :]
     g = tl.load(g_ptr, mask=q_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     for lvl in tl.static_range(LEVELS):
         for p in tl.static_range(POINTS):
