@@ -94,19 +94,47 @@ def _tokens(job: ProbeJob, n: int, c: int, frames: int) -> tuple[Any, Any]:
     return queries, index
 
 
-def _run_tokens(job: ProbeJob) -> dict[str, Any]:
-    """The token engine on T random frames' tokens; with ``repeats``, times and the memory it grew by."""
+def token_engine(checkpoint: str, device: str) -> Any:
+    """The checkpoint's VitaModule alone, in eval mode: the process holds torch and the token engine, not the detector.
+
+    A native checkpoint is memory-mapped and only its ``vita.*`` tensors are read; another layout goes
+    through the full loader and everything but the VitaModule is dropped.
+    """
+    import gc
+
     import torch
 
-    from vita_train import load_model
+    from vita_train.checkpoint.native import is_native
+    from vita_train.config import ModelConfig
+    from vita_train.modeling.vita_module import VitaModule
 
-    model = load_model(job.checkpoint).eval().to(job.device)
-    n, c = model.config.frame_decoder.num_queries, model.config.frame_decoder.hidden_dim
+    raw = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    if is_native(raw):
+        vita = VitaModule.from_config(ModelConfig.from_dict(raw["config"]))
+        vita.load_state_dict({k[len("vita."):]: v for k, v in raw["model"].items() if k.startswith("vita.")})
+        del raw
+    else:
+        from vita_train import load_model
+
+        del raw
+        vita = load_model(checkpoint).vita
+    gc.collect()
+    return vita.eval().to(device)
+
+
+def _run_tokens(job: ProbeJob) -> dict[str, Any]:
+    """The token engine on T random frames' tokens; with ``repeats``, times, the memory it grew by and the
+    process's peak (model loading included)."""
+    import torch
+
+    vita = token_engine(job.checkpoint, job.device)
+    n, c = vita.fq_pos.num_embeddings, vita.fq_pos.embedding_dim
     sync = device_sync(job.device)
 
     def track(queries: Any, index: Any) -> None:
+        # as the runtime calls it: the engine overwrites the tokens in place (its values do not change the cost)
         with torch.no_grad():
-            model.track(queries, index, window=job.window)
+            vita(queries.unsqueeze(0), index, window=job.window, overwrite_input=True)
         sync()
 
     if not job.repeats:
@@ -118,6 +146,7 @@ def _run_tokens(job: ProbeJob) -> dict[str, Any]:
     # then counts from before the T frames' tokens exist (holding them is part of the cost of T) and
     # includes the warm-up, because later runs reuse memory the allocator kept from the first
     track(*_tokens(job, n, c, 1))
+    loading_peak = peak_rss_bytes() or 0
     memory = DeviceMemory(job.device)
     memory.reset()
     reset_peak_rss()
@@ -131,7 +160,8 @@ def _run_tokens(job: ProbeJob) -> dict[str, Any]:
         track(queries, index)
         times.append(time.perf_counter() - start)
     peak = memory.peak() if memory.cuda else peak_rss_bytes()
-    return {"times": times, "growth_bytes": peak - baseline}
+    process_peak = max(loading_peak, peak_rss_bytes() or 0)
+    return {"times": times, "growth_bytes": peak - baseline, "baseline_bytes": baseline, "process_peak_bytes": process_peak}
 
 
 def _run_runtime(job: ProbeJob) -> dict[str, Any]:

@@ -11,6 +11,8 @@ import logging
 from dataclasses import replace
 from typing import Any, Optional
 
+import numpy as np
+
 from vita_train.inference.pruning import kept_per_frame
 
 from .measure import GB, MB, available_memory, geometric_points, power_fit
@@ -30,12 +32,16 @@ def _measure(ctx: Any, job: ProbeJob, s: Settings) -> Optional[dict[str, Any]]:
     if not result["ok"]:
         log.warning("token engine at T=%d, r=%g did not complete: %s", job.frames, job.ratio, result["reason"])
         return None
-    return {"seconds": stat(result["times"]), "peak_memory_mb": max(result["growth_bytes"], 1) / MB}
+    out = {"seconds": stat(result["times"]), "peak_memory_mb": max(result["growth_bytes"], 1) / MB}
+    if "process_peak_bytes" in result:
+        out["process_peak_mb"] = result["process_peak_bytes"] / MB
+    return out
 
 
 def _columns(first: Column) -> list[Column]:
     return [first, Column("tokens", "tokens per frame", "count"), Column("seconds", "token engine (s)", "time"),
-            Column("ms_per_frame", "per frame (ms)", "time"), Column("peak_memory_mb", "peak memory above baseline (MB)", "memory")]
+            Column("ms_per_frame", "per frame (ms)", "time"), Column("peak_memory_mb", "peak memory above baseline (MB)", "memory"),
+            Column("process_peak_mb", "process peak RSS (MB)", "memory")]
 
 
 def _kernel_rows(rec: Record, s: Settings, ws: Workspace, frames: list[int]) -> None:
@@ -70,7 +76,9 @@ def run(s: Settings, ws: Workspace, rec: Record) -> None:
         keys=("frames",),
         caption=(f"{where}; each T in a fresh process: median (min–max) over {s.repeats} runs after "
                  f"{s.warmup} warm-up (after a one-frame priming run); peak memory is the growth of peak RSS (CPU) or of torch-allocated "
-                 "memory (CUDA) over what the process held before the T frames' tokens were made (the tokens count)."),
+                 "memory (CUDA) over what the process held before the T frames' tokens were made (the tokens count); the "
+                 "process holds torch and the VitaModule alone, and the engine overwrites the tokens in place as the runtime "
+                 "does; process peak RSS is the whole process's, loading included."),
     )
     for t in bar(geometric_points(s.min_frames, s.max_frames, s.points), s.progress, desc="tokens vs T"):
         m = _measure(ctx, replace(job, frames=t), s)
@@ -78,7 +86,7 @@ def run(s: Settings, ws: Workspace, rec: Record) -> None:
             rec.note(f"T={t} and longer were not measured: the run did not complete (memory or --probe-timeout)")
             break
         rec.add(by_t, {"frames": t, "tokens": n, "ms_per_frame": scaled(m["seconds"], 1000 / t), **m})
-    fits = _fit(rec, by_t)
+    fits = _fit(rec, by_t, c)
     by_r = rec.table("tokens_vs_ratio", f"Token engine vs pruning ratio r (T = {s.prune_frames})",
                      _columns(Column("ratio", "ratio r", "count")), keys=("ratio",),
                      caption=f"{where}; kept tokens per frame = ceil(r x {n}), at random slots.")
@@ -91,11 +99,13 @@ def run(s: Settings, ws: Workspace, rec: Record) -> None:
     rec.plots += scaling(rec.out_dir / "tokens.png", by_t, fits, f"{cfg.name} token engine, {where} (random weights)")
 
 
-def _fit(rec: Record, table: Table) -> dict[tuple[str, str], tuple[float, float, int, int]]:
+def _fit(rec: Record, table: Table, channels: int) -> dict[tuple[str, str], tuple[float, float, int, int]]:
     """Power-law exponents of time and memory in T, over all T and over the longest decade, as a table.
 
     A fixed cost (the engine's bounded chunk buffers, per-call overhead) bends the curve at small T, so the
-    exponent over the longest decade (T >= max T / 10) is the one that says how long videos scale.
+    exponent over the longest decade (T >= max T / 10) is the one that says how long videos scale. Memory
+    is also fitted as it is built, a linear term (the tokens) plus a constant (the working set): the
+    least-squares line gives both, and the exponent of memory minus that constant shows what is left.
     """
     rows = table.rows
     if len(rows) < 2:
@@ -117,4 +127,20 @@ def _fit(rec: Record, table: Table) -> dict[tuple[str, str], tuple[float, float,
             fits[(name, over)] = (p, c, min(t), max(t))
             rec.add(out, {"quantity": f"token engine {name}", "over": over, "range": f"{min(t)}–{max(t)}",
                           "points": len(t), "exponent": p})
+    t = np.asarray([r["frames"] for r in rows], dtype=float)
+    memory = np.asarray([r["peak_memory_mb"] for r in rows], dtype=float)
+    per_frame, constant = (float(v) for v in np.polyfit(t, memory, 1))
+    rest = memory - constant
+    if per_frame > 0 and (rest > 0).all():
+        p, _ = power_fit(list(t), list(rest))
+        rec.add(out, {"quantity": f"token engine memory − {constant:.0f} MB constant", "over": "all T",
+                      "range": f"{int(t.min())}–{int(t.max())}", "points": len(t), "exponent": p})
+    line = rec.table("tokens_memory_line", "Memory as tokens plus a constant: memory = a * T + b",
+                     [Column("per_frame_mb", "a: MB per frame", "memory"), Column("constant_mb", "b: constant (MB)", "change"),
+                      Column("token_mb_per_frame", "tokens alone (MB per frame)", "memory")],
+                     caption="Least-squares line through the peak memory above baseline at every T; the tokens alone "
+                     "are N x C x 4 bytes per frame (fp32).")
+    tokens = rows[0]["tokens"]
+    rec.add(line, {"per_frame_mb": per_frame, "constant_mb": constant,
+                   "token_mb_per_frame": tokens * channels * 4 / MB})
     return fits
