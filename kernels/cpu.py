@@ -100,55 +100,73 @@ class PackedLinear:
         return torch.ops.mkl._mkl_linear(x, entry[1], weight.detach(), None if bias is None else bias.detach(), rows)
 
 
-def _taps(locations: Tensor, weights: Tensor, shapes: list[tuple[int, int]], heads: int, rows_per_sample: int):
-    """Value-table rows and weights (N*Lq*heads, 4*levels*points) of every bilinear tap.
+def _bordered_values(value: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
+    """``value`` (N, S, heads, D) with every level framed by zero pixels: 1 before and 2 after, on both axes.
 
-    A tap outside its level gets weight 0 and a clamped (valid) row: zero padding without a branch
-    or a mask tensor. Rows index ``value.reshape(N*S*heads, D)``. Every intermediate is a contiguous
-    (N, Lq, heads, levels, points) tensor: strided or broadcast element-wise ops cost several times more.
+    A bilinear tap outside its level then reads a zero instead of being masked, and a clamped position
+    keeps both of its taps inside the frame.
+    """
+    n, _, heads, d = value.shape
+    levels = [
+        F.pad(part.view(n, h, w, heads * d), (0, 0, 1, 2, 1, 2)).view(n, (h + 3) * (w + 3), heads, d)
+        for part, (h, w) in zip(value.split([h * w for h, w in shapes], dim=1), shapes)
+    ]
+    return torch.cat(levels, 1) if len(levels) > 1 else levels[0]
+
+
+def _taps(locations: Tensor, weights: Tensor, shapes: list[tuple[int, int]], heads: int, rows_per_sample: int):
+    """Rows of the bordered value table and weights (N*Lq*heads, levels*points*4) of every bilinear tap.
+
+    Positions are in bordered pixels (pixel i of a level sits at i + 1), clamped into [0, size + 1]: a tap
+    outside the level lands on the zero border, so no mask, comparison or branch is needed, and a
+    position off the level on either axis gets zeros from both of that axis' taps (grid_sample's zeros
+    padding). Rows index ``bordered.reshape(N*S'*heads, D)``.
+
+    The arithmetic runs coordinate- and level-major, (2, levels, N, Lq, heads, points), where each
+    per-level constant broadcasts over a long contiguous run (an op that broadcasts over the innermost
+    size-2 axis is an order of magnitude slower); the last two ops write the bag-major layout.
     """
     n, lq, _, levels, points, _ = locations.shape
     dev, dt = locations.device, locations.dtype
-    shape = (1, 1, 1, levels, 1)
-    widths = torch.tensor([w for _, w in shapes], device=dev, dtype=torch.int32).view(shape)
-    heights = torch.tensor([h for h, _ in shapes], device=dev, dtype=torch.int32).view(shape)
+    shape = (levels, 1, 1, 1, 1)
+    sizes = torch.tensor([[w for _, w in shapes], [h for h, _ in shapes]], device=dev, dtype=dt).view(2, *shape)
+    loc = locations.permute(5, 3, 0, 1, 2, 4)  # (2, levels, N, Lq, heads, points), a strided view
+    pix = torch.addcmul(torch.full((), 0.5, device=dev, dtype=dt), loc, sizes)  # align_corners False, +1 border
+    pix = torch.minimum(pix.clamp_(min=0), sizes + 1)
+    low = pix.floor()
+    frac = pix.sub_(low)
+    low = low.to(torch.int32)
+    widths = torch.tensor([w + 3 for _, w in shapes], device=dev, dtype=torch.int32)
     starts, acc = [], 0
     for h, w in shapes:
         starts.append(acc)
-        acc += h * w
-    # per (sample, head, level): the row of pixel (0, 0) of that level for that head
-    base = (torch.arange(n, device=dev, dtype=torch.int32).view(n, 1, 1, 1, 1) * rows_per_sample
-            + torch.arange(heads, device=dev, dtype=torch.int32).view(1, 1, heads, 1, 1)
-            + torch.tensor(starts, device=dev, dtype=torch.int32).view(shape) * heads)
-
-    def axis(coord: Tensor, size: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        # align_corners False: pixel centres sit at (i + 0.5) / size
-        pix = coord * size.to(dt) - 0.5
-        low = pix.floor()
-        frac = pix - low
-        low = low.to(torch.int32)
-        lim = size - 1
-        w0 = (1 - frac) * ((low >= 0) & (low <= lim))
-        w1 = frac * ((low >= -1) & (low < lim))
-        return low.clamp(min=0).minimum(lim), (low + 1).clamp(min=0).minimum(lim), w0, w1
-
-    x0, x1, wx0, wx1 = axis(locations[..., 0].contiguous(), widths)
-    y0, y1, wy0, wy1 = axis(locations[..., 1].contiguous(), heights)
-    stride_y = widths * heads
-    row_y0, row_y1 = base + y0 * stride_y, base + y1 * stride_y
-    x0, x1 = x0 * heads, x1 * heads
-    wy0, wy1 = wy0 * weights, wy1 * weights
+        acc += (h + 3) * (w + 3)
+    # per (level, sample, head): the row of bordered pixel (0, 0) of that level
+    base = (torch.tensor(starts, device=dev, dtype=torch.int32).view(shape) * heads
+            + torch.arange(n, device=dev, dtype=torch.int32).view(1, n, 1, 1, 1) * rows_per_sample
+            + torch.arange(heads, device=dev, dtype=torch.int32).view(1, 1, 1, heads, 1))
+    first = (low[1] * widths.view(shape) + low[0]) * heads + base  # (levels, N, Lq, heads, points)
+    # the 4 taps' row offsets per level: (y0, x0), (y0, x1), (y1, x0), (y1, x1)
+    step = (widths.view(levels, 1, 1) * torch.tensor([0, 0, 1, 1], device=dev, dtype=torch.int32)
+            + torch.tensor([0, 1, 0, 1], device=dev, dtype=torch.int32)).view(levels, 1, 4) * heads
+    bag_major = (1, 2, 3, 0, 4)  # (N, Lq, heads, levels, points)
+    rows = first.permute(*bag_major).unsqueeze(-1) + step  # (N, Lq, heads, levels, points, 4), contiguous
+    a = weights.to(dt).permute(3, 0, 1, 2, 4)  # (levels, N, Lq, heads, points)
+    ay1 = a * frac[1]
+    ay0 = a - ay1  # weight * (1 - fy)
+    fx = frac[0]
+    # (levels, N, Lq, heads, points, 4) in tap order y0x0, y0x1, y1x0, y1x1
+    taps = torch.stack((ay0 - ay0 * fx, ay0 * fx, ay1 - ay1 * fx, ay1 * fx), dim=-1)
+    taps = taps.permute(1, 2, 3, 0, 4, 5).contiguous()
     bags = n * lq * heads
-    # bag entries ordered (tap, level, point): each tap writes contiguous runs
-    rows = torch.stack([row_y0 + x0, row_y0 + x1, row_y1 + x0, row_y1 + x1], dim=3)
-    taps = torch.stack([wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1], dim=3)
-    return rows.view(bags, 4 * levels * points), taps.view(bags, 4 * levels * points)
+    return rows.view(bags, levels * points * 4), taps.view(bags, levels * points * 4)
 
 
 def ms_deform_attn(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor) -> Tensor:
     """``kernels.reference.ms_deform_attn`` as one weighted ``embedding_bag`` over the value rows."""
-    n, s, heads, d = value.shape
+    n, _, heads, d = value.shape
     lq = locations.shape[1]
-    rows, taps = _taps(locations, weights, shapes, heads, s * heads)
-    out = F.embedding_bag(rows, value.reshape(n * s * heads, d), mode="sum", per_sample_weights=taps.to(value.dtype))
+    table = _bordered_values(value, shapes)
+    rows, taps = _taps(locations, weights, shapes, heads, table.shape[1] * heads)
+    out = F.embedding_bag(rows, table.view(-1, d), mode="sum", per_sample_weights=taps.to(value.dtype))
     return out.view(n, lq, heads * d)

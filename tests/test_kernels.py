@@ -116,6 +116,17 @@ def test_ms_deform_attn_cpu_form(lq):
         assert (kernels.ms_deform_attn(value, SHAPES, locations, weights) - ref).abs().max() <= 1e-5
 
 
+def test_ms_deform_attn_cpu_form_far_outside_and_on_the_border():
+    """Positions many pixels off every level, and exactly on pixel centres and edges, read what grid_sample reads."""
+    value, locations, weights = _msda_inputs(2, 50, SHAPES, 4, seed=5)
+    far = torch.rand(locations.shape, generator=torch.Generator().manual_seed(6)) * 6 - 3
+    h_w = torch.tensor([[w, h] for h, w in SHAPES], dtype=torch.float32).view(1, 1, 1, len(SHAPES), 1, 2)
+    grid = (torch.randint(-2, 9, locations.shape, generator=torch.Generator().manual_seed(7)) / 2) / h_w
+    for loc in (far, grid):
+        ref = reference.ms_deform_attn(value, SHAPES, loc, weights)
+        assert (cpu.ms_deform_attn(value, SHAPES, loc, weights) - ref).abs().max() <= 1e-5
+
+
 def test_ms_deform_attn_cpu_form_gradients():
     value, locations, weights = _msda_inputs(2, 7, SHAPES, 4, seed=3)
     grad_out = torch.randn(2, 7, HEADS * D)

@@ -64,13 +64,17 @@ class MSDeformAttn(nn.Module):
         offsets = self.sampling_offsets(query).view(n, lq, heads, levels, points, 2).to(reference_points.dtype)
         weights = self.attention_weights(query).view(n, lq, heads, levels * points).softmax(-1)
         weights = weights.view(n, lq, heads, levels, points)
-        # offsets are in pixels of each level: normalise by that level's (W, H); dividing by the sizes
-        # themselves (not a tensor built from them) keeps them symbolic when traced for export
-        scaled = [
-            torch.stack((offsets[:, :, :, lvl, :, 0] / w, offsets[:, :, :, lvl, :, 1] / h), dim=-1)
-            for lvl, (h, w) in enumerate(shapes)
-        ]
-        locations = reference_points[:, :, None, None, None, :] + torch.stack(scaled, dim=3)
+        # offsets are in pixels of each level: normalise by that level's (W, H)
+        if _exporting():
+            # dividing by the sizes themselves (not a tensor built from them) keeps them symbolic when traced
+            scaled = torch.stack([
+                torch.stack((offsets[:, :, :, lvl, :, 0] / w, offsets[:, :, :, lvl, :, 1] / h), dim=-1)
+                for lvl, (h, w) in enumerate(shapes)
+            ], dim=3)
+        else:  # the same divisions, as one broadcast op
+            sizes = torch.tensor([[w, h] for h, w in shapes], dtype=offsets.dtype, device=offsets.device)
+            scaled = offsets / sizes.view(1, 1, 1, levels, 1, 2)
+        locations = reference_points[:, :, None, None, None, :] + scaled
         sample = self.sample_fn
         if sample is ms_deform_attn_sample and self.kernels != "reference" and not _exporting():
             return self.output_proj(kernels_lib.ms_deform_attn(v, shapes, locations, weights, mode=self.kernels))
