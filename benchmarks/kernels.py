@@ -165,8 +165,8 @@ print(json.dumps(result))
 def counted_flops(vita: Any, tokens: Any) -> float:
     """FLOPs of one inference pass of ``vita`` over ``tokens``, counted by torch.utils.flop_counter.
 
-    The counter knows neither the CPU flash-attention op nor in-place ``addmm_``; both are added with
-    torch's own formulas (for SDPA and addmm).
+    The counter knows neither the CPU flash-attention op, in-place ``addmm_`` nor MKL's packed linear;
+    they are added with torch's own formulas (for SDPA and addmm) and 2 * rows * in * out.
     """
     from torch.utils.flop_counter import FlopCounterMode, addmm_flop, sdpa_flop_count
 
@@ -176,7 +176,12 @@ def counted_flops(vita: Any, tokens: Any) -> float:
     def addmm_(self_shape, a, b, *args, out_shape=None, **kwargs) -> int:
         return addmm_flop(self_shape, a, b)
 
+    def mkl_linear(x_shape, packed_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * math.prod(x_shape[:-1]) * x_shape[-1] * weight_shape[0]
+
     mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa, torch.ops.aten.addmm_: addmm_}
+    if hasattr(torch.ops.mkl, "_mkl_linear"):
+        mapping[torch.ops.mkl._mkl_linear] = mkl_linear
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         vita(tokens, overwrite_input=True)
     return float(counter.get_total_flops())

@@ -130,11 +130,13 @@ def _fit(rec: Record, table: Table, channels: int) -> dict[tuple[str, str], tupl
     t = np.asarray([r["frames"] for r in rows], dtype=float)
     memory = np.asarray([r["peak_memory_mb"] for r in rows], dtype=float)
     per_frame, constant = (float(v) for v in np.polyfit(t, memory, 1))
-    rest = memory - constant
-    if per_frame > 0 and (rest > 0).all():
-        p, _ = power_fit(list(t), list(rest))
-        rec.add(out, {"quantity": f"token engine memory − {constant:.0f} MB constant", "over": "all T",
-                      "range": f"{int(t.min())}–{int(t.max())}", "points": len(t), "exponent": p})
+    # at small T the tokens are a sliver of the constant: fit what is left where T >= max T / 10
+    decade = t >= t_max / 10
+    rest, t_rest = memory[decade] - constant, t[decade]
+    if per_frame > 0 and len(t_rest) >= 2 and (rest > 0).all():
+        p, _ = power_fit(list(t_rest), list(rest))
+        rec.add(out, {"quantity": f"token engine memory − {constant:.0f} MB constant (b below)", "over": "longest decade",
+                      "range": f"{int(t_rest.min())}–{int(t_rest.max())}", "points": len(t_rest), "exponent": p})
     line = rec.table("tokens_memory_line", "Memory as tokens plus a constant: memory = a * T + b",
                      [Column("per_frame_mb", "a: MB per frame", "memory"), Column("constant_mb", "b: constant (MB)", "change"),
                       Column("token_mb_per_frame", "tokens alone (MB per frame)", "memory")],
