@@ -119,6 +119,9 @@ def scaling(path: Path, table: Table, fits: dict[tuple[str, str], tuple[float, f
             for (quantity, over), (p, c, lo, hi) in fits.items():
                 if quantity == fit_key:
                     ax.plot([lo, hi], [c * lo**p, c * hi**p], "--", label=f"fit over {over}: T^{p:.2f}")
+                elif quantity == fit_key + " line":  # (a, b): a * T + b, the tokens plus a constant
+                    xs = [lo * (hi / lo) ** (i / 49) for i in range(50)]
+                    ax.plot(xs, [p * x + c for x in xs], ":", label=f"{p:.3g} MB x T + {c:.0f} MB")
             ax.set_xscale("log")
             ax.set_yscale("log")
             _plain_log_ticks(ax)

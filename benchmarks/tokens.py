@@ -130,6 +130,7 @@ def _fit(rec: Record, table: Table, channels: int) -> dict[tuple[str, str], tupl
     t = np.asarray([r["frames"] for r in rows], dtype=float)
     memory = np.asarray([r["peak_memory_mb"] for r in rows], dtype=float)
     per_frame, constant = (float(v) for v in np.polyfit(t, memory, 1))
+    fits[("memory line", "all T")] = (per_frame, constant, int(t.min()), int(t.max()))
     # at small T the tokens are a sliver of the constant: fit what is left where T >= max T / 10
     decade = t >= t_max / 10
     rest, t_rest = memory[decade] - constant, t[decade]
