@@ -7,7 +7,9 @@ cannot be written, dropped for a second (recompute) pass. device / host / disk /
 
 from __future__ import annotations
 
+import errno
 import logging
+import shutil
 from typing import Any, Iterator, Optional
 
 from .backends.base import Backend
@@ -49,7 +51,7 @@ class FeatureStore:
         if not self.auto:
             return
         if self.mode == "device" and self.bytes > self.device_budget:
-            log.info("mask features exceed the device budget (%.0f MB): keeping them on the host in float16",
+            log.debug("mask features exceed the device budget (%.0f MB): keeping them on the host in float16",
                      self.device_budget / 2**20)
             self.parts = [self.backend.to_host(p) for p in self.parts]
             self.bytes = sum(p.nbytes for p in self.parts)
@@ -61,11 +63,16 @@ class FeatureStore:
             self._spill(parts)
 
     def _spill(self, parts: list[Any]) -> None:
-        """Append host (float16) parts to the spool file; a write that fails (disk full) falls back to recompute."""
+        """Append host parts to the spool file; when the disk is (nearly) full, fall back to recompute."""
         try:
             if self.spool is None:
                 self.spool = ArraySpool(prefix="vita-features-")
             for part in parts:
+                free = shutil.disk_usage(self.spool.directory).free
+                # never fill the user's disk: keep a reserve of 1 GB and a tenth of what is free
+                if part.nbytes > free - max(1 << 30, free // 10):
+                    raise OSError(errno.ENOSPC, f"{free / 2**30:.1f} GB free in {self.spool.directory}, "
+                                  f"keeping a reserve")
                 self.spool.append(part)
         except OSError as e:
             if not self.auto:

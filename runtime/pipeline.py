@@ -13,7 +13,7 @@ import numpy as np
 
 from vita_train.inference.preprocess import padded_size, resize_frame, resized_size
 
-from .backends.base import Backend
+from .backends.base import Backend, default_batch_size
 from .feature_store import FeatureStore
 from .options import SegmentOptions
 from .prefetch import prefetch
@@ -56,7 +56,7 @@ def run(backend: Backend, video: Any, options: SegmentOptions) -> VideoResult:
         max_size = options.max_size or cfg.input.max_size_test
         size = resized_size(h, w, min_size, max_size)
         padded = padded_size(size, cfg.input.size_divisibility)
-        batch_size = options.batch_size or (8 if str(backend.device).startswith("cuda") else 2)
+        batch_size = options.batch_size or default_batch_size(backend)
         device_budget = (
             int(options.device_budget_mb * 2**20) if options.device_budget_mb is not None else backend.device_budget()
         )

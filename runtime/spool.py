@@ -17,7 +17,8 @@ class ArraySpool:
     """A sequence of arrays of one item shape and dtype, on disk."""
 
     def __init__(self, prefix: str, directory: Optional[str] = None) -> None:
-        self.file = tempfile.TemporaryFile(prefix=prefix, dir=directory)
+        self.directory = directory or tempfile.gettempdir()
+        self.file = tempfile.TemporaryFile(prefix=prefix, dir=self.directory)
         self.item_shape: Optional[tuple[int, ...]] = None
         self.dtype: Optional[np.dtype] = None
         self.count = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -17,10 +18,13 @@ from vita_train.modeling.resnet import ConvNorm
 
 needs_bf16 = pytest.mark.skipif(not bf16_supported(), reason="this CPU has neither AVX-512-BF16 nor AMX")
 
-# What bf16 must keep of the fp32 result on each official fixture: the same labels, and matched masks.
-# r50_tiny sits below bf16's resolution: fp32 itself, with the backbone's weights scaled by 1 + 1e-3 N(0, 1)
-# (a quarter of bf16's rounding), gives mean IoU 0.94 and min 0.78 there, so only its mean is held, at 0.9.
-BF16_AGREEMENT = {"swin_tiny": (0.95, 0.95), "r50_tiny": (0.9, 0.0)}
+# What bf16 must keep of the fp32 result on each official fixture: (mean IoU, min IoU of matched instances,
+# labels that may differ). Both fixtures hold near-ties at the top-k boundary, below bf16's resolution:
+# fp32 itself, with the backbone's weights scaled by 1 + 1e-5 N(0, 1), swaps swin_tiny's 10th instance for
+# another label (mean IoU 0.987, min 0.897); r50_tiny (a random tiny model scoring every instance near 0.2)
+# at 1 + 1e-3 N(0, 1) gives mean IoU 0.94, min 0.78 and one label changed. Measured bf16 (2 threads):
+# swin_tiny mean 0.979, min 0.906, one boundary swap; r50_tiny mean 0.905, min 0.77, one boundary swap.
+BF16_AGREEMENT = {"swin_tiny": (0.95, 0.9, 1), "r50_tiny": (0.85, 0.0, 1)}
 
 
 def test_folded_batch_norm_equals_conv_then_norm():
@@ -74,9 +78,10 @@ def test_bf16_cast_keeps_norms_fp32_and_leaves_the_callers_model_alone():
 def test_bf16_on_cpu_agrees_with_fp32_on_the_official_fixtures(official_case):
     fp32 = runtime.load(official_case.ckpt, device="cpu").segment(official_case.frames)
     bf16 = runtime.load(official_case.ckpt, device="cpu", dtype="bfloat16").segment(official_case.frames)
-    assert sorted(i.label for i in bf16.instances) == sorted(i.label for i in fp32.instances)
+    labels_fp32, labels_bf16 = Counter(i.label for i in fp32.instances), Counter(i.label for i in bf16.instances)
     a = agreement(fp32, bf16)
-    min_mean, min_worst = BF16_AGREEMENT[official_case.name]
+    min_mean, min_worst, swaps = BF16_AGREEMENT[official_case.name]
+    assert sum((labels_fp32 - labels_bf16).values()) <= swaps, (labels_fp32, labels_bf16)
     assert a["mean_iou"] >= min_mean and a["min_iou"] >= min_worst, a
     assert a["max_score_diff"] <= 0.1, a
 

@@ -15,7 +15,7 @@ from . import numpy_ops
 from .base import Detection, Selection
 
 log = logging.getLogger(__name__)
-_CPU_FEATURE_BUDGET = 128 << 20
+_CPU_FEATURE_BUDGET = 0
 _DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
 
@@ -113,7 +113,8 @@ class OnnxRuntimeBackend:
         return np.concatenate(list(arrays))
 
     def to_host(self, features: np.ndarray) -> np.ndarray:
-        return features.astype(np.float16)
+        # CPU outputs are host memory already: kept exact; a GPU provider's copy is halved
+        return features if self.device == "cpu" else features.astype(np.float16)
 
     def from_host(self, features: np.ndarray) -> np.ndarray:
         return features.astype(np.float32)

@@ -19,9 +19,9 @@ from .base import Detection, Selection
 from .compiled import CompiledDetector
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# CPU "device" memory is host memory: keep fp32 features up to this many bytes, then float16 (host budget), then
-# a temporary file, so that peak memory does not grow with the video.
-_CPU_FEATURE_BUDGET = 128 << 20
+# On the CPU "device" memory is host memory: features go straight to float16 (the host budget), then to a
+# temporary file, so that peak memory does not grow with the video.
+_CPU_FEATURE_BUDGET = 0
 
 
 class _TorchMaskHead:
@@ -126,6 +126,8 @@ class TorchBackend:
         return torch.cat(list(arrays))
 
     def to_host(self, features: torch.Tensor) -> np.ndarray:
+        if not self.device.startswith("cuda") and self.dtype == "float32":
+            return features.numpy()  # exact: a float32 CPU run keeps its features bit for bit
         return features.to(torch.float16).cpu().numpy()
 
     def from_host(self, features: np.ndarray) -> torch.Tensor:

@@ -15,7 +15,7 @@ import numpy as np
 
 from vita_train.inference.preprocess import padded_size, resize_frame, resized_size
 
-from ..backends.base import Backend
+from ..backends.base import Backend, default_batch_size
 from ..options import SegmentOptions
 from ..prefetch import prefetch
 from ..results import MaskEncoder
@@ -108,7 +108,7 @@ def _clips(backend: Backend, source: FrameSource, opts: StreamOptions, seg: Segm
         names = tuple(backend.config.label_names())
         tracks = TrackSet(opts, runner.orig[0] * runner.orig[1])
         buffer = ClipBuffer(opts.clip_len, opts.overlap)
-        batch_size = seg.batch_size or (8 if str(backend.device).startswith("cuda") else 2)
+        batch_size = seg.batch_size or default_batch_size(backend)
 
         def prepare(frame: np.ndarray) -> tuple[float, np.ndarray, Optional[np.ndarray]]:
             return time.monotonic(), resize_frame(frame, runner.size), frame if opts.keep_frames else None
