@@ -82,13 +82,17 @@ def run(s: Settings, ws: Workspace, rec: Record) -> None:
     columns += [Column(STAGE_KEYS[k], f"{k} s/frame", "time") for k in STAGES]
     columns += [Column("peak_rss_gb", "peak host RSS (GB)", "memory"), Column("peak_device_gb", "peak device memory (GB)", "memory"),
                 Column("first_result_s", "time to first result (s)", "time"),
-                Column("speedup_vs_reference", "speed-up vs torch fp32 reference (same run)", "ratio")]
+                Column("speedup_vs_reference", "speed-up vs torch fp32 reference (same run)", "ratio"),
+                Column("speedup_vs_official", "speed-up vs the official code (its figure for this CPU kind)", "ratio")]
+    official = references.official_cpu_figure(rec.environment.get("cpu", {}).get("model", "")) if ws.device == "cpu" else None
     table = rec.table(
         "e2e", f"End to end: runtime.segment, {clip.description}", columns, keys=("backend", "precision", "kernels"),
         caption=(f"{ws.device}, {s.threads} threads; median (min–max) over {s.repeats} runs after {s.warmup} warm-up. "
                  "Stages: decode+resize is the time the loop waited for the background reader; time to first "
                  "result is loading plus the first (cold) segment call. Speed-up = s/frame of the plain fp32 PyTorch "
-                 "path (reference kernels) / this s/frame, both measured in this run."),
+                 "path (reference kernels) / this s/frame, both measured in this run. Speed-up vs the official code: "
+                 + (f"{official[1]} / this s/frame (not measured here: machines of one kind differ)." if official
+                    else "no official figure for this CPU kind.")),
     )
     reference_s = None
     for spec in bar(specs, s.progress, desc="e2e"):
@@ -104,6 +108,7 @@ def run(s: Settings, ws: Workspace, rec: Record) -> None:
         row["peak_device_gb"] = m["peak_device"] / GB if m["peak_device"] else None
         row["first_result_s"] = m["first_result"]
         row["speedup_vs_reference"] = reference_s / per_frame["median"] if reference_s else None
+        row["speedup_vs_official"] = official[0] / per_frame["median"] if official else None
         rec.add(table, row)
     others = rec.table(
         "e2e_references", "Other machines' figures (not measured here)",

@@ -13,6 +13,20 @@ E2E = [
      "setting": "R-50", "s_per_frame": 1 / 46.1, "fps": 46.1, "memory_gb": None},
 ]
 
+# The official code's end-to-end CPU time by CPU vendor (2 threads, full-size R-50, 36 frames 360x640):
+# Intel Xeon 1.87-2.00 s/frame (midpoint used), AMD EPYC 2.79. Other machines of the same vendor differ.
+OFFICIAL_CPU_S_PER_FRAME = {"Intel": (1.935, "official code on an Intel Xeon, 1.87–2.00 s/frame (another run)"),
+                            "AMD": (2.79, "official code on an AMD EPYC, 2.79 s/frame (another run)")}
+
+
+def official_cpu_figure(cpu_model: str) -> tuple[float, str] | None:
+    """The official code's s/frame on a CPU of this vendor (another machine's figure), or None."""
+    for vendor, figure in OFFICIAL_CPU_S_PER_FRAME.items():
+        if vendor.lower() in (cpu_model or "").lower():
+            return figure
+    return None
+
+
 # Paper Table 4: the longest video processed at once on a 12 GB Titan XP, 360x640 (R-50).
 TABLE4 = {3: 2677, 6: 1392, 12: 741}
 TABLE4_OTHERS = {"VisTR": 46, "IFC": 123, "Mask2Former-VIS": 81}
