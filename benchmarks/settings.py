@@ -46,7 +46,7 @@ class Settings:
     windows: tuple[int, ...] = (3, 6, 12)
     ratios: tuple[float, ...] = (1.0, 0.75, 0.5)
     scope: str = "both"  # tokens | runtime | both
-    policies: tuple[str, ...] = ("device", "host", "recompute")
+    policies: tuple[str, ...] = ("device", "host", "disk", "recompute")
     probe_timeout: float = 600.0
     frame_cap: int = 100000
     runtime_frame_cap: Optional[int] = None  # None: frame_cap

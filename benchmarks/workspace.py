@@ -6,7 +6,6 @@ download is needed. ``--model`` takes a checkpoint or an export directory instea
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -14,6 +13,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+
+from vita_train.utils.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +47,6 @@ class BackendSpec:
 # The plain fp32 PyTorch path every fast path is measured against.
 REFERENCE = BackendSpec("torch", "fp32", "reference")
 TORCH = BackendSpec("torch", "fp32")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Workspace:
@@ -110,7 +103,7 @@ class Workspace:
                     "sha256": meta["source_checkpoint"]["sha256"]}
         ckpt = self.checkpoint()
         weights = f"checkpoint {self.model_path}" if self.model_path else "random init (torch seed 0), not trained"
-        return {"preset": self.config.name, "weights": weights, "sha256": _sha256(ckpt)}
+        return {"preset": self.config.name, "weights": weights, "sha256": sha256_file(ckpt)}
 
     @property
     def config(self) -> Any:
