@@ -13,7 +13,7 @@ The bilinear corner weights carry the sampling position, so autograd gives every
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Collection, Optional
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +81,9 @@ class PackedLinear:
     needing grad), it is ``F.linear`` itself.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, rows: Optional[Collection[int]] = None) -> None:
+        # row counts worth a pack (each is megabytes): the ones nearly every call has; others run F.linear
+        self.rows = None if rows is None else frozenset(rows)
         self._packs: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
         self.enabled = torch.backends.mkl.is_available()
 
@@ -91,7 +93,7 @@ class PackedLinear:
                 and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
             return F.linear(x, weight, bias)
         rows = x.shape[0]
-        if rows < 128 or min(weight.shape) < 128:  # a pack costs megabytes and its set-up: not for small GEMMs
+        if rows < 128 or min(weight.shape) < 128 or (self.rows is not None and rows not in self.rows):
             return F.linear(x, weight, bias)
         key = (id(weight), rows)
         entry = self._packs.get(key)

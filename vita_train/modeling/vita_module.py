@@ -209,8 +209,10 @@ class VitaModule(nn.Module):
         t, n, c = x.shape[1], x.shape[2], x.shape[3]
         for i in range(len(self.enc_self_attn)):
             layer_shifted = shifted and i % 2 == 1
-            linear = PackedLinear()  # this layer's weights packed for its row counts, freed after the layer
-            for a, b in self._chunks(t, n, w, layer_shifted):
+            chunks = self._chunks(t, n, w, layer_shifted)
+            # this layer's weights packed for a full chunk and an FFN block (edge chunks run plain GEMMs)
+            linear = PackedLinear(rows={max(b - a for a, b in chunks) * n, self.ffn_rows})
+            for a, b in chunks:
                 for item in x:  # (T, N, C), contiguous: its frames [a, b) are contiguous rows
                     self._encoder_chunk_into(i, item[a:b].view(-1, c), n, a, w, layer_shifted, linear)
         return x
