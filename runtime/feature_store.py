@@ -57,7 +57,7 @@ class FeatureStore:
             self.bytes = sum(p.nbytes for p in self.parts)
             self.mode = "host"
         if self.mode == "host" and self.bytes > self.host_budget:
-            log.info("mask features exceed the host budget (%.0f MB): spooling them to a temporary file in float16",
+            log.info("mask features exceed the host budget (%.0f MB): spooling them to a temporary file",
                      self.host_budget / 2**20)
             parts, self.parts, self.bytes, self.mode = self.parts, [], 0, "disk"
             self._spill(parts)
