@@ -6,7 +6,7 @@ unchanged; tensors are batch-first (N, L, C) throughout.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,36 +43,6 @@ class MultiheadAttention(nn.Module):
             mask = ~mask  # scaled_dot_product_attention takes True = allowed
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out_proj(out.transpose(1, 2).reshape(n, lq, c))
-
-    def forward_chunks(self, query: Tensor, kv_chunks: Iterable[tuple[Tensor, Tensor]]) -> Tensor:
-        """``forward(query, key, value)`` with (key, value) given chunk by chunk along their length, no mask.
-
-        An online softmax (running max and sum per query) combines the chunks, so only one chunk's keys,
-        values and scores exist at a time: the result equals attention over the concatenated keys.
-        """
-        n, lq, c = query.shape
-        h = self.num_heads
-        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        q = F.linear(query, w_q, b_q).view(n, lq, h, c // h).transpose(1, 2) * (c // h) ** -0.5
-        run_max = run_sum = acc = None
-        for key, value in kv_chunks:
-            k = F.linear(key, w_k, b_k).view(n, -1, h, c // h).transpose(1, 2)
-            v = F.linear(value, w_v, b_v).view(n, -1, h, c // h).transpose(1, 2)
-            scores = q @ k.transpose(-1, -2)  # (N, heads, Lq, chunk)
-            chunk_max = scores.amax(-1, keepdim=True)
-            new_max = chunk_max if run_max is None else torch.maximum(run_max, chunk_max)
-            p = torch.exp(scores - new_max)
-            if run_max is None:
-                run_sum, acc = p.sum(-1, keepdim=True), p @ v
-            else:
-                scale = torch.exp(run_max - new_max)
-                run_sum = run_sum * scale + p.sum(-1, keepdim=True)
-                acc = acc * scale + p @ v
-            run_max = new_max
-        if acc is None:
-            raise ValueError("forward_chunks got no key/value chunks")
-        return self.out_proj((acc / run_sum).transpose(1, 2).reshape(n, lq, c))
 
 
 def xavier_init(module: nn.Module) -> None:
@@ -118,11 +88,6 @@ class CrossAttentionLayer(nn.Module):
         q = x if pos is None else x + pos
         k = memory if memory_pos is None else memory + memory_pos
         return self.norm(x + self.multihead_attn(q, k, memory, mask))
-
-    def forward_chunks(self, x: Tensor, memory_chunks: Iterable[tuple[Tensor, Tensor]], pos: Optional[Tensor] = None) -> Tensor:
-        """``forward`` with the memory given as (memory + memory_pos, memory) chunks along its length."""
-        q = x if pos is None else x + pos
-        return self.norm(x + self.multihead_attn.forward_chunks(q, memory_chunks))
 
 
 class FFNLayer(nn.Module):
