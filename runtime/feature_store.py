@@ -1,8 +1,10 @@
 """Where mask features live between detection and mask making: the policy that bounds memory.
 
-auto: on the device while they fit its budget, then in host memory as float16 while they fit the host
-budget, then in a temporary file as float16 (memory stays flat in video length), and only if that file
-cannot be written, dropped for a second (recompute) pass. device / host / disk / recompute force one place.
+auto: on the device while they fit its budget, then in host memory while they fit the host budget, then
+in a temporary file (memory stays flat in video length), and only if that file cannot be written, dropped
+for a second (recompute) pass. Host and file hold what ``backend.to_host`` gives: float16 for features
+leaving a GPU or computed in reduced precision, float32 (exact) in a float32 CPU run.
+device / host / disk / recompute force one place.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ from .base import Detection, Selection
 from .compiled import CompiledDetector
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# On the CPU "device" memory is host memory: features go straight to float16 (the host budget), then to a
-# temporary file, so that peak memory does not grow with the video.
+# On the CPU "device" memory is host memory: features go straight to the host tier (float32 in a float32 run,
+# see to_host), then to a temporary file, so that peak memory does not grow with the video.
 _CPU_FEATURE_BUDGET = 0
 
 
