@@ -23,13 +23,6 @@ class ArraySpool:
         self.dtype: Optional[np.dtype] = None
         self.count = 0
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes written so far."""
-        if self.item_shape is None:
-            return 0
-        return self.count * int(np.prod(self.item_shape)) * self.dtype.itemsize
-
     def append(self, items: np.ndarray) -> None:
         """Append ``items`` (N, *item_shape); every call must give the same item shape and dtype."""
         if self.item_shape is None:
