@@ -116,52 +116,65 @@ def _bordered_values(value: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
     return torch.cat(levels, 1) if len(levels) > 1 else levels[0]
 
 
-def _taps(locations: Tensor, weights: Tensor, shapes: list[tuple[int, int]], heads: int, rows_per_sample: int):
-    """Rows of the bordered value table and weights (N*Lq*heads, levels*points*4) of every bilinear tap.
+def _column_major(locations: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """``locations`` as (heads, levels, points, 2, N*Lq) and ``weights`` as (heads, levels, points, N*Lq).
+
+    Views when the caller computed them query-minor (``MSDeformAttn`` does on the CPU), copies otherwise.
+    """
+    n, lq, heads, levels, points, _ = locations.shape
+    loc = locations.permute(2, 3, 4, 5, 0, 1).reshape(heads, levels, points, 2, n * lq)
+    return loc, weights.permute(2, 3, 4, 0, 1).reshape(heads, levels, points, n * lq)
+
+
+def _taps(locations: Tensor, weights: Tensor, shapes: list[tuple[int, int]], rows_per_sample: int):
+    """Rows of the bordered value table and weights (N*Lq*heads, 4*levels*points) of every bilinear tap.
 
     Positions are in bordered pixels (pixel i of a level sits at i + 1), clamped into [0, size + 1]: a tap
     outside the level lands on the zero border, so no mask, comparison or branch is needed, and a
     position off the level on either axis gets zeros from both of that axis' taps (grid_sample's zeros
     padding). Rows index ``bordered.reshape(N*S'*heads, D)``.
 
-    The arithmetic runs coordinate- and level-major, (2, levels, N, Lq, heads, points), where each
-    per-level constant broadcasts over a long contiguous run (an op that broadcasts over the innermost
-    size-2 axis is an order of magnitude slower); the last two ops write the bag-major layout.
+    The arithmetic runs query-minor, (heads, levels, points, [2,] N*Lq): every per-level or per-head
+    constant broadcasts over one long contiguous run of queries (an op that broadcasts over a short
+    inner axis is an order of magnitude slower). Three (heads*levels*points, N*Lq) planes are then
+    transposed to query-major, and the 4-fold tap expansion is written in the bag-major layout
+    (N*Lq, heads, 4, levels*points) that ``embedding_bag`` reads; a bag's tap order does not matter.
     """
-    n, lq, _, levels, points, _ = locations.shape
-    dev, dt = locations.device, locations.dtype
-    shape = (levels, 1, 1, 1, 1)
-    sizes = torch.tensor([[w for _, w in shapes], [h for h, _ in shapes]], device=dev, dtype=dt).view(2, *shape)
-    loc = locations.permute(5, 3, 0, 1, 2, 4)  # (2, levels, N, Lq, heads, points), a strided view
-    pix = torch.addcmul(torch.full((), 0.5, device=dev, dtype=dt), loc, sizes)  # align_corners False, +1 border
-    pix = torch.minimum(pix.clamp_(min=0), sizes + 1)
+    loc, a = _column_major(locations, weights)
+    heads, levels, points, _, m = loc.shape
+    lq = locations.shape[1]
+    dev, dt = loc.device, loc.dtype
+    i32 = dict(device=dev, dtype=torch.int32)
+    sizes = torch.tensor([[w, h] for h, w in shapes], device=dev, dtype=dt).view(1, levels, 1, 2, 1)
+    pix = loc * sizes
+    for lvl, (h, w) in enumerate(shapes):  # scalar bounds: clamp_ is vectorised, a broadcast minimum is not
+        for axis, size in enumerate((w, h)):
+            pix[:, lvl, :, axis].add_(0.5).clamp_(0, size + 1)  # align_corners False, +1 border
     low = pix.floor()
     frac = pix.sub_(low)
     low = low.to(torch.int32)
-    widths = torch.tensor([w + 3 for _, w in shapes], device=dev, dtype=torch.int32)
+    widths = torch.tensor([w + 3 for _, w in shapes], **i32).view(1, levels, 1, 1)
     starts, acc = [], 0
     for h, w in shapes:
         starts.append(acc)
         acc += (h + 3) * (w + 3)
-    # per (level, sample, head): the row of bordered pixel (0, 0) of that level
-    base = (torch.tensor(starts, device=dev, dtype=torch.int32).view(shape) * heads
-            + torch.arange(n, device=dev, dtype=torch.int32).view(1, n, 1, 1, 1) * rows_per_sample
-            + torch.arange(heads, device=dev, dtype=torch.int32).view(1, 1, 1, heads, 1))
-    first = (low[1] * widths.view(shape) + low[0]) * heads + base  # (levels, N, Lq, heads, points)
+    # per (head, level): the row of bordered pixel (0, 0) of that level; per query: its sample's rows
+    base = (torch.tensor(starts, **i32).view(1, levels, 1, 1) * heads + torch.arange(heads, **i32).view(heads, 1, 1, 1))
+    sample = torch.div(torch.arange(m, **i32), lq, rounding_mode="floor") * rows_per_sample
+    first = torch.addcmul(low[:, :, :, 0], low[:, :, :, 1], widths).mul_(heads).add_(base).add_(sample)
+    ay1 = a.to(dt) * frac[:, :, :, 1]
+    ay0 = a.to(dt) - ay1  # weight * (1 - fy)
+    k = levels * points
+    planes = torch.stack((ay0, ay1, frac[:, :, :, 0])).view(3 * heads * k, m).t().contiguous().view(m, 3, heads, k)
+    ay0, ay1, fx = planes.unbind(1)
+    first = first.view(heads * k, m).t().contiguous().view(m, heads, 1, k)
     # the 4 taps' row offsets per level: (y0, x0), (y0, x1), (y1, x0), (y1, x1)
-    step = (widths.view(levels, 1, 1) * torch.tensor([0, 0, 1, 1], device=dev, dtype=torch.int32)
-            + torch.tensor([0, 1, 0, 1], device=dev, dtype=torch.int32)).view(levels, 1, 4) * heads
-    bag_major = (1, 2, 3, 0, 4)  # (N, Lq, heads, levels, points)
-    rows = first.permute(*bag_major).unsqueeze(-1) + step  # (N, Lq, heads, levels, points, 4), contiguous
-    a = weights.to(dt).permute(3, 0, 1, 2, 4)  # (levels, N, Lq, heads, points)
-    ay1 = a * frac[1]
-    ay0 = a - ay1  # weight * (1 - fy)
-    fx = frac[0]
-    # (levels, N, Lq, heads, points, 4) in tap order y0x0, y0x1, y1x0, y1x1
-    taps = torch.stack((ay0 - ay0 * fx, ay0 * fx, ay1 - ay1 * fx, ay1 * fx), dim=-1)
-    taps = taps.permute(1, 2, 3, 0, 4, 5).contiguous()
-    bags = n * lq * heads
-    return rows.view(bags, levels * points * 4), taps.view(bags, levels * points * 4)
+    step = (widths.view(1, levels, 1) * torch.tensor([0, 0, 1, 1], **i32).view(4, 1, 1)
+            + torch.tensor([0, 1, 0, 1], **i32).view(4, 1, 1)) * heads  # (4, levels, 1)
+    rows = first + step.expand(4, levels, points).reshape(4, k)  # (N*Lq, heads, 4, levels*points)
+    ay0x1, ay1x1 = ay0 * fx, ay1 * fx
+    taps = torch.stack((ay0 - ay0x1, ay0x1, ay1 - ay1x1, ay1x1), dim=2)  # the same layout as rows
+    return rows.view(m * heads, 4 * k), taps.view(m * heads, 4 * k)
 
 
 def ms_deform_attn(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor) -> Tensor:
@@ -169,6 +182,6 @@ def ms_deform_attn(value: Tensor, shapes: list[tuple[int, int]], locations: Tens
     n, _, heads, d = value.shape
     lq = locations.shape[1]
     table = _bordered_values(value, shapes)
-    rows, taps = _taps(locations, weights, shapes, heads, table.shape[1] * heads)
+    rows, taps = _taps(locations, weights, shapes, table.shape[1] * heads)
     out = F.embedding_bag(rows, table.view(-1, d), mode="sum", per_sample_weights=taps.to(value.dtype))
     return out.view(n, lq, heads * d)

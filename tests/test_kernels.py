@@ -127,6 +127,30 @@ def test_ms_deform_attn_cpu_form_far_outside_and_on_the_border():
         assert (cpu.ms_deform_attn(value, SHAPES, loc, weights) - ref).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("shared_refs", [True, False])
+def test_ms_deform_attn_module_cpu_path_matches_the_reference(shared_refs):
+    """The module's CPU path (projections computed one column per query) against its plain reference path."""
+    from vita_train.modeling.ms_deform_attn import MSDeformAttn
+
+    torch.manual_seed(0)
+    attn = MSDeformAttn(HEADS * D, num_levels=len(SHAPES), num_heads=HEADS, num_points=4).eval()
+    for p in attn.parameters():  # away from the init, where every offset is a whole pixel
+        p.data += torch.randn_like(p) * 0.05
+    s = sum(h * w for h, w in SHAPES)
+    query, value = torch.randn(2, s, HEADS * D), torch.randn(2, s, HEADS * D)
+    refs = torch.rand(1 if shared_refs else 2, s, 2)
+    with torch.no_grad():
+        outs = {}
+        for mode in ("reference", "auto"):
+            attn.kernels = mode
+            outs[mode] = attn(query, refs, value, SHAPES)
+    assert (outs["auto"] - outs["reference"]).abs().max() <= 1e-5
+    # a control: the same path with the reference points one pixel off does not pass
+    with torch.no_grad():
+        moved = attn(query, refs + 1 / 6, value, SHAPES)
+    assert (moved - outs["reference"]).abs().max() > 1e-2
+
+
 def test_ms_deform_attn_cpu_form_gradients():
     value, locations, weights = _msda_inputs(2, 7, SHAPES, 4, seed=3)
     grad_out = torch.randn(2, 7, HEADS * D)

@@ -56,10 +56,14 @@ class MSDeformAttn(nn.Module):
             nn.init.zeros_(proj.bias)
 
     def forward(self, query: Tensor, reference_points: Tensor, value: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
-        """query (N, Lq, C), reference_points (N, Lq, 2) as (x, y) in [0, 1], value (N, S, C)."""
+        """query (N, Lq, C), reference_points (N or 1, Lq, 2) as (x, y) in [0, 1], value (N, S, C)."""
         n, lq, c = query.shape
         heads, levels, points = self.num_heads, self.num_levels, self.num_points
         v = self.value_proj(value).view(n, value.shape[1], heads, c // heads)
+        fast = self.sample_fn is ms_deform_attn_sample and self.kernels != "reference" and not _exporting()
+        if fast and kernels_lib.resolve(self.kernels, query.device.type) == "cpu":
+            locations, weights = self._query_minor(query, reference_points, shapes)
+            return self.output_proj(kernels_lib.ms_deform_attn(v, shapes, locations, weights, mode=self.kernels))
         # positions in the reference points' dtype (at least fp32): bf16 cannot tell pixels apart at 1/160
         offsets = self.sampling_offsets(query).view(n, lq, heads, levels, points, 2).to(reference_points.dtype)
         weights = self.attention_weights(query).view(n, lq, heads, levels * points).softmax(-1)
@@ -72,10 +76,33 @@ class MSDeformAttn(nn.Module):
                 for lvl, (h, w) in enumerate(shapes)
             ], dim=3)
         else:  # the same divisions, as one broadcast op
-            sizes = torch.tensor([[w, h] for h, w in shapes], dtype=offsets.dtype, device=offsets.device)
-            scaled = offsets / sizes.view(1, 1, 1, levels, 1, 2)
+            scaled = offsets / self._sizes(shapes, offsets).view(1, 1, 1, levels, 1, 2)
         locations = reference_points[:, :, None, None, None, :] + scaled
-        sample = self.sample_fn
-        if sample is ms_deform_attn_sample and self.kernels != "reference" and not _exporting():
+        if fast:
             return self.output_proj(kernels_lib.ms_deform_attn(v, shapes, locations, weights, mode=self.kernels))
-        return self.output_proj(sample(v, shapes, locations, weights))
+        return self.output_proj(self.sample_fn(v, shapes, locations, weights))
+
+    @staticmethod
+    def _sizes(shapes: list[tuple[int, int]], like: Tensor) -> Tensor:
+        return torch.tensor([[w, h] for h, w in shapes], dtype=like.dtype, device=like.device)
+
+    def _query_minor(self, query: Tensor, reference_points: Tensor, shapes: list[tuple[int, int]]):
+        """The forward's locations and weights, the same values, computed one column per query.
+
+        The CPU kernel's index math runs on (heads, levels, points, N*Lq) planes (``kernels.cpu._taps``):
+        projecting with the weights on the left gives that layout directly, and the softmax then reduces
+        over a non-innermost axis, which the CPU kernels vectorise over the queries (over 12 innermost
+        items they do not). Returned as the forward's (N, Lq, ...) shapes, strided views of those planes.
+        """
+        n, lq, c = query.shape
+        heads, levels, points = self.num_heads, self.num_levels, self.num_points
+        m = n * lq
+        q_t = query.reshape(m, c).t()
+        off, att = self.sampling_offsets, self.attention_weights
+        offsets = torch.addmm(off.bias[:, None], off.weight, q_t).to(reference_points.dtype)
+        weights = torch.addmm(att.bias[:, None], att.weight, q_t).view(heads, levels * points, m).softmax(1)
+        refs = reference_points.expand(n, lq, 2).reshape(m, 2).t()
+        sizes = self._sizes(shapes, offsets).view(1, levels, 1, 2, 1)
+        locations = refs.view(1, 1, 1, 2, m) + offsets.view(heads, levels, points, 2, m) / sizes
+        return (locations.view(heads, levels, points, 2, n, lq).permute(4, 5, 0, 1, 2, 3),
+                weights.view(heads, levels, points, n, lq).permute(3, 4, 0, 1, 2))

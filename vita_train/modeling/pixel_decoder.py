@@ -137,5 +137,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
             for part, (h, w) in zip(src.split([h * w for h, w in shapes], dim=1), shapes)
         ]
         lateral = self.adapter_1(like_weights(features["res2"], self.adapter_1))
-        y = lateral + F.interpolate(outs[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+        # channels-last (the tokens' own layout, one small copy): CPU bilinear resizing is an order of
+        # magnitude slower on a strided NCHW view
+        finest = outs[-1].contiguous(memory_format=torch.channels_last)
+        y = lateral + F.interpolate(finest, size=lateral.shape[-2:], mode="bilinear", align_corners=False)
         return self.layer_1(y), outs
