@@ -65,17 +65,31 @@ class MaskedAttentionDecoder(nn.Module):
         self.hidden_dim = hidden_dim
         self.attn_mask_threshold = AttentionMaskThreshold()
 
-    def _heads(self, output: Tensor, mask_features: Tensor, size: tuple[int, int] | None, want_mask: bool):
+    def _heads(
+        self, output: Tensor, mask_features: Tensor, size: tuple[int, int] | None, want_mask: bool,
+        resized_features: dict[tuple[int, int], Tensor],
+    ):
         decoded = self.decoder_norm(output)
         logits = self.class_embed(decoded)
         if size is None and not want_mask:
             return decoded, logits, None, None
-        masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(decoded), mask_features)
+        embed = self.mask_embed(decoded)
+        masks = torch.einsum("bqc,bchw->bqhw", embed, mask_features) if want_mask else None
         attn_mask = None
         if size is not None:
-            resized = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
+            if masks is not None:  # training: the full masks exist for the losses, resize them (official order)
+                resized = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
+            else:  # bilinear resizing is linear per channel: resize the features, not 100 full-size masks
+                resized = torch.einsum("bqc,bchw->bqhw", embed, resized_features[size])
             attn_mask = self.attn_mask_threshold(resized.flatten(2)).detach()
         return decoded, logits, masks, attn_mask
+
+    @staticmethod
+    def _resize_features(mask_features: Tensor, sizes: list[tuple[int, int]]) -> dict[tuple[int, int], Tensor]:
+        """The mask features bilinearly resized to every attention size (inference's mask logits at that size)."""
+        # channels-last: the CPU resize kernel is an order of magnitude slower on NCHW
+        x = mask_features.contiguous(memory_format=torch.channels_last)
+        return {size: F.interpolate(x, size=size, mode="bilinear", align_corners=False) for size in set(sizes)}
 
     def forward(
         self, features: list[Tensor], mask_features: Tensor, num_query_layers: int = 1, with_masks: bool = False
@@ -83,7 +97,9 @@ class MaskedAttentionDecoder(nn.Module):
         """features: [/32, /16, /8] (B, C, h, w); mask_features (B, D, H/4, W/4).
 
         ``num_query_layers``: how many final layers' queries to return (1 at inference, 3 to train VITA).
-        ``with_masks``: also return every prediction's masks (training); inference skips the last einsum.
+        ``with_masks``: also return every prediction's masks (training). Inference computes no full-size
+        masks: each attention mask comes from the mask features resized to that layer's size, which equals
+        resizing the masks (both steps are linear) up to float rounding.
         """
         srcs, poss, sizes = [], [], []
         for i, x in enumerate(features):
@@ -95,7 +111,8 @@ class MaskedAttentionDecoder(nn.Module):
         output = self.query_feat.weight.unsqueeze(0).expand(b, -1, -1)
 
         queries, logits_all, masks_all = [], [], []
-        _, logits, masks, attn_mask = self._heads(output, mask_features, sizes[0], with_masks)
+        resized_features = {} if with_masks else self._resize_features(mask_features, sizes)
+        _, logits, masks, attn_mask = self._heads(output, mask_features, sizes[0], with_masks, resized_features)
         logits_all.append(logits)
         if with_masks:
             masks_all.append(masks)
@@ -110,7 +127,9 @@ class MaskedAttentionDecoder(nn.Module):
             output = self.transformer_ffn_layers[i](output)
             last = i == self.num_layers - 1
             next_size = None if last else sizes[(i + 1) % self.num_levels]
-            decoded, logits, masks, attn_mask = self._heads(output, mask_features, next_size, with_masks)
+            decoded, logits, masks, attn_mask = self._heads(
+                output, mask_features, next_size, with_masks, resized_features
+            )
             logits_all.append(logits)
             if with_masks:
                 masks_all.append(masks)

@@ -1,0 +1,52 @@
+"""The frame decoder's inference path (attention masks from resized mask features) against the official order."""
+
+from __future__ import annotations
+
+import torch
+
+from vita_train.modeling.frame_decoder import MaskedAttentionDecoder
+
+
+def _decoder_and_inputs(seed: int):
+    torch.manual_seed(seed)
+    dec = MaskedAttentionDecoder(num_classes=5, hidden_dim=64, num_queries=12, num_heads=4, ffn_dim=128,
+                                 num_layers=6, mask_dim=64).eval()
+    features = [torch.randn(2, 64, h, w) for h, w in [(3, 5), (6, 9), (11, 17)]]
+    return dec, features, torch.randn(2, 64, 22, 34)
+
+
+def _observed(dec, features, mask_features, with_masks):
+    seen = []
+    hook = dec.attn_mask_threshold.register_forward_hook(lambda m, args, out: seen.append((args[0], out)))
+    with torch.no_grad():
+        out = dec(features, mask_features, with_masks=with_masks)
+    hook.remove()
+    return out, seen
+
+
+def test_inference_attention_masks_equal_resized_full_masks():
+    """Resizing the features before the mask product (inference) or the masks after it (training, official)."""
+    dec, features, mask_features = _decoder_and_inputs(0)
+    fast, fast_seen = _observed(dec, features, mask_features, with_masks=False)
+    full, full_seen = _observed(dec, features, mask_features, with_masks=True)
+    assert fast.pred_masks == [] and len(full.pred_masks) == dec.num_layers + 1
+    assert len(fast_seen) == len(full_seen) == dec.num_layers
+    for (fast_logits, fast_mask), (full_logits, full_mask) in zip(fast_seen, full_seen):
+        assert (fast_logits - full_logits).abs().max() <= 1e-5 * full_logits.abs().max()
+        assert torch.equal(fast_mask, full_mask)
+    assert (fast.frame_queries[-1] - full.frame_queries[-1]).abs().max() <= 1e-5
+    assert (fast.pred_logits[-1] - full.pred_logits[-1]).abs().max() <= 1e-5
+
+
+def test_a_wrong_resize_is_caught():
+    """Control: nearest instead of bilinear resizing of the features changes the attention masks."""
+    dec, features, mask_features = _decoder_and_inputs(1)
+    _, full_seen = _observed(dec, features, mask_features, with_masks=True)
+    wrong = {s: torch.nn.functional.interpolate(mask_features, size=s, mode="nearest") for s in [(3, 5), (6, 9), (11, 17)]}
+    original = dec._resize_features
+    dec._resize_features = lambda mf, sizes: wrong
+    try:
+        _, wrong_seen = _observed(dec, features, mask_features, with_masks=False)
+    finally:
+        dec._resize_features = original
+    assert any(not torch.equal(w[1], f[1]) for w, f in zip(wrong_seen, full_seen))
