@@ -24,8 +24,9 @@ class DeformableEncoderLayer(nn.Module):
 
     def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
         """src, pos (N, S, C)."""
-        src = self.norm1(src + self.self_attn(src + pos, reference_points, src, shapes))
-        return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
+        # in place on fresh outputs: each avoided allocation of a (S, C) or (S, ffn) buffer is page faults saved
+        src = self.norm1(self.self_attn(src + pos, reference_points, src, shapes).add_(src))
+        return self.norm2(self.linear2(F.relu(self.linear1(src), inplace=True)).add_(src))
 
 
 class DeformableEncoder(nn.Module):
@@ -137,8 +138,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
             for part, (h, w) in zip(src.split([h * w for h, w in shapes], dim=1), shapes)
         ]
         lateral = self.adapter_1(like_weights(features["res2"], self.adapter_1))
-        # channels-last (the tokens' own layout, one small copy): CPU bilinear resizing is an order of
-        # magnitude slower on a strided NCHW view
-        finest = outs[-1].contiguous(memory_format=torch.channels_last)
+        # a fresh channels-last copy (small): on the strided view the CPU resize kernel is ten times slower,
+        # even where the view counts as channels-last contiguous (a batch of one)
+        finest = outs[-1].clone(memory_format=torch.channels_last)
         y = lateral + F.interpolate(finest, size=lateral.shape[-2:], mode="bilinear", align_corners=False)
         return self.layer_1(y), outs
