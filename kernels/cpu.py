@@ -126,23 +126,24 @@ def _column_major(locations: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
     return loc, weights.permute(2, 3, 4, 0, 1).reshape(heads, levels, points, n * lq)
 
 
-def _taps(locations: Tensor, weights: Tensor, shapes: list[tuple[int, int]], rows_per_sample: int):
-    """Rows of the bordered value table and weights (N*Lq*heads, 4*levels*points) of every bilinear tap.
+def _taps(loc: Tensor, a: Tensor, shapes: list[tuple[int, int]], rows_per_sample: int, lq: int, start: int):
+    """Rows of the bordered value table and weights (M*heads, 4*levels*points) of every bilinear tap of M queries.
+
+    ``loc`` (heads, levels, points, 2, M) and ``a`` (heads, levels, points, M) are queries ``start`` ..
+    ``start + M`` of the N*Lq, query-minor (``_column_major``).
 
     Positions are in bordered pixels (pixel i of a level sits at i + 1), clamped into [0, size + 1]: a tap
     outside the level lands on the zero border, so no mask, comparison or branch is needed, and a
     position off the level on either axis gets zeros from both of that axis' taps (grid_sample's zeros
     padding). Rows index ``bordered.reshape(N*S'*heads, D)``.
 
-    The arithmetic runs query-minor, (heads, levels, points, [2,] N*Lq): every per-level or per-head
-    constant broadcasts over one long contiguous run of queries (an op that broadcasts over a short
-    inner axis is an order of magnitude slower). Three (heads*levels*points, N*Lq) planes are then
-    transposed to query-major, and the 4-fold tap expansion is written in the bag-major layout
-    (N*Lq, heads, 4, levels*points) that ``embedding_bag`` reads; a bag's tap order does not matter.
+    The arithmetic runs query-minor: every per-level or per-head constant broadcasts over one long
+    contiguous run of queries (an op that broadcasts over a short inner axis is an order of magnitude
+    slower). Three (heads*levels*points, M) planes are then transposed to query-major, and the 4-fold tap
+    expansion is written in the bag-major layout (M, heads, 4, levels*points) that ``embedding_bag``
+    reads; a bag's tap order does not matter.
     """
-    loc, a = _column_major(locations, weights)
     heads, levels, points, _, m = loc.shape
-    lq = locations.shape[1]
     dev, dt = loc.device, loc.dtype
     i32 = dict(device=dev, dtype=torch.int32)
     sizes = torch.tensor([[w, h] for h, w in shapes], device=dev, dtype=dt).view(1, levels, 1, 2, 1)
@@ -160,7 +161,7 @@ def _taps(locations: Tensor, weights: Tensor, shapes: list[tuple[int, int]], row
         acc += (h + 3) * (w + 3)
     # per (head, level): the row of bordered pixel (0, 0) of that level; per query: its sample's rows
     base = (torch.tensor(starts, **i32).view(1, levels, 1, 1) * heads + torch.arange(heads, **i32).view(heads, 1, 1, 1))
-    sample = torch.div(torch.arange(m, **i32), lq, rounding_mode="floor") * rows_per_sample
+    sample = torch.div(torch.arange(start, start + m, **i32), lq, rounding_mode="floor") * rows_per_sample
     first = torch.addcmul(low[:, :, :, 0], low[:, :, :, 1], widths).mul_(heads).add_(base).add_(sample)
     ay1 = a.to(dt) * frac[:, :, :, 1]
     ay0 = a.to(dt) - ay1  # weight * (1 - fy)
@@ -171,17 +172,28 @@ def _taps(locations: Tensor, weights: Tensor, shapes: list[tuple[int, int]], row
     # the 4 taps' row offsets per level: (y0, x0), (y0, x1), (y1, x0), (y1, x1)
     step = (widths.view(1, levels, 1) * torch.tensor([0, 0, 1, 1], **i32).view(4, 1, 1)
             + torch.tensor([0, 1, 0, 1], **i32).view(4, 1, 1)) * heads  # (4, levels, 1)
-    rows = first + step.expand(4, levels, points).reshape(4, k)  # (N*Lq, heads, 4, levels*points)
+    rows = first + step.expand(4, levels, points).reshape(4, k)  # (M, heads, 4, levels*points)
     ay0x1, ay1x1 = ay0 * fx, ay1 * fx
     taps = torch.stack((ay0 - ay0x1, ay0x1, ay1 - ay1x1, ay1x1), dim=2)  # the same layout as rows
     return rows.view(m * heads, 4 * k), taps.view(m * heads, 4 * k)
 
 
+# queries per block of the index math: bounds its dozen planes (~2 KB per query at once otherwise, 40 MB
+# for a 2-frame 360x640 batch); measured here as fast as one block or slightly faster, 512 was slower
+MSDA_BLOCK = 2048
+
+
 def ms_deform_attn(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor) -> Tensor:
-    """``kernels.reference.ms_deform_attn`` as one weighted ``embedding_bag`` over the value rows."""
-    n, _, heads, d = value.shape
-    lq = locations.shape[1]
+    """``kernels.reference.ms_deform_attn`` as weighted ``embedding_bag`` calls over the value rows."""
+    n, lq, heads, d = locations.shape[0], locations.shape[1], value.shape[2], value.shape[3]
     table = _bordered_values(value, shapes)
-    rows, taps = _taps(locations, weights, shapes, table.shape[1] * heads)
-    out = F.embedding_bag(rows, table.view(-1, d), mode="sum", per_sample_weights=taps.to(value.dtype))
+    rows_per_sample = table.shape[1] * heads
+    table = table.view(-1, d)
+    loc, a = _column_major(locations, weights)
+    blocks = []
+    for start in range(0, n * lq, MSDA_BLOCK):
+        stop = min(start + MSDA_BLOCK, n * lq)
+        rows, taps = _taps(loc[..., start:stop], a[..., start:stop], shapes, rows_per_sample, lq, start)
+        blocks.append(F.embedding_bag(rows, table, mode="sum", per_sample_weights=taps.to(value.dtype)))
+    out = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
     return out.view(n, lq, heads * d)
