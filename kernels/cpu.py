@@ -163,8 +163,9 @@ def _taps(loc: Tensor, a: Tensor, shapes: list[tuple[int, int]], rows_per_sample
     base = (torch.tensor(starts, **i32).view(1, levels, 1, 1) * heads + torch.arange(heads, **i32).view(heads, 1, 1, 1))
     sample = torch.div(torch.arange(start, start + m, **i32), lq, rounding_mode="floor") * rows_per_sample
     first = torch.addcmul(low[:, :, :, 0], low[:, :, :, 1], widths).mul_(heads).add_(base).add_(sample)
-    ay1 = a.to(dt) * frac[:, :, :, 1]
-    ay0 = a.to(dt) - ay1  # weight * (1 - fy)
+    a = a.to(dt)
+    ay1 = a * frac[:, :, :, 1]
+    ay0 = a - ay1  # weight * (1 - fy)
     k = levels * points
     planes = torch.stack((ay0, ay1, frac[:, :, :, 0])).view(3 * heads * k, m).t().contiguous().view(m, 3, heads, k)
     ay0, ay1, fx = planes.unbind(1)
