@@ -21,6 +21,16 @@ class FrameDecoderOutput:
     pred_masks: list[Tensor]  # each (B, Nf, H/4, W/4); empty at inference unless asked for
 
 
+def _mask_logits(embed: Tensor, features: Tensor) -> Tensor:
+    """(B, Q, C) x (B, C, H, W) -> (B, Q, H, W): einsum "bqc,bchw->bqhw" as one batched matmul.
+
+    A MatMul in the exported graph (onnxruntime's Einsum is slower); channels-last features are read
+    through a strided view, without a copy.
+    """
+    b, c, h, w = features.shape
+    return torch.matmul(embed, features.reshape(b, c, h * w)).view(b, embed.shape[1], h, w)
+
+
 class AttentionMaskThreshold(nn.Module):
     """Mask logits -> blocked positions: the decoder's one hard decision.
 
@@ -74,13 +84,13 @@ class MaskedAttentionDecoder(nn.Module):
         if size is None and not want_mask:
             return decoded, logits, None, None
         embed = self.mask_embed(decoded)
-        masks = torch.einsum("bqc,bchw->bqhw", embed, mask_features) if want_mask else None
+        masks = _mask_logits(embed, mask_features) if want_mask else None
         attn_mask = None
         if size is not None:
             if masks is not None:  # training: the full masks exist for the losses, resize them (official order)
                 resized = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
             else:  # bilinear resizing is linear per channel: resize the features, not 100 full-size masks
-                resized = torch.einsum("bqc,bchw->bqhw", embed, resized_features[size])
+                resized = _mask_logits(embed, resized_features[size])
             attn_mask = self.attn_mask_threshold(resized.flatten(2)).detach()
         return decoded, logits, masks, attn_mask
 
