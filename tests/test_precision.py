@@ -48,6 +48,40 @@ def test_folded_batch_norm_equals_conv_then_norm():
     assert conv.weight.grad is not None
 
 
+@pytest.mark.parametrize("relu, with_residual", [(True, False), (False, False), (True, True)])
+def test_fused_conv_equals_conv_norm_add_relu(relu, with_residual):
+    """The oneDNN fused form (prepacked folded weight, add and relu post-ops) against the plain ops,
+    at two input sizes and both memory layouts (the packed weight is made for the first)."""
+    torch.manual_seed(1)
+    conv = ConvNorm(16, 32, 3, stride=2, padding=1)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean"):
+            getattr(conv.norm, name).copy_(torch.randn(32))
+        conv.norm.running_var.copy_(torch.rand(32) + 0.1)
+
+    def plain(x, residual):
+        out = conv.norm(torch.nn.functional.conv2d(x, conv.weight, None, 2, 1))
+        out = out + residual if residual is not None else out
+        return out.relu() if relu else out
+
+    for shape, channels_last in [((2, 16, 33, 47), True), ((1, 16, 20, 64), False), ((3, 16, 33, 47), True)]:
+        x = torch.randn(shape)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        residual = torch.randn(plain(x, None).shape) if with_residual else None
+        with torch.no_grad():
+            fused = conv.forward_fused(x, relu=relu, residual=None if residual is None else residual.clone())
+        assert torch.allclose(fused, plain(x, residual), rtol=1e-5, atol=1e-5)
+    # a changed statistic invalidates the packed fold; a stale one (the control) would be off by ~1
+    with torch.no_grad():
+        conv.norm.running_mean.add_(1.0)
+        fused = conv.forward_fused(x, relu=relu, residual=None if residual is None else residual.clone())
+    assert torch.allclose(fused, plain(x, residual), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        conv.norm.running_mean.sub_(1.0)
+    assert not torch.allclose(fused, plain(x, residual), rtol=1e-3, atol=1e-3)
+
+
 def test_float16_on_cpu_is_refused_with_what_to_use():
     model = VitaModel(preset("vita_tiny"))
     with pytest.raises(ValueError, match="float16 needs a CUDA device"):

@@ -37,32 +37,69 @@ class ConvNorm(nn.Module):
         self.stride, self.padding = stride, padding
         self.norm = FrozenBatchNorm2d(cout)
 
-        self._folded: Optional[tuple[tuple, Tensor, Tensor]] = None
+        # the folded convolution, cached until a weight or statistic changes: (key, weight, bias); on a CPU at
+        # inference the weight is held only in oneDNN's packed layout (one copy beside the parameters)
+        self._folded: Optional[tuple[tuple, Tensor, Optional[Tensor]]] = None
+        self._packed: Optional[tuple[tuple, Tensor, Optional[Tensor]]] = None
 
-    def folded(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """(weight, bias) of the convolution with the frozen normalisation folded in, cached until either changes.
-
-        The fold is computed in at least float32 and then cast: a bf16 weight times a bf16 scale would round twice.
-        """
+    def _key(self, dtype: torch.dtype) -> tuple:
         n = self.norm
         key = tuple((id(t), t._version) for t in (self.weight, n.weight, n.bias, n.running_mean, n.running_var))
-        key += (dtype, self.weight.device)
+        return key + (dtype, self.weight.device)
+
+    def _fold(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        n = self.norm
+        # computed in at least float32 and then cast: a bf16 weight times a bf16 scale would round twice
+        compute = torch.promote_types(self.weight.dtype, torch.float32)
+        scale = n.weight.to(compute) * (n.running_var.to(compute) + n.eps).rsqrt()
+        weight = (self.weight.to(compute) * scale.view(-1, 1, 1, 1)).to(dtype)
+        bias = (n.bias.to(compute) - n.running_mean.to(compute) * scale).to(dtype)
+        # oneDNN reorders an NCHW weight for channels-last input on every call: store it channels-last
+        return weight.contiguous(memory_format=torch.channels_last), bias
+
+    def folded(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(weight, bias) of the convolution with the frozen normalisation folded in, cached until either changes."""
+        key = self._key(dtype)
         if self._folded is None or self._folded[0] != key:
-            compute = torch.promote_types(self.weight.dtype, torch.float32)
-            scale = n.weight.to(compute) * (n.running_var.to(compute) + n.eps).rsqrt()
-            weight = (self.weight.to(compute) * scale.view(-1, 1, 1, 1)).to(dtype)
-            bias = (n.bias.to(compute) - n.running_mean.to(compute) * scale).to(dtype)
-            # oneDNN reorders an NCHW weight for channels-last input on every call: store it channels-last
-            self._folded = (key, weight.contiguous(memory_format=torch.channels_last), bias)
+            self._folded = (key, *self._fold(dtype))
         return self._folded[1], self._folded[2]
+
+    def _plain(self, x: Tensor) -> bool:
+        # compilers (Inductor's freezing, torch.export) fold it themselves and must not trace the cache
+        return torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad))
 
     def forward(self, x: Tensor) -> Tensor:
         """Convolution then frozen normalisation (folded into one convolution when no gradient is needed)."""
-        # compilers (Inductor's freezing, torch.export) fold it themselves and must not trace the cache
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad)):
+        if self._plain(x):
             return self.norm(F.conv2d(x, self.weight, None, self.stride, self.padding))
         weight, bias = self.folded(x.dtype)
         return F.conv2d(x, weight, bias, self.stride, self.padding)
+
+    def forward_fused(self, x: Tensor, relu: bool = True, residual: Optional[Tensor] = None) -> Tensor:
+        """forward(x) [+ residual] [then relu], in one oneDNN call on a CPU at inference.
+
+        No separate add and relu passes over the activations, and the folded weight prepacked once in oneDNN's
+        layout (not reordered per call). The plain ops run elsewhere (GPU, gradients, compilers, export).
+        """
+        exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+        if not (x.device.type == "cpu" and torch.backends.mkldnn.is_available() and not self._plain(x)
+                and not exporting and x.dtype in (torch.float32, torch.bfloat16)):
+            out = self(x)
+            out = out if residual is None else out.add_(residual)
+            return F.relu_(out) if relu else out
+        pad, stride = [self.padding] * 2, [self.stride] * 2
+        key = self._key(x.dtype)
+        if self._packed is None or self._packed[0] != key:
+            weight, bias = self._fold(x.dtype)
+            packed = torch.ops.mkldnn._reorder_convolution_weight(weight, pad, stride, [1, 1], 1, list(x.shape))
+            self._packed = (key, packed, bias)
+        _, packed, bias = self._packed
+        act = "relu" if relu else "none"
+        if residual is None:
+            return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, pad, stride, [1, 1], 1, act, [], "")
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, residual, packed, bias, pad, stride, [1, 1], 1, "add", 1.0, act, [], "")
 
 
 class Bottleneck(nn.Module):
@@ -78,10 +115,9 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Residual bottleneck."""
-        out = F.relu_(self.conv1(x))
-        out = F.relu_(self.conv2(out))
-        out = self.conv3(out)
-        return F.relu_(out + (x if self.shortcut is None else self.shortcut(x)))
+        out = self.conv2.forward_fused(self.conv1.forward_fused(x))
+        shortcut = x if self.shortcut is None else self.shortcut.forward_fused(x, relu=False)
+        return self.conv3.forward_fused(out, residual=shortcut)
 
 
 class Stem(nn.Module):
@@ -93,7 +129,7 @@ class Stem(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Stride-4 stem features."""
-        return F.max_pool2d(F.relu_(self.conv1(x)), kernel_size=3, stride=2, padding=1)
+        return F.max_pool2d(self.conv1.forward_fused(x), kernel_size=3, stride=2, padding=1)
 
 
 class ResNet(nn.Module):
