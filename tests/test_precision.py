@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 from collections import Counter
 
 import numpy as np
@@ -72,6 +73,14 @@ def test_fused_conv_equals_conv_norm_add_relu(relu, with_residual):
         with torch.no_grad():
             fused = conv.forward_fused(x, relu=relu, residual=None if residual is None else residual.clone())
         assert torch.allclose(fused, plain(x, residual), rtol=1e-5, atol=1e-5)
+    # a model that ran can be copied and pickled (the packed weight has no storage): the copy recomputes it
+    clone = copy.deepcopy(conv)
+    restored = pickle.loads(pickle.dumps(conv))
+    with torch.no_grad():
+        for other in (clone, restored):
+            assert other._packed is None
+            assert torch.equal(other.forward_fused(x, relu=relu, residual=None if residual is None else residual.clone()),
+                               conv.forward_fused(x, relu=relu, residual=None if residual is None else residual.clone()))
     # a changed statistic invalidates the packed fold; a stale one (the control) would be off by ~1
     with torch.no_grad():
         conv.norm.running_mean.add_(1.0)

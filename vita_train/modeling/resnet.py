@@ -42,6 +42,12 @@ class ConvNorm(nn.Module):
         self._folded: Optional[tuple[tuple, Tensor, Optional[Tensor]]] = None
         self._packed: Optional[tuple[tuple, Tensor, Optional[Tensor]]] = None
 
+    def __getstate__(self) -> dict:
+        # copies and pickles leave the caches behind: a packed oneDNN weight has no storage to copy
+        state = self.__dict__.copy()
+        state["_folded"] = state["_packed"] = None
+        return state
+
     def _key(self, dtype: torch.dtype) -> tuple:
         n = self.norm
         key = tuple((id(t), t._version) for t in (self.weight, n.weight, n.bias, n.running_mean, n.running_var))
