@@ -20,15 +20,28 @@ from vita_train.export_format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     METADATA_FILE,
+    TOKEN_STEPS_KEY,
     TOKENS_FILE,
     is_export_dir,
+    step_file,
 )
 from vita_train.inference.preprocess import resized_size
 from vita_train.utils.hashing import sha256_file
 
 from . import onnx_io, validate
 from .validate import OrtSettings
-from .graphs import DETECTOR_INPUTS, DETECTOR_OUTPUTS, TOKENS_INPUTS, TOKENS_OUTPUTS, DetectorGraph, TokenGraph
+from .graphs import (
+    DETECTOR_INPUTS,
+    DETECTOR_OUTPUTS,
+    TOKENS_INPUTS,
+    TOKENS_OUTPUTS,
+    AttendStepGraph,
+    DecodeStepGraph,
+    DetectorGraph,
+    EncodeStepGraph,
+    TokenGraph,
+    step_io,
+)
 
 log = logging.getLogger(__name__)
 DEFAULT_OPSET = 17
@@ -108,6 +121,7 @@ def _metadata(model, ckpt: Path, opts: ExportOptions, min_size: int, max_size: i
         "graphs": {
             "detector": {"file": DETECTOR_FILE, "inputs": DETECTOR_INPUTS, "outputs": DETECTOR_OUTPUTS},
             "vita_tokens": {"file": TOKENS_FILE, "inputs": TOKENS_INPUTS, "outputs": TOKENS_OUTPUTS},
+            TOKEN_STEPS_KEY: _step_metadata(cfg),
         },
         "limits": {"max_batch": opts.max_batch, "max_frames": opts.max_frames},
         "opset": opts.opset,
@@ -115,6 +129,58 @@ def _metadata(model, ckpt: Path, opts: ExportOptions, min_size: int, max_size: i
         "fp16": opts.fp16,
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
     }
+
+
+def _step_layers(cfg) -> dict[str, int]:
+    """How many graphs of each step kind: one per encoder layer, two per decoder layer."""
+    return {"encode": cfg.vita.enc_layers, "attend": cfg.vita.dec_layers, "decode": cfg.vita.dec_layers}
+
+
+def _step_files(cfg) -> dict[str, list[str]]:
+    """The step graphs' files of each kind, in layer order."""
+    return {kind: [step_file(kind, i) for i in range(count)] for kind, count in _step_layers(cfg).items()}
+
+
+def _step_metadata(cfg) -> dict:
+    """vita.json's entry for the token step graphs: files and I/O of each kind, in layer order."""
+    entry = {}
+    for kind, files in _step_files(cfg).items():
+        entry[kind] = {"files": files}
+        entry[kind]["inputs"], entry[kind]["outputs"] = step_io(kind, 1, last=False)
+    entry["decode"]["last_outputs"] = step_io("decode", 1, last=True)[1]
+    entry["note"] = "layer 0's attend and decode graphs have no 'output' input (they start from the learnt queries)"
+    return entry
+
+
+def _export_token_steps(model, tmp: Path, opset: int) -> None:
+    """The token engine as step graphs (vita_train.token_steps runs them): per encoder layer, per decoder layer."""
+    cfg = model.config
+    w, n, c = max(cfg.vita.window, 1), cfg.frame_decoder.num_queries, cfg.frame_decoder.hidden_dim
+    nv, heads = cfg.vita.num_queries, cfg.vita.num_heads
+    # example sizes all different from each other, so that no dynamic axis is traced as another's constant
+    blocks, frames = torch.zeros((3, w, n, c)), torch.zeros((5, n, c))
+    valid = torch.ones((3, w), dtype=torch.bool)
+    index = torch.arange(n).repeat(5, 1)
+    output, attended = torch.zeros((nv, c)), torch.zeros((heads, nv, c // heads))
+    axes = {
+        "blocks": {0: "blocks", 1: "window_frames", 2: "tokens"},
+        "frame_valid": {0: "blocks", 1: "window_frames"},
+        "encoded": {0: "blocks", 1: "window_frames", 2: "tokens"},
+        "tokens": {0: "frames", 1: "tokens"},
+        "query_index": {0: "frames", 1: "tokens"},
+    }
+    for kind, count in _step_layers(cfg).items():
+        for i in range(count):
+            inputs, outputs = step_io(kind, i, last=i == count - 1)
+            previous = () if i == 0 else (output,)  # layer 0 starts from the learnt queries
+            if kind == "encode":
+                graph, args = EncodeStepGraph(model, i), (blocks, valid)
+            elif kind == "attend":
+                graph, args = AttendStepGraph(model, i), (*previous, frames, index)
+            else:
+                graph, args = DecodeStepGraph(model, i), (*previous, attended)
+            io_axes = {name: axes[name] for name in inputs + outputs if name in axes}
+            onnx_io.save(onnx_io.to_onnx(graph.eval(), args, inputs, outputs, io_axes, opset), tmp / step_file(kind, i))
 
 
 def _export_graphs(model, tmp: Path, opts: ExportOptions, example_size: tuple[int, int]) -> None:
@@ -145,6 +211,7 @@ def _export_graphs(model, tmp: Path, opts: ExportOptions, example_size: tuple[in
     token_axes = {"frame_queries": {0: "frames", 1: "tokens"}, "query_index": {0: "frames", 1: "tokens"}}
     graph = onnx_io.to_onnx(TokenGraph(model), (queries, index), TOKENS_INPUTS, TOKENS_OUTPUTS, token_axes, opts.opset)
     onnx_io.save(graph, tmp / TOKENS_FILE)
+    _export_token_steps(model, tmp, opts.opset)
 
 
 def _validate(model, tmp: Path, opts: ExportOptions, sizes: list[tuple[int, int]]) -> dict:
@@ -154,7 +221,10 @@ def _validate(model, tmp: Path, opts: ExportOptions, sizes: list[tuple[int, int]
     log.info("validating the graphs with ONNX Runtime against a float64 torch reference")
     reference = validate.float64_copy(model)
     report = validate.validate_detector(model, tmp / DETECTOR_FILE, sizes, settings=opts.validation_ort, reference=reference)
-    report.extend(validate.validate_tokens(model, tmp / TOKENS_FILE, frame_counts, settings=opts.validation_ort, reference=reference))
+    report.extend(validate.validate_tokens(
+        model, tmp / TOKENS_FILE, frame_counts, settings=opts.validation_ort, reference=reference,
+        steps_dir=tmp, step_files=_step_files(model.config),
+    ))
     del reference
     validate.judge(report)
     return report.summary()

@@ -7,6 +7,15 @@ import copy
 from torch import Tensor, nn
 
 from vita_train.modeling.vita_model import VitaModel
+from vita_train.token_steps import (
+    ATTEND_INPUTS,
+    ATTEND_OUTPUTS,
+    DECODE_INPUTS,
+    DECODE_OUTPUTS,
+    ENCODE_INPUTS,
+    ENCODE_OUTPUTS,
+    LAST_DECODE_OUTPUTS,
+)
 
 
 class DetectorGraph(nn.Module):
@@ -44,6 +53,60 @@ class TokenGraph(nn.Module):
         """frame_queries (T, N, C) float32; query_index (T, N) int64."""
         out = self.vita(frame_queries.unsqueeze(0), query_index)
         return out.pred_logits[0], out.pred_mask_embed[0]
+
+
+class EncodeStepGraph(nn.Module):
+    """Encoder layer i over whole windows: blocks (Nw, Wb, N, C), frame_valid (Nw, Wb) -> encoded (Nw, Wb, N, C).
+
+    The window layout (which frames, shifted or not, padding) is the caller's: vita_train.token_steps.
+    """
+
+    def __init__(self, model: VitaModel, layer: int) -> None:
+        super().__init__()
+        self.vita, self.layer = model.vita, layer
+
+    def forward(self, blocks: Tensor, frame_valid: Tensor) -> Tensor:
+        """blocks float32, frame_valid bool."""
+        return self.vita.encode_window_step(self.layer, blocks, frame_valid)
+
+
+class AttendStepGraph(nn.Module):
+    """Decoder layer i's cross-attention over one chunk of tokens -> attended (heads, Nv, d), lse (heads, Nv).
+
+    Layer 0 starts from the learnt queries and has no ``output`` input.
+    """
+
+    def __init__(self, model: VitaModel, layer: int) -> None:
+        super().__init__()
+        self.vita, self.layer = model.vita, layer
+
+    def forward(self, *args: Tensor) -> tuple[Tensor, Tensor]:
+        """[output (Nv, C),] tokens (F, N, C) float32, query_index (F, N) int64."""
+        output, (tokens, query_index) = (None, args) if self.layer == 0 else (args[0], args[1:])
+        return self.vita.attend_step(self.layer, output, tokens, query_index)
+
+
+class DecodeStepGraph(nn.Module):
+    """The rest of decoder layer i: [output,] attended -> decoded (Nv, C); the last layer -> pred_logits, mask_embed."""
+
+    def __init__(self, model: VitaModel, layer: int) -> None:
+        super().__init__()
+        self.vita, self.layer = model.vita, layer
+
+    def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
+        """[output (Nv, C),] attended (heads, Nv, d)."""
+        output, attended = (None, args[0]) if self.layer == 0 else args
+        return self.vita.decode_step(self.layer, output, attended)
+
+
+def step_io(kind: str, layer: int, last: bool) -> tuple[list[str], list[str]]:
+    """Input and output names of one step graph (layer 0 has no ``output`` input; the last decode step outputs the heads)."""
+    inputs, outputs = {
+        "encode": (ENCODE_INPUTS, ENCODE_OUTPUTS),
+        "attend": (ATTEND_INPUTS, ATTEND_OUTPUTS),
+        "decode": (DECODE_INPUTS, LAST_DECODE_OUTPUTS if last else DECODE_OUTPUTS),
+    }[kind]
+    return [name for name in inputs if layer > 0 or name != "output"], list(outputs)
 
 
 DETECTOR_INPUTS = ["frames"]

@@ -28,6 +28,7 @@ import onnx
 import torch
 
 from vita_train.modeling.frame_decoder import AttentionMaskThreshold
+from vita_train.token_steps import TokenSteps
 
 from .graphs import DETECTOR_OUTPUTS, TOKENS_OUTPUTS, DetectorGraph
 
@@ -261,13 +262,26 @@ def validate_tokens(
     seed: int = 0,
     settings: Optional[OrtSettings] = None,
     reference: Optional[torch.nn.Module] = None,
+    steps_dir: Optional[Path] = None,
+    step_files: Optional[dict[str, list[str]]] = None,
 ) -> ValidationReport:
-    """Compare vita_tokens.onnx with the torch token engine (fp32 and float64) for each T, all and half the tokens."""
+    """Compare vita_tokens.onnx with the torch token engine (fp32 and float64) for each T, all and half the tokens.
+
+    With ``step_files`` (in ``steps_dir``), the token step graphs run chunk by chunk as the onnxruntime backend
+    runs them (vita_train.token_steps, small chunks so every T above crosses chunk boundaries) are compared
+    on the same inputs as graph ``vita_token_steps``.
+    """
     settings = settings or OrtSettings()
     sess = session(path, settings)
     ref_model = reference if reference is not None else float64_copy(model)
     nf = model.config.frame_decoder.num_queries
     c = model.config.frame_decoder.hidden_dim
+    window = model.config.vita.window
+    steps = None
+    if step_files is not None:
+        # chunks of two windows (encoder) and of three frames (decoder): the validation's T cross both
+        steps = TokenSteps.open(steps_dir, step_files, window, lambda p: session(p, settings),
+                                encode_chunk_tokens=2 * max(window, 1) * nf, attend_chunk_tokens=3 * nf)
     rng = np.random.default_rng(seed)
     report = ValidationReport(settings=settings)
     for t in frame_counts:
@@ -278,10 +292,13 @@ def validate_tokens(
             with torch.no_grad():
                 ref32 = [x.numpy() for x in model.track(q, i)]
                 ref64 = [x.numpy() for x in ref_model.track(q.double(), i)]
-            got = sess.run(TOKENS_OUTPUTS, {"frame_queries": queries, "query_index": index})
+            got = {"vita_tokens": sess.run(TOKENS_OUTPUTS, {"frame_queries": queries, "query_index": index})}
+            if steps is not None:
+                got["vita_token_steps"] = steps(queries.copy(), index)
             case = f"T={t} N={n}"
-            for name, g, r64, r32 in zip(TOKENS_OUTPUTS, got, ref64, ref32):
-                report.comparisons.append(Comparison("vita_tokens", case, name, _rel(g, r64), _rel(r32, r64)))
+            for graph, outs in got.items():
+                for name, g, r64, r32 in zip(TOKENS_OUTPUTS, outs, ref64, ref32):
+                    report.comparisons.append(Comparison(graph, case, name, _rel(g, r64), _rel(r32, r64)))
     return report
 
 

@@ -158,6 +158,7 @@ def test_vita_json_records_what_was_compared(fixture_export, tmp_path):
     assert set(v["outputs"]) == {
         "detector/frame_queries", "detector/frame_logits", "detector/mask_features",
         "vita_tokens/pred_logits", "vita_tokens/mask_embed",
+        "vita_token_steps/pred_logits", "vita_token_steps/mask_embed",
     }
     for row in v["outputs"].values():
         assert 0 <= row["max_rel_error"] <= row["tolerance"] and row["tolerance"] >= v["rtol_floor"]

@@ -1,4 +1,9 @@
-"""The ONNX Runtime backend: runs an export directory's two graphs with no torch installed."""
+"""The ONNX Runtime backend: runs an export directory's graphs with no torch installed.
+
+The token engine runs as step graphs chunk by chunk (vita_train.token_steps), in memory that does not grow
+with the video beyond the tokens themselves; an export made before the step graphs existed runs its single
+``vita_tokens.onnx``, whose working set grows with T (about 5 MB a frame at full size), with a warning.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from vita_train.config import ModelConfig
-from vita_train.export_format import DETECTOR_FILE, TOKENS_FILE
+from vita_train.export_format import DETECTOR_FILE, TOKENS_FILE, token_step_files
+from vita_train.token_steps import TokenSteps
 
 from . import numpy_ops
 from .base import Detection, Selection
@@ -51,8 +57,19 @@ def _session(path: Path, options: Any, providers: list[str]) -> Any:
         raise ValueError(f"{path} is not a loadable ONNX graph ({first}); export the model again") from None
 
 
+def _step_options(options: Any) -> Any:
+    """The step graphs' session options: no memory arena, so each chunk's working set is returned after the
+    call rather than kept by each of the (2 x decoder + encoder layers) sessions for the process's lifetime."""
+    import onnxruntime as ort
+
+    steps = ort.SessionOptions()
+    steps.intra_op_num_threads = options.intra_op_num_threads
+    steps.enable_cpu_mem_arena = False
+    return steps
+
+
 class OnnxRuntimeBackend:
-    """Backend over ``detector.onnx`` and ``vita_tokens.onnx``; post-processing in numpy."""
+    """Backend over ``detector.onnx`` and the token engine's step graphs (or ``vita_tokens.onnx``); post-processing in numpy."""
 
     def __init__(
         self,
@@ -73,7 +90,19 @@ class OnnxRuntimeBackend:
         if threads:
             options.intra_op_num_threads = threads
         self.detector = _session(Path(export_dir) / DETECTOR_FILE, options, self.providers)
-        self.tokens = _session(Path(export_dir) / TOKENS_FILE, options, self.providers)
+        self.tokens: Optional[Any] = None
+        self.steps: Optional[TokenSteps] = None
+        files = token_step_files(Path(export_dir), meta)
+        if files is None:
+            log.warning(
+                "%s predates the token step graphs: its single token graph holds every window's attention at once, "
+                "so memory grows with the video's length (about 5 MB a frame at full size); export the model again "
+                "for memory that stays flat", export_dir,
+            )
+            self.tokens = _session(Path(export_dir) / TOKENS_FILE, options, self.providers)
+        else:
+            step_options = _step_options(options)
+            self.steps = TokenSteps.open(export_dir, files, meta["window"], lambda p: _session(p, step_options, self.providers))
 
     def _run_detector(self, frames: np.ndarray) -> list[np.ndarray]:
         if self.fixed_size and tuple(frames.shape[1:3]) != self.fixed_size:
@@ -95,7 +124,10 @@ class OnnxRuntimeBackend:
     def track(self, tokens: Sequence[np.ndarray], query_index: Optional[Sequence[np.ndarray]], window: Optional[int]):
         if window is not None and window != self.meta["window"]:
             raise ValueError(f"this export's window is fixed at {self.meta['window']}; export again to change it")
-        queries = np.concatenate(list(tokens)).astype(np.float32, copy=False)
+        queries = np.concatenate(list(tokens)).astype(np.float32, copy=False)  # a new array: the steps overwrite it
+        if self.steps is not None:
+            index = None if query_index is None else np.concatenate(list(query_index))
+            return self.steps(queries, index)
         if query_index is None:
             index = np.broadcast_to(np.arange(queries.shape[1], dtype=np.int64), queries.shape[:2])
         else:

@@ -407,6 +407,61 @@ class VitaModule(nn.Module):
             output = self.transformer_ffn_layers[i](output)
         return self._output([self.decoder_norm(output)], False, None)
 
+    # ----- Step forms: one encoder layer / one decoder cross-attention chunk per exported graph -------
+    def encode_window_step(self, i: int, blocks: Tensor, frame_valid: Tensor) -> Tensor:
+        """Encoder layer i over whole windows: blocks (Nw, Wb, N, C), frame_valid (Nw, Wb) False on padding slots.
+
+        Layer 0 applies ``input_proj_dec`` first, so its blocks hold the detector's frame queries. The caller
+        lays the frames out in windows (``vita_train.token_steps``), which is what makes the step exportable
+        with T, the chunk and the window layout all outside the graph. Padding slots are masked as keys
+        (-inf; every block holds a real frame, so no row is fully masked) and their outputs are discarded.
+        """
+        nw, wb, n, c = blocks.shape
+        x = self.input_proj_dec(blocks) if i == 0 else blocks
+        key_bias = torch.zeros(frame_valid.shape, dtype=x.dtype, device=x.device).masked_fill(~frame_valid, float("-inf"))
+        bias = key_bias.unsqueeze(1).expand(nw, wb, wb)
+        return self._block_layer(i, x.reshape(nw, wb * n, c), bias, n).view(nw, wb, n, c)
+
+    def attend_step(self, i: int, output: Optional[Tensor], tokens: Tensor, query_index: Tensor) -> tuple[Tensor, Tensor]:
+        """Decoder layer i's cross-attention over one chunk of encoded tokens (F, N, C) with their slots (F, N).
+
+        ``output`` (Nv, C) is the previous layer's (None for layer 0: the learnt queries). Returns the
+        attention of the chunk alone (heads, Nv, d), value bias included, and each query's log-sum-exp of
+        its scaled scores (heads, Nv): chunks combine exactly by their log-sum-exp (online softmax).
+        """
+        cross = self.transformer_cross_attention_layers[i]
+        attn = cross.multihead_attn
+        c = tokens.shape[-1]
+        heads, d = attn.num_heads, c // attn.num_heads
+        w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
+        queries = self.query_feat.weight if output is None else output
+        memory = tokens.reshape(-1, c)
+        q = F.linear(queries + self.query_embed.weight, w_q, b_q).view(-1, heads, d).transpose(0, 1) * d**-0.5
+        k = F.linear(memory + self.fq_pos.weight[query_index.reshape(-1)], w_k, b_k).view(-1, heads, d).transpose(0, 1)
+        v = F.linear(memory, w_v, b_v).view(-1, heads, d).transpose(0, 1)
+        scores = q @ k.transpose(-1, -2)  # (heads, Nv, F*N)
+        peak = scores.amax(-1, keepdim=True)
+        weights = (scores - peak).exp()
+        total = weights.sum(-1, keepdim=True)
+        return (weights / total) @ v, (peak + total.log()).squeeze(-1)
+
+    def decode_step(self, i: int, output: Optional[Tensor], attended: Tensor) -> tuple[Tensor, ...]:
+        """The rest of decoder layer i once its cross-attention over all tokens is combined: attended (heads, Nv, d).
+
+        Returns the layer's output (Nv, C), or for the last layer the heads: pred_logits (Nv, K+1), mask_embed (Nv, D).
+        """
+        cross = self.transformer_cross_attention_layers[i]
+        queries = self.query_feat.weight if output is None else output
+        mixed = attended.transpose(0, 1).reshape(queries.shape)
+        out = cross.norm(queries + cross.multihead_attn.out_proj(mixed)).unsqueeze(0)
+        out = self.transformer_self_attention_layers[i](out, pos=self.query_embed.weight.unsqueeze(0))
+        out = self.transformer_ffn_layers[i](out)
+        if i < len(self.transformer_cross_attention_layers) - 1:
+            return (out[0],)
+        heads = self._heads(self.decoder_norm(out[0]), False)
+        return heads["pred_logits"], heads["pred_mask_embed"]
+
     def _output(self, decoded: list[Tensor], all_layers: bool, fq_embed: Optional[Tensor]) -> VitaOutput:
         heads = [self._heads(d, all_layers) for d in decoded]
         last = heads[-1]
