@@ -28,13 +28,19 @@ needs_bf16 = pytest.mark.skipif(not bf16_supported(), reason="this CPU has neith
 BF16_AGREEMENT = {"swin_tiny": (0.95, 0.9, 1), "r50_tiny": (0.85, 0.0, 1)}
 
 
-def test_folded_batch_norm_equals_conv_then_norm():
-    torch.manual_seed(0)
+def _conv_norm_with_random_statistics(seed: int) -> ConvNorm:
+    """A 3x3 stride-2 ConvNorm whose frozen normalisation is far from the identity."""
+    torch.manual_seed(seed)
     conv = ConvNorm(16, 32, 3, stride=2, padding=1)
     with torch.no_grad():
         for name in ("weight", "bias", "running_mean"):
             getattr(conv.norm, name).copy_(torch.randn(32))
         conv.norm.running_var.copy_(torch.rand(32) + 0.1)
+    return conv
+
+
+def test_folded_batch_norm_equals_conv_then_norm():
+    conv = _conv_norm_with_random_statistics(0)
     x = torch.randn(2, 16, 33, 47)
     reference = conv.norm(torch.nn.functional.conv2d(x, conv.weight, None, 2, 1))
     with torch.no_grad():
@@ -53,12 +59,7 @@ def test_folded_batch_norm_equals_conv_then_norm():
 def test_fused_conv_equals_conv_norm_add_relu(relu, with_residual):
     """The oneDNN fused form (prepacked folded weight, add and relu post-ops) against the plain ops,
     at two input sizes and both memory layouts (the packed weight is made for the first)."""
-    torch.manual_seed(1)
-    conv = ConvNorm(16, 32, 3, stride=2, padding=1)
-    with torch.no_grad():
-        for name in ("weight", "bias", "running_mean"):
-            getattr(conv.norm, name).copy_(torch.randn(32))
-        conv.norm.running_var.copy_(torch.rand(32) + 0.1)
+    conv = _conv_norm_with_random_statistics(1)
 
     def plain(x, residual):
         out = conv.norm(torch.nn.functional.conv2d(x, conv.weight, None, 2, 1))
