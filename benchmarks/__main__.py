@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--frames", type=int, default=None, help="generated clip length (default 36)")
     g.add_argument("--size", type=_size, default=None, help="generated clip size HxW (default 360x640)")
     g.add_argument("--compile", action="store_true", help="also run each torch row with the detector through torch.compile")
+    g.add_argument("--official-s-per-frame", type=float, default=None, metavar="S",
+                   help="the official code's s/frame measured on this machine (e2e's speed-up column; default: "
+                        "the recorded figure for this CPU kind, if any)")
     g = common.add_argument_group("detector")
     g.add_argument("--batches", type=_ints, default=None, help="comma-separated batch sizes (default 1,2,4,8,16)")
     g.add_argument("--resolutions", type=_ints, default=None, help="shortest edges, 16:9 frames (default 360,480,720)")
@@ -105,7 +108,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         "max_frames": args.max_frames, "points": args.points, "prune_frames": args.prune_frames, "kernel_scale": args.kernel_scale,
         "budget_gb": args.budget_gb, "windows": args.windows, "ratios": args.ratios, "scope": args.scope,
         "policies": args.policies, "probe_timeout": args.probe_timeout, "tolerance": args.tolerance, "frame_cap": args.frame_cap, "runtime_frame_cap": args.runtime_frame_cap,
-        "prune_ratios": args.prune_ratios,
+        "prune_ratios": args.prune_ratios, "official_s_per_frame": getattr(args, "official_s_per_frame", None),
     }
     for key, value in named.items():
         if value is not None:
@@ -126,6 +129,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     else:
         s.device = args.device
     s.progress = sys.stderr.isatty() if args.progress is None else args.progress
+    if s.official_s_per_frame is not None and not s.official_s_per_frame > 0:
+        raise ValueError(f"--official-s-per-frame must be a positive number of seconds, got {s.official_s_per_frame}")
     if s.repeats < 1 or s.warmup < 0 or s.threads < 1:
         raise ValueError("--repeats and --threads must be >= 1 and --warmup >= 0")
     return s

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, Optional
 
 from . import references
 from .clip import Clip, benchmark_clip
@@ -66,6 +66,16 @@ def _per_frame(values: list[float], frames: int) -> dict[str, Any]:
     return stat([v / frames for v in values])
 
 
+def _official_figure(s: Settings, ws: Workspace, rec: Record) -> Optional[tuple[float, str]]:
+    """The official code's s/frame to compare with: --official-s-per-frame, else the figure for this CPU kind."""
+    if s.official_s_per_frame is not None:
+        return s.official_s_per_frame, f"official code on this machine, {s.official_s_per_frame:g} s/frame (--official-s-per-frame)"
+    if ws.device != "cpu":
+        return None
+    figure = references.official_cpu_figure(rec.environment.get("cpu", {}))
+    return (figure[0], figure[1] + ", not measured here: machines of one kind differ") if figure else None
+
+
 def run(s: Settings, ws: Workspace, rec: Record) -> None:
     """Measure every requested backend after the torch fp32 reference."""
     clip = benchmark_clip(s, ws)
@@ -85,15 +95,15 @@ def run(s: Settings, ws: Workspace, rec: Record) -> None:
                 Column("first_result_s", "time to first result (s)", "time"),
                 Column("speedup_vs_reference", "speed-up vs torch fp32 reference (same run)", "ratio"),
                 Column("speedup_vs_official", "speed-up vs the official code (its figure for this CPU kind)", "ratio")]
-    official = references.official_cpu_figure(rec.environment.get("cpu", {}).get("model", "")) if ws.device == "cpu" else None
+    official = _official_figure(s, ws, rec)
     table = rec.table(
         "e2e", f"End to end: runtime.segment, {clip.description}", columns, keys=("backend", "precision", "kernels"),
         caption=(f"{ws.device}, {s.threads} threads; median (min–max) over {s.repeats} runs after {s.warmup} warm-up. "
                  "Stages: decode+resize is the time the loop waited for the background reader; time to first "
                  "result is loading plus the first (cold) segment call. Speed-up = s/frame of the plain fp32 PyTorch "
                  "path (reference kernels) / this s/frame, both measured in this run. Speed-up vs the official code: "
-                 + (f"{official[1]} / this s/frame (not measured here: machines of one kind differ)." if official
-                    else "no official figure for this CPU kind.")),
+                 + (f"{official[1]} / this s/frame." if official
+                    else "no official figure for this CPU kind (give one with --official-s-per-frame).")),
     )
     reference_s = None
     for spec in bar(specs, s.progress, desc="e2e"):

@@ -28,6 +28,7 @@ class Settings:
     progress: bool = False
     compare: Optional[Path] = None
     compile: bool = False  # torch rows also with the detector through torch.compile
+    official_s_per_frame: Optional[float] = None  # the official code's time on this machine, if measured
     # the clip (e2e, prune, backends)
     video: Optional[Path] = None
     frames: int = 36

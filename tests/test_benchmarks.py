@@ -27,7 +27,8 @@ SUITE = ("e2e", "detector", "tokens", "maxframes", "prune", "backends", "kernels
 def quick_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "all", "--quick", "--threads", "2", "--out", str(out), "--no-progress"],
+        [sys.executable, "-m", "benchmarks", "all", "--quick", "--threads", "2", "--out", str(out), "--no-progress",
+         "--official-s-per-frame", "7.5"],
         cwd=REPO, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -121,6 +122,9 @@ def test_headline_figures_are_present(quick_run: Path):
     assert rows[("torch", "fp32", "reference")]["speedup_vs_reference"] == pytest.approx(1.0)
     for row in rows.values():
         assert all(row[k] is not None for k in ("s_per_frame", "fps", "stage_detector", "stage_token_engine", "peak_rss_gb"))
+        # the official time given on the command line is what the speed-up column divides
+        assert row["speedup_vs_official"] == pytest.approx(7.5 / row["s_per_frame"]["median"])
+    assert "official code on this machine, 7.5 s/frame" in e2e["tables"][0]["caption"]
     tokens = load_record(quick_run / "tokens.json")
     fit = next(t for t in tokens["tables"] if t["id"] == "tokens_fit")
     assert {(r["quantity"], r["over"]) for r in fit["rows"]} >= {("token engine time", "all T"), ("token engine memory", "all T")}
@@ -180,6 +184,24 @@ def test_interrupted_run_leaves_what_was_measured(tmp_path: Path):
     assert data["status"] == "interrupted" and data["tables"][0]["rows"]
     assert "interrupted" in (tmp_path / "e2e.md").read_text()
     assert format_number(0.123456) == "0.1235"
+
+
+def test_official_figure_belongs_to_one_cpu_kind():
+    """A recorded official time applies only to CPUs with the instructions it was measured with."""
+    from benchmarks.references import official_cpu_figure
+
+    assert official_cpu_figure({"model": "Intel(R) Xeon(R) Processor", "bf16": "amx_bf16, avx512_bf16",
+                                "amx": "amx_bf16, amx_int8, amx_tile"})[0] == 1.935
+    assert official_cpu_figure({"model": "AMD EPYC 9454", "bf16": "avx512_bf16", "amx": "no"})[0] == 2.79
+    # an AVX2-only EPYC is another kind: no borrowed figure
+    assert official_cpu_figure({"model": "AMD EPYC", "bf16": "no", "amx": "no"}) is None
+    assert official_cpu_figure({"model": "Intel(R) Xeon(R) CPU E5-2680", "bf16": "no", "amx": "no"}) is None
+
+
+def test_bad_official_time_is_refused(tmp_path: Path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "e2e", "--quick", "--official-s-per-frame", "0",
+                           "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--official-s-per-frame must be a positive" in proc.stderr
 
 
 def test_bad_arguments_exit_with_a_message(tmp_path: Path):
