@@ -10,13 +10,11 @@ from torch import Tensor, nn
 import kernels as kernels_lib
 from kernels import reference
 
+from .onednn import PackedLinear, exporting
+
 
 # The plain reference lives in kernels.reference (held to the fused forms there); export traces it.
 ms_deform_attn_sample = reference.ms_deform_attn
-
-
-def _exporting() -> bool:
-    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_exporting()
 
 
 class MSDeformAttn(nn.Module):
@@ -31,8 +29,8 @@ class MSDeformAttn(nn.Module):
         self.num_levels, self.num_heads, self.num_points = num_levels, num_heads, num_points
         self.sampling_offsets = nn.Linear(dim, num_heads * num_levels * num_points * 2)
         self.attention_weights = nn.Linear(dim, num_heads * num_levels * num_points)
-        self.value_proj = nn.Linear(dim, dim)
-        self.output_proj = nn.Linear(dim, dim)
+        self.value_proj = PackedLinear(dim, dim)
+        self.output_proj = PackedLinear(dim, dim)
         # swappable for export (e.g. a form that maps to TensorRT's deformable-attention plugin); the
         # default runs the ``kernels`` implementation, and the plain reference when traced for export
         self.sample_fn = ms_deform_attn_sample
@@ -60,7 +58,7 @@ class MSDeformAttn(nn.Module):
         n, lq, c = query.shape
         heads, levels, points = self.num_heads, self.num_levels, self.num_points
         v = self.value_proj(value).view(n, value.shape[1], heads, c // heads)
-        fast = self.sample_fn is ms_deform_attn_sample and self.kernels != "reference" and not _exporting()
+        fast = self.sample_fn is ms_deform_attn_sample and self.kernels != "reference" and not exporting()
         if fast and kernels_lib.resolve(self.kernels, query.device.type) == "cpu":
             locations, weights = self._query_minor(query, reference_points, shapes)
             return self.output_proj(kernels_lib.ms_deform_attn(v, shapes, locations, weights, mode=self.kernels))
@@ -69,7 +67,7 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(n, lq, heads, levels * points).softmax(-1)
         weights = weights.view(n, lq, heads, levels, points)
         # offsets are in pixels of each level: normalise by that level's (W, H)
-        if _exporting():
+        if exporting():
             # dividing by the sizes themselves (not a tensor built from them) keeps them symbolic when traced
             scaled = torch.stack([
                 torch.stack((offsets[:, :, :, lvl, :, 0] / w, offsets[:, :, :, lvl, :, 1] / h), dim=-1)

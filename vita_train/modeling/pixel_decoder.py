@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .ms_deform_attn import MSDeformAttn
+from .onednn import PackedLinear
 from .position_encoding import sine_position_encoding
 from .transformer_layers import xavier_init
 
@@ -18,15 +19,15 @@ class DeformableEncoderLayer(nn.Module):
         super().__init__()
         self.self_attn = MSDeformAttn(dim, num_levels, num_heads, num_points)
         self.norm1 = nn.LayerNorm(dim)
-        self.linear1 = nn.Linear(dim, ffn_dim)
-        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.linear1 = PackedLinear(dim, ffn_dim)
+        self.linear2 = PackedLinear(ffn_dim, dim)
         self.norm2 = nn.LayerNorm(dim)
 
     def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
         """src, pos (N, S, C)."""
         # in place on fresh outputs: each avoided allocation of a (S, C) or (S, ffn) buffer is page faults saved
         src = self.norm1(self.self_attn(src + pos, reference_points, src, shapes).add_(src))
-        return self.norm2(self.linear2(F.relu(self.linear1(src), inplace=True)).add_(src))
+        return self.norm2(self.linear2(self.linear1(src, relu=True)).add_(src))
 
 
 class DeformableEncoder(nn.Module):

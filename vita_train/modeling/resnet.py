@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .onednn import exporting
+
 
 class FrozenBatchNorm2d(nn.Module):
     """Batch norm with fixed statistics and affine parameters, all stored as buffers."""
@@ -88,9 +90,8 @@ class ConvNorm(nn.Module):
         No separate add and relu passes over the activations, and the folded weight prepacked once in oneDNN's
         layout (not reordered per call). The plain ops run elsewhere (GPU, gradients, compilers, export).
         """
-        exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
         if not (x.device.type == "cpu" and torch.backends.mkldnn.is_available() and not self._plain(x)
-                and not exporting and x.dtype in (torch.float32, torch.bfloat16)):
+                and not exporting() and x.dtype in (torch.float32, torch.bfloat16)):
             out = self(x)
             out = out if residual is None else out.add_(residual)
             return F.relu_(out) if relu else out

@@ -1,0 +1,101 @@
+"""The oneDNN linear layer of CPU inference equals the plain nn.Linear it replaces (vita_train/modeling/onednn.py)."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vita_train.modeling.onednn import PackedLinear, exporting, needs_plain_ops
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+
+
+def _layer(cin: int = 256, cout: int = 1024, bias: bool = True) -> PackedLinear:
+    torch.manual_seed(0)
+    layer = PackedLinear(cin, cout, bias=bias).eval()
+    with torch.no_grad():
+        if bias:
+            layer.bias.normal_()
+    return layer
+
+
+def _plain(layer: PackedLinear, x: torch.Tensor, relu: bool) -> torch.Tensor:
+    out = F.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
+    return out.relu() if relu else out
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(5040, 256), (1, 977, 256), (2, 33, 256), (1, 256)])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_equals_the_plain_linear(shape, relu, bias):
+    layer = _layer(bias=bias)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        got = layer(x, relu=relu)
+        # the reference in float64: both the packed call and F.linear sit ~1e-6 from it
+        want = _plain(layer, x, relu)
+        plain32 = F.linear(x, layer.weight, layer.bias)
+        plain32 = plain32.relu() if relu else plain32
+    assert layer._packed is not None, "the fast path did not run"
+    assert got.shape == want.shape and got.dtype == torch.float32
+    scale = want.abs().max().item()
+    fast_err = (got.double() - want).abs().max().item() / scale
+    plain_err = (plain32.double() - want).abs().max().item() / scale
+    assert fast_err < max(4 * plain_err, 1e-6), (fast_err, plain_err)
+
+
+@needs_onednn
+def test_packed_linear_takes_strided_input_and_follows_weight_changes():
+    layer = _layer()
+    x = torch.randn(256, 40).t()  # not contiguous
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+        layer.weight.mul_(1.5)  # an in-place update must repack
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_a_stale_weight_is_caught():
+    """Negative control: the comparison above fails for a weight 0.1% off."""
+    layer = _layer()
+    x = torch.randn(64, 256)
+    with torch.no_grad():
+        got = layer(x)
+        wrong = F.linear(x, layer.weight * 1.001, layer.bias)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(got, wrong, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_copies_and_pickles_drop_the_packed_weight():
+    layer = _layer()
+    with torch.no_grad():
+        layer(torch.randn(8, 256))
+    assert layer._packed is not None
+    clone = copy.deepcopy(layer)
+    restored = pickle.loads(pickle.dumps(layer))
+    assert clone._packed is None and restored._packed is None
+    x = torch.randn(8, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), layer(x))
+        torch.testing.assert_close(restored(x), layer(x))
+
+
+def test_gradients_bf16_and_export_take_the_plain_op():
+    layer = _layer(16, 8)
+    x = torch.randn(4, 16, requires_grad=True)
+    out = layer(x, relu=True)
+    out.sum().backward()  # the plain op: differentiable
+    assert layer._packed is None and x.grad is not None
+    assert needs_plain_ops(x) and not exporting()
+    bf16 = copy.deepcopy(layer).to(torch.bfloat16)
+    with torch.no_grad():
+        y = bf16(torch.randn(4, 16, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and bf16._packed is None
+    traced = torch.jit.trace(layer.requires_grad_(False), torch.randn(4, 16))
+    assert "mkldnn" not in str(traced.graph)
