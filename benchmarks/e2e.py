@@ -94,7 +94,7 @@ def run(s: Settings, ws: Workspace, rec: Record) -> None:
     columns += [Column("peak_rss_gb", "peak host RSS (GB)", "memory"), Column("peak_device_gb", "peak device memory (GB)", "memory"),
                 Column("first_result_s", "time to first result (s)", "time"),
                 Column("speedup_vs_reference", "speed-up vs torch fp32 reference (same run)", "ratio"),
-                Column("speedup_vs_official", "speed-up vs the official code (its figure for this CPU kind)", "ratio")]
+                Column("speedup_vs_official", "speed-up vs the official code (see caption)", "ratio")]
     official = _official_figure(s, ws, rec)
     table = rec.table(
         "e2e", f"End to end: runtime.segment, {clip.description}", columns, keys=("backend", "precision", "kernels"),

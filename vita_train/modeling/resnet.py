@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .onednn import exporting
+from .onednn import needs_plain_ops
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -90,8 +90,9 @@ class ConvNorm(nn.Module):
         No separate add and relu passes over the activations, and the folded weight prepacked once in oneDNN's
         layout (not reordered per call). The plain ops run elsewhere (GPU, gradients, compilers, export).
         """
-        if not (x.device.type == "cpu" and torch.backends.mkldnn.is_available() and not self._plain(x)
-                and not exporting() and x.dtype in (torch.float32, torch.bfloat16)):
+        if needs_plain_ops(x, self.weight) or not (
+                x.device.type == "cpu" and torch.backends.mkldnn.is_available()
+                and x.dtype in (torch.float32, torch.bfloat16)):
             out = self(x)
             out = out if residual is None else out.add_(residual)
             return F.relu_(out) if relu else out
