@@ -77,12 +77,23 @@ class FeatureStore:
                                   f"keeping a reserve")
                 self.spool.append(part)
         except OSError as e:
-            if not self.auto:
-                raise OSError(f"cannot spool mask features to a temporary file ({e}); "
-                              "free disk space in the temporary folder or use feature_policy='recompute'") from e
-            log.warning("cannot spool mask features to a temporary file (%s): recomputing them in a second pass", e)
-            self.close()
-            self.mode = "recompute"
+            self._spool_failed(e)
+
+    def finish(self) -> None:
+        """Call after the last ``add``: waits for the spool's background writes (falling back as ``add`` does)."""
+        if self.spool is not None:
+            try:
+                self.spool.flush()
+            except OSError as e:
+                self._spool_failed(e)
+
+    def _spool_failed(self, e: OSError) -> None:
+        if not self.auto:
+            raise OSError(f"cannot spool mask features to a temporary file ({e}); "
+                          "free disk space in the temporary folder or use feature_policy='recompute'") from e
+        log.warning("cannot spool mask features to a temporary file (%s): recomputing them in a second pass", e)
+        self.close()
+        self.mode = "recompute"
 
     def chunks(self, size: int) -> Iterator[Any]:
         """Stored features in consecutive chunks of ``size`` frames (compute type, on the device)."""

@@ -80,6 +80,7 @@ def run(backend: Backend, video: Any, options: SegmentOptions) -> VideoResult:
             indices.append(det.query_index)
             store.add(det.mask_features)
             num_frames += len(batch)
+        store.finish()
         if num_frames == 0:
             raise VideoInputError(f"{info.source} has no frames to segment")
         if source.truncated:

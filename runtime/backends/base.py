@@ -70,7 +70,8 @@ class Backend(Protocol):
 
     def to_host(self, features: Any) -> np.ndarray:
         """Features to host memory: float16 when they leave a GPU (or were computed in reduced precision),
-        float32 as they are for a float32 CPU run (exact; the disk spool then bounds memory)."""
+        float32 as they are for a float32 CPU run (exact; the disk spool then bounds memory). Frames along the
+        first axis; the rest of the layout is the backend's own (the torch backend's is channels-last)."""
 
     def from_host(self, features: np.ndarray) -> Any:
         """Host features back to the backend's compute type."""

@@ -149,7 +149,7 @@ class OnnxRuntimeBackend:
         return features if self.device == "cpu" else features.astype(np.float16)
 
     def from_host(self, features: np.ndarray) -> np.ndarray:
-        return features.astype(np.float32)
+        return features.astype(np.float32, copy=False)
 
     def nbytes(self, features: np.ndarray) -> int:
         return int(features.nbytes)

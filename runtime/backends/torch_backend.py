@@ -126,12 +126,15 @@ class TorchBackend:
         return torch.cat(list(arrays))
 
     def to_host(self, features: torch.Tensor) -> np.ndarray:
+        # host arrays are (B, h, w, D): the CPU detector's channels-last features are that in memory already,
+        # so storing them is a plain copy, not a transpose (which cost as much as writing them to disk)
+        features = features.permute(0, 2, 3, 1)
         if not self.device.startswith("cuda") and self.dtype == "float32":
             return features.numpy()  # exact: a float32 CPU run keeps its features bit for bit
         return features.to(torch.float16).cpu().numpy()
 
     def from_host(self, features: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(features).to(self.device).float()
+        return torch.from_numpy(features).to(self.device).float().permute(0, 3, 1, 2)
 
     def nbytes(self, features: torch.Tensor) -> int:
         return features.numel() * features.element_size()

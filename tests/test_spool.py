@@ -1,0 +1,114 @@
+"""The temporary-file spool (background writes) and the feature store's fallback when the file cannot be written."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from runtime.backends.torch_backend import TorchBackend
+from runtime.feature_store import FeatureStore
+from runtime.spool import ArraySpool
+from vita_train.presets import preset
+from vita_train.modeling.vita_model import VitaModel
+
+
+def _arrays(rng: np.random.Generator) -> list[np.ndarray]:
+    parts = [rng.standard_normal((n, 3, 4, 5)).astype(np.float32) for n in (1, 3, 2, 1, 4)]
+    parts[1] = np.asfortranarray(parts[1])  # any memory order is written in C order
+    return parts
+
+
+def test_background_writes_read_back_in_order_and_exactly():
+    rng = np.random.default_rng(0)
+    parts = _arrays(rng)
+    spool = ArraySpool(prefix="vita-test-", pending=1)
+    try:
+        for p in parts:
+            spool.append(p)
+        expected = np.concatenate(parts)
+        for size in (1, 3, 11, 20):
+            got = np.concatenate(list(spool.chunks(size)))
+            assert got.dtype == expected.dtype and np.array_equal(got, expected)
+            assert [len(c) for c in spool.chunks(size)] == [min(size, 11 - s) for s in range(0, 11, size)]
+    finally:
+        spool.close()
+
+
+def test_a_failed_write_is_an_oserror_and_nothing_hangs():
+    """/dev/full answers every write with ENOSPC, from the writer thread: flush and chunks raise it, close returns."""
+    spool = ArraySpool(prefix="vita-test-")
+    spool.file.close()
+    spool.file = open("/dev/full", "w+b", buffering=0)
+    for _ in range(4):  # more than the pending limit: the writer keeps draining after the error
+        try:
+            spool.append(np.ones((1, 1024), np.float32))
+        except OSError:
+            break
+    with pytest.raises(OSError, match="writing the temporary spool file failed"):
+        spool.flush()
+    with pytest.raises(OSError):
+        list(spool.chunks(1))
+    spool.close()
+
+
+def test_shape_change_is_refused_with_both_shapes():
+    spool = ArraySpool(prefix="vita-test-")
+    try:
+        spool.append(np.zeros((1, 2, 3), np.float32))
+        with pytest.raises(ValueError, match=r"\(2, 3\).*\(3, 2\)"):
+            spool.append(np.zeros((1, 3, 2), np.float32))
+    finally:
+        spool.close()
+
+
+@pytest.fixture(scope="module")
+def backend() -> TorchBackend:
+    torch.manual_seed(0)
+    return TorchBackend(VitaModel(preset("vita_tiny")).eval(), device="cpu")
+
+
+def _features(n: int) -> torch.Tensor:
+    # the CPU detector's features are channels-last; the host layout keeps them as they are in memory
+    return torch.randn(n, 8, 6, 10).contiguous(memory_format=torch.channels_last)
+
+
+def test_disk_tier_gives_back_the_features_exactly(backend):
+    feats = [_features(n) for n in (2, 1, 3)]
+    store = FeatureStore(backend, "disk", 0, 0)
+    try:
+        for f in feats:
+            store.add(f)
+        store.finish()
+        got = torch.cat(list(store.chunks(4)))
+    finally:
+        store.close()
+    assert torch.equal(got, torch.cat(feats))
+
+
+def test_auto_falls_back_to_recompute_when_the_spool_cannot_be_written(backend, caplog):
+    store = FeatureStore(backend, "auto", 0, 0)
+    store.add(_features(1))
+    assert store.spool is not None
+    store.spool.file.close()
+    store.spool.file = open("/dev/full", "w+b", buffering=0)
+    with caplog.at_level(logging.WARNING, logger="runtime.feature_store"):
+        for _ in range(4):
+            store.add(_features(1))
+        store.finish()
+    assert store.needs_recompute and store.spool is None
+    assert "recomputing them in a second pass" in caplog.text
+
+
+def test_forced_disk_policy_names_the_way_out_when_the_spool_cannot_be_written(backend):
+    store = FeatureStore(backend, "disk", 0, 0)
+    store.add(_features(1))
+    store.spool.file.close()
+    store.spool.file = open("/dev/full", "w+b", buffering=0)
+    with pytest.raises(OSError, match="feature_policy='recompute'"):
+        for _ in range(4):
+            store.add(_features(1))
+        store.finish()
+    store.close()
