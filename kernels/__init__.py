@@ -16,7 +16,7 @@ import os
 import torch
 from torch import Tensor
 
-from . import cpu, reference
+from . import cpu, native, reference
 
 MODES = ("auto", "reference", "triton")
 
@@ -119,7 +119,20 @@ def ms_deform_attn(
     return cpu.ms_deform_attn(value, shapes, locations, weights)
 
 
+def native_ms_deform_attn_usable(*tensors: Tensor) -> bool:
+    """True when ``kernels.native.ms_deform_attn_from_projections`` can run on these inputs: the compiled CPU
+    kernels built here, CPU tensors of one dtype (float32 or bfloat16), and no gradient asked for."""
+    if not tensors or any(t.device.type != "cpu" or t.dtype != tensors[0].dtype for t in tensors):
+        return False
+    if tensors[0].dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return native.available()
+
+
 __all__ = [
-    "MODES", "KernelUnavailableError", "attention_with_lse", "check_mode", "cpu", "ms_deform_attn", "reference", "resolve",
+    "MODES", "KernelUnavailableError", "attention_with_lse", "check_mode", "cpu", "ms_deform_attn", "native",
+    "native_ms_deform_attn_usable", "reference", "resolve",
     "triton_importable", "window_attention",
 ]

@@ -78,3 +78,24 @@ def ms_deform_attn(value: Tensor, shapes: list[tuple[int, int]], locations: Tens
         term = (sampled * wl).sum(-1)  # (N*heads, D, Lq)
         out = term if out is None else out + term
     return out.view(n, heads * d, lq).transpose(1, 2).contiguous()
+
+
+def ms_deform_attn_from_projections(
+    value: Tensor, shapes: list[tuple[int, int]], reference_points: Tensor, offsets: Tensor, logits: Tensor,
+    levels: int, points: int,
+) -> Tensor:
+    """Deformable attention from the raw outputs of its two projections (what ``MSDeformAttn`` computes).
+
+    value (N, S, heads, D); reference_points (1 or N, Lq, 2) as (x, y) in [0, 1]; offsets
+    (N, Lq, heads*levels*points*2) in pixels of each level, (x, y) innermost; logits (N, Lq, heads*levels*points),
+    softmaxed over each head's levels*points. Positions and weights in at least float32, then
+    ``ms_deform_attn``. Returns (N, Lq, heads*D) in value's dtype.
+    """
+    n, lq = offsets.shape[:2]
+    heads = value.shape[2]
+    dt = torch.promote_types(reference_points.dtype, torch.float32)
+    off = offsets.to(dt).view(n, lq, heads, levels, points, 2)
+    sizes = torch.tensor([[w, h] for h, w in shapes], dtype=dt, device=offsets.device).view(1, 1, 1, levels, 1, 2)
+    locations = reference_points.to(dt)[:, :, None, None, None, :] + off / sizes
+    weights = logits.to(dt).view(n, lq, heads, levels * points).softmax(-1).view(n, lq, heads, levels, points)
+    return ms_deform_attn(value.to(dt), shapes, locations, weights).to(value.dtype)

@@ -60,6 +60,13 @@ class MSDeformAttn(nn.Module):
         v = self.value_proj(value).view(n, value.shape[1], heads, c // heads)
         fast = self.sample_fn is ms_deform_attn_sample and self.kernels != "reference" and not exporting()
         if fast and kernels_lib.resolve(self.kernels, query.device.type) == "cpu":
+            params = (self.sampling_offsets.weight, self.attention_weights.weight)
+            if kernels_lib.native_ms_deform_attn_usable(query, v, *params):
+                # one compiled pass from the raw projections: softmax, positions and bilinear taps fused
+                out = kernels_lib.native.ms_deform_attn_from_projections(
+                    v, shapes, reference_points, self.sampling_offsets(query), self.attention_weights(query),
+                    levels, points)
+                return self.output_proj(out)
             locations, weights = self._query_minor(query, reference_points, shapes)
             return self.output_proj(kernels_lib.ms_deform_attn(v, shapes, locations, weights, mode=self.kernels))
         # positions in the reference points' dtype (at least fp32): bf16 cannot tell pixels apart at 1/160
@@ -78,7 +85,9 @@ class MSDeformAttn(nn.Module):
         locations = reference_points[:, :, None, None, None, :] + scaled
         if fast:
             return self.output_proj(kernels_lib.ms_deform_attn(v, shapes, locations, weights, mode=self.kernels))
-        return self.output_proj(self.sample_fn(v, shapes, locations, weights))
+        # the plain path samples in the positions' dtype (grid_sample takes one dtype), then back to v's
+        sampled = self.sample_fn(v.to(locations.dtype), shapes, locations, weights.to(locations.dtype))
+        return self.output_proj(sampled.to(v.dtype))
 
     @staticmethod
     def _sizes(shapes: list[tuple[int, int]], like: Tensor) -> Tensor:

@@ -1,0 +1,72 @@
+"""Compiled CPU kernels (``kernels/csrc``), built on first use with the C++ compiler torch finds.
+
+The build takes about a minute once per machine and torch version and is cached by torch (under
+``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). Where it cannot be built (no compiler, no
+ninja, an unusual platform) or ``VITA_NATIVE_KERNELS=0`` is set, ``available()`` is False, one warning says
+why, and callers use the torch-op forms in ``kernels.cpu``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).parent / "csrc" / "ms_deform_attn_cpu.cpp"
+# instruction sets by torch's own CPU capability: never -march=native, which would tie a cached build to
+# instructions (AMX, AVX-512-BF16) another CPU sharing the cache directory may lack
+_ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> bool:
+    if not hasattr(torch.ops.vita_kernels, "msda_fused"):
+        capability = torch.backends.cpu.get_cpu_capability()
+        try:
+            from torch.utils import cpp_extension
+
+            cpp_extension.load(
+                name=f"vita_kernels_cpu_{capability.lower()}",
+                sources=[str(_SOURCE)],
+                extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS.get(capability, [])],
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
+                verbose=False,
+            )
+        except Exception as e:  # a missing compiler shows up as many exception types
+            lines = str(e).strip().splitlines()
+            log.warning("the native CPU kernels could not be built (%s: %s); using the slower torch-op forms. "
+                        "Install a C++ compiler and ninja (pip install ninja) for them, or set VITA_NATIVE_KERNELS=0 "
+                        "to skip the build.", type(e).__name__, lines[-1] if lines else "")
+            return False
+    return True
+
+
+def available() -> bool:
+    """True when the compiled CPU kernels are loaded (building them on the first call) and not turned off
+    with ``VITA_NATIVE_KERNELS=0`` (read at every call)."""
+    if os.environ.get("VITA_NATIVE_KERNELS", "1") == "0":
+        return False
+    return _library()
+
+
+def ms_deform_attn_from_projections(
+    value: Tensor, shapes: list[tuple[int, int]], reference_points: Tensor, offsets: Tensor, logits: Tensor,
+    levels: int, points: int,
+) -> Tensor:
+    """``kernels.reference.ms_deform_attn_from_projections`` in one compiled pass (CPU, fp32 or bf16, no autograd)."""
+    if not available():
+        raise RuntimeError("the native CPU kernels are not available here (see the warning logged when they were "
+                           "built); check kernels.native.available() first")
+    flat = [int(s) for hw in shapes for s in hw]
+    refs = reference_points.to(torch.float32).contiguous()
+    return torch.ops.vita_kernels.msda_fused(value.contiguous(), flat, refs, offsets, logits, levels, points)
