@@ -86,16 +86,63 @@ def test_copies_and_pickles_drop_the_packed_weight():
         torch.testing.assert_close(restored(x), layer(x))
 
 
-def test_gradients_bf16_and_export_take_the_plain_op():
+def test_gradients_mixed_dtypes_and_export_take_the_plain_op():
     layer = _layer(16, 8)
     x = torch.randn(4, 16, requires_grad=True)
     out = layer(x, relu=True)
     out.sum().backward()  # the plain op: differentiable
     assert layer._packed is None and x.grad is not None
     assert needs_plain_ops(x) and not exporting()
-    bf16 = copy.deepcopy(layer).to(torch.bfloat16)
+    mixed = copy.deepcopy(layer)
+    mixed.bias.data = mixed.bias.data.to(torch.bfloat16)
     with torch.no_grad():
-        y = bf16(torch.randn(4, 16, dtype=torch.bfloat16))
-    assert y.dtype == torch.bfloat16 and bf16._packed is None
+        with pytest.raises(RuntimeError):  # what F.linear itself says of mixed dtypes: no packed call hides it
+            mixed(torch.randn(4, 16))
+    assert mixed._packed is None
     traced = torch.jit.trace(layer.requires_grad_(False), torch.randn(4, 16))
     assert "mkldnn" not in str(traced.graph)
+
+
+@needs_onednn
+@pytest.mark.parametrize("relu", [False, True])
+def test_bf16_packed_linear_equals_the_plain_bf16_linear(relu):
+    """bf16 on a CPU with bf16 instructions: the packed call (ReLU fused) against F.linear in bf16, and against
+    float64; elsewhere the plain op runs and nothing is packed."""
+    layer = copy.deepcopy(_layer(256, 1024)).to(torch.bfloat16)
+    x = torch.randn(2, 977, 256).to(torch.bfloat16)
+    with torch.no_grad():
+        got = layer(x, relu=relu)
+        plain = F.linear(x, layer.weight, layer.bias)
+        plain = plain.relu() if relu else plain
+    assert got.dtype == torch.bfloat16
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert layer._packed is None and torch.equal(got, plain)
+        return
+    assert layer._packed is not None
+    exact = _plain(layer, x, relu)
+    # both round to bf16 once from an fp32 accumulation: within a bf16 step or two of float64, like F.linear
+    step = exact.abs().clamp_min(1.0) * 2.0 ** -7
+    assert ((got.double() - exact).abs() <= step).all()
+    assert ((plain.double() - exact).abs() <= step).all()
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_is_added_inside_the_call(dtype):
+    """forward(x, residual=r) == linear(x) + r, fused or not (a strided residual takes the separate add)."""
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no bf16 instructions")
+    layer = copy.deepcopy(_layer(1024, 256)).to(dtype)
+    x, r = torch.randn(2, 300, 1024).to(dtype), torch.randn(2, 300, 256).to(dtype)
+    linear = _plain(layer, x, relu=False)
+    exact = linear + r.double()
+    # bf16: the unfused form rounds the linear output before the add, so its step is the addends' size
+    step = (linear.abs() + r.double().abs()).clamp_min(1.0) * (2.0 ** -7 if dtype == torch.bfloat16 else 1e-5)
+    with torch.no_grad():
+        for res in (r, r.transpose(0, 1).contiguous().transpose(0, 1)):
+            got = layer(x, residual=res)
+            assert got.dtype == dtype and ((got.double() - exact).abs() <= step).all()
+        with pytest.raises(ValueError, match="not both"):
+            layer(x, relu=True, residual=r)
+    # a control: the residual of another input is told apart
+    assert not ((layer(x, residual=r.roll(1, 1)).double() - exact).abs() <= step).all()

@@ -15,6 +15,7 @@ from vita_train.inference.pruning import prune_frame_queries
 from vita_train.modeling.precision import bf16_supported, cast_detector
 from vita_train.modeling.vita_model import VitaModel
 
+from ..host_memory import keep_freed_memory
 from .base import Detection, Selection
 from .compiled import CompiledDetector
 
@@ -68,6 +69,8 @@ class TorchBackend:
             )
         if token_dtype is not None and token_dtype not in _DTYPES:
             raise ValueError(f"token_dtype must be one of {sorted(_DTYPES)}, got {token_dtype!r}")
+        if not device.startswith("cuda"):
+            keep_freed_memory()
         if cpu_bf16:
             model = cast_detector(copy.deepcopy(model), torch.bfloat16)
         self.model = model.to(device).eval()

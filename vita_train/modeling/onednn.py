@@ -8,6 +8,7 @@ tests hold the fast path to.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -26,12 +27,20 @@ def needs_plain_ops(x: Tensor, *params: Tensor) -> bool:
             or (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))))
 
 
+@functools.lru_cache(maxsize=1)
+def _bf16_native() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 class PackedLinear(nn.Linear):
-    """nn.Linear (same parameters and state-dict keys) that runs float32 CPU inference through oneDNN.
+    """nn.Linear (same parameters and state-dict keys) that runs float32 and bf16 CPU inference through oneDNN.
 
     On this path the weight is reordered once into oneDNN's layout (cached until it changes) and an
     optional ReLU is applied inside the same call; on the AVX2 EPYC the encoder's 5040x256x1024 matmuls
-    ran 10-17% faster than MKL's addmm. ``forward(x, relu=True)`` equals ``relu(linear(x))``.
+    ran 10-17% faster than MKL's addmm; in bf16 on the AMX Xeon the 256->1024 FFN matmul with its ReLU
+    took 2.0 ms instead of 4.7 (two frames). ``forward(x, relu=True)`` equals ``relu(linear(x))`` and
+    ``forward(x, residual=r)`` equals ``linear(x) + r`` (the add inside the same call where ``r`` allows).
+    bf16 runs here only where the CPU has bf16 instructions (else the plain op).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
@@ -47,18 +56,29 @@ class PackedLinear(nn.Linear):
     def _fast(self, x: Tensor) -> bool:
         if needs_plain_ops(x, self.weight):  # first: a tracer must not see the shape tests below
             return False
-        return (x.device.type == "cpu" and x.dtype == torch.float32 == self.weight.dtype
-                and torch.backends.mkldnn.is_available() and x.dim() >= 2 and x.numel() > 0
-                and x.shape[-1] == self.in_features)
+        dtypes = {x.dtype, self.weight.dtype} | ({self.bias.dtype} if self.bias is not None else set())
+        return (x.device.type == "cpu" and torch.backends.mkldnn.is_available()
+                and (dtypes == {torch.float32} or (dtypes == {torch.bfloat16} and _bf16_native()))
+                and x.dim() >= 2 and x.numel() > 0 and x.shape[-1] == self.in_features)
 
-    def forward(self, x: Tensor, relu: bool = False) -> Tensor:
-        """linear(x), then ReLU when ``relu``."""
+    def forward(self, x: Tensor, relu: bool = False, residual: Optional[Tensor] = None) -> Tensor:
+        """linear(x), then ReLU when ``relu``, or plus ``residual`` (one or the other)."""
+        if relu and residual is not None:
+            raise ValueError("PackedLinear fuses a ReLU or a residual add, not both")
         if not self._fast(x):
             out = F.linear(x, self.weight, self.bias)
+            if residual is not None:
+                return out.add_(residual)
             return F.relu(out, inplace=True) if relu else out
         params = (self.weight,) if self.bias is None else (self.weight, self.bias)
         key = tuple((id(p), p._version) for p in params)
         if self._packed is None or self._packed[0] != key:
             rows = max(1, x.numel() // self.in_features)
             self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), rows))
+        if residual is not None:
+            if (residual.dtype == x.dtype and residual.is_contiguous()
+                    and residual.shape == (*x.shape[:-1], self.out_features)):
+                # the add happens on each output tile while it is in cache: no second pass over the output
+                return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self._packed[1], self.bias, "add")
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed[1], self.bias, "none", [], "").add_(residual)
         return torch.ops.mkldnn._linear_pointwise(x, self._packed[1], self.bias, "relu" if relu else "none", [], "")

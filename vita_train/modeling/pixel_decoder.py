@@ -26,8 +26,8 @@ class DeformableEncoderLayer(nn.Module):
     def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
         """src, pos (N, S, C)."""
         # in place on fresh outputs: each avoided allocation of a (S, C) or (S, ffn) buffer is page faults saved
-        src = self.norm1(self.self_attn(src + pos, reference_points, src, shapes).add_(src))
-        return self.norm2(self.linear2(self.linear1(src, relu=True)).add_(src))
+        src = self.norm1(self.self_attn(src + pos, reference_points, src, shapes, residual=src))
+        return self.norm2(self.linear2(self.linear1(src, relu=True), residual=src))
 
 
 class DeformableEncoder(nn.Module):
