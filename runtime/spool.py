@@ -161,11 +161,13 @@ class ArraySpool:
         for start in range(0, self.count, size):
             n = min(size, self.count - start)
             out = np.empty((n, *self.item_shape), dtype=self.dtype)
-            if self.direct:
-                view = self._read_staging.get(n * self._stride)
-                self._read_all(view, start * self._stride)
-                slots = np.frombuffer(view, dtype=np.uint8).reshape(n, self._stride)
-                out.reshape(n, -1).view(np.uint8)[:] = slots[:, : self._item_bytes]
+            if self.direct:  # item by item through a one-item staging buffer: not a second chunk in memory
+                view = self._read_staging.get(self._stride)
+                staged = np.frombuffer(view, dtype=np.uint8)[: self._item_bytes]
+                flat = out.reshape(n, -1).view(np.uint8)
+                for i in range(n):
+                    self._read_all(view, (start + i) * self._stride)
+                    flat[i] = staged
             else:
                 self._read_all(memoryview(out).cast("B"), None)
             yield out
