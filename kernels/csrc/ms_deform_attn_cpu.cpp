@@ -35,11 +35,52 @@ inline float exp_nonpositive(float x) {
   return y * __builtin_bit_cast(float, bits);
 }
 
+// One (query, head): the bilinear taps of every level and point, weighted and summed into ``dst``.
+// ``acc`` holds four accumulators of ``d`` floats, one per tap corner: with one shared accumulator every
+// tap waited for the previous one's multiply-add (measured: that chain was most of the kernel's time).
+// A tap outside its level reads a clamped pixel with weight 0 (no branch per tap).
 template <typename scalar_t, int64_t kD>
-inline void accumulate(float* __restrict acc, const scalar_t* __restrict row, float c, int64_t d_runtime) {
+inline void sample_head(float* __restrict acc, int64_t d_runtime, const scalar_t* v_head, int64_t row,
+                        const std::vector<int64_t>& hs, const std::vector<int64_t>& ws,
+                        const std::vector<int64_t>& starts, const float* xs, const float* ys, const float* w,
+                        float inv, int64_t points, scalar_t* dst) {
   const int64_t d = kD > 0 ? kD : d_runtime;
+  for (int64_t c = 0; c < 4 * d; ++c) acc[c] = 0.f;
+  const int64_t levels = static_cast<int64_t>(hs.size());
+  for (int64_t l = 0; l < levels; ++l) {
+    const int64_t hl = hs[l], wl = ws[l];
+    const float fw = static_cast<float>(wl), fh = static_cast<float>(hl);
+    const scalar_t* vl = v_head + starts[l] * row;
+    for (int64_t p = 0; p < points; ++p) {
+      const int64_t i = l * points + p;
+      const float x = xs[i], y = ys[i];
+      if (!(x > -1.f && x < fw && y > -1.f && y < fh)) continue;  // no tap inside (NaN too)
+      const float a = w[i] * inv;
+      const float x0f = std::floor(x), y0f = std::floor(y);
+      const float fx = x - x0f, fy = y - y0f;
+      const int64_t x0 = static_cast<int64_t>(x0f), y0 = static_cast<int64_t>(y0f);
+      const float vx0 = x0 >= 0 ? 1.f : 0.f, vx1 = x0 + 1 < wl ? 1.f : 0.f;
+      const float vy0 = y0 >= 0 ? 1.f : 0.f, vy1 = y0 + 1 < hl ? 1.f : 0.f;
+      const int64_t xa = std::max<int64_t>(x0, 0), xb = std::min<int64_t>(x0 + 1, wl - 1);
+      const int64_t ya = std::max<int64_t>(y0, 0), yb = std::min<int64_t>(y0 + 1, hl - 1);
+      const float c00 = a * (1.f - fx) * (1.f - fy) * vx0 * vy0, c01 = a * fx * (1.f - fy) * vx1 * vy0;
+      const float c10 = a * (1.f - fx) * fy * vx0 * vy1, c11 = a * fx * fy * vx1 * vy1;
+      const scalar_t* __restrict r00 = vl + (ya * wl + xa) * row;
+      const scalar_t* __restrict r01 = vl + (ya * wl + xb) * row;
+      const scalar_t* __restrict r10 = vl + (yb * wl + xa) * row;
+      const scalar_t* __restrict r11 = vl + (yb * wl + xb) * row;
 #pragma omp simd
-  for (int64_t i = 0; i < d; ++i) acc[i] += c * static_cast<float>(row[i]);
+      for (int64_t c = 0; c < d; ++c) {
+        acc[c] += c00 * static_cast<float>(r00[c]);
+        acc[d + c] += c01 * static_cast<float>(r01[c]);
+        acc[2 * d + c] += c10 * static_cast<float>(r10[c]);
+        acc[3 * d + c] += c11 * static_cast<float>(r11[c]);
+      }
+    }
+  }
+  for (int64_t c = 0; c < d; ++c) {
+    dst[c] = static_cast<scalar_t>((acc[c] + acc[d + c]) + (acc[2 * d + c] + acc[3 * d + c]));
+  }
 }
 
 template <typename scalar_t, int64_t kD>
@@ -76,7 +117,7 @@ void run(const at::Tensor& value, const std::vector<int64_t>& shapes, const at::
   const float* sh = sample_h.data();
 
   at::parallel_for(0, n_batch * lq, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(d), w_buf(samples), xs_buf(samples), ys_buf(samples), shift_buf(samples);
+    std::vector<float> acc(4 * d), w_buf(samples), xs_buf(samples), ys_buf(samples), shift_buf(samples);
     // plain restrict pointers: through the vectors the compiler reloads their data pointers and cannot vectorise
     float* __restrict w = w_buf.data();
     float* __restrict xs = xs_buf.data();
@@ -110,66 +151,13 @@ void run(const at::Tensor& value, const std::vector<int64_t>& shapes, const at::
         const float inv = 1.f / total;
         scalar_t* dst = o + m * row + h * d;
         if constexpr (kD > 0) {
-          // the four taps accumulate into four register-held chains: one shared accumulator would make every
-          // tap wait for the previous one's multiply-add (measured: that chain was most of the kernel's time)
-          float acc4[4][kD] = {};
-          for (int64_t l = 0; l < levels; ++l) {
-            const int64_t hl = hs[l], wl = ws[l];
-            const float fw = static_cast<float>(wl), fh = static_cast<float>(hl);
-            const scalar_t* vl = v + (n * s_len + starts[l]) * row + h * d;
-            for (int64_t p = 0; p < points; ++p) {
-              const int64_t i = h * lp + l * points + p;
-              const float x = xs[i], y = ys[i];
-              if (!(x > -1.f && x < fw && y > -1.f && y < fh)) continue;  // no tap inside (NaN too)
-              const float a = w[i] * inv;
-              const float x0f = std::floor(x), y0f = std::floor(y);
-              const float fx = x - x0f, fy = y - y0f;
-              const int64_t x0 = static_cast<int64_t>(x0f), y0 = static_cast<int64_t>(y0f);
-              // a tap outside the level reads a clamped pixel with weight 0 (branch-free)
-              const float vx0 = x0 >= 0 ? 1.f : 0.f, vx1 = x0 + 1 < wl ? 1.f : 0.f;
-              const float vy0 = y0 >= 0 ? 1.f : 0.f, vy1 = y0 + 1 < hl ? 1.f : 0.f;
-              const int64_t xa = std::max<int64_t>(x0, 0), xb = std::min<int64_t>(x0 + 1, wl - 1);
-              const int64_t ya = std::max<int64_t>(y0, 0), yb = std::min<int64_t>(y0 + 1, hl - 1);
-              const float c00 = a * (1.f - fx) * (1.f - fy) * vx0 * vy0, c01 = a * fx * (1.f - fy) * vx1 * vy0;
-              const float c10 = a * (1.f - fx) * fy * vx0 * vy1, c11 = a * fx * fy * vx1 * vy1;
-              const scalar_t* __restrict r00 = vl + (ya * wl + xa) * row;
-              const scalar_t* __restrict r01 = vl + (ya * wl + xb) * row;
-              const scalar_t* __restrict r10 = vl + (yb * wl + xa) * row;
-              const scalar_t* __restrict r11 = vl + (yb * wl + xb) * row;
-#pragma omp simd
-              for (int64_t c = 0; c < kD; ++c) {
-                acc4[0][c] += c00 * static_cast<float>(r00[c]);
-                acc4[1][c] += c01 * static_cast<float>(r01[c]);
-                acc4[2][c] += c10 * static_cast<float>(r10[c]);
-                acc4[3][c] += c11 * static_cast<float>(r11[c]);
-              }
-            }
-          }
-          for (int64_t c = 0; c < kD; ++c) dst[c] = static_cast<scalar_t>((acc4[0][c] + acc4[1][c]) + (acc4[2][c] + acc4[3][c]));
-          continue;
+          float acc4[4 * kD];  // a fixed size: the compiler keeps the four chains in registers
+          sample_head<scalar_t, kD>(acc4, d, v + n * s_len * row + h * d, row, hs, ws, starts, xs + h * lp,
+                                    ys + h * lp, w + h * lp, inv, points, dst);
+        } else {
+          sample_head<scalar_t, kD>(acc.data(), d, v + n * s_len * row + h * d, row, hs, ws, starts, xs + h * lp,
+                                    ys + h * lp, w + h * lp, inv, points, dst);
         }
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t l = 0; l < levels; ++l) {
-          const int64_t hl = hs[l], wl = ws[l];
-          const float fw = static_cast<float>(wl), fh = static_cast<float>(hl);
-          const scalar_t* vl = v + (n * s_len + starts[l]) * row + h * d;
-          for (int64_t p = 0; p < points; ++p) {
-            const int64_t i = h * lp + l * points + p;
-            const float x = xs[i], y = ys[i];
-            if (!(x > -1.f && x < fw && y > -1.f && y < fh)) continue;  // no tap inside (NaN too)
-            const float a = w[i] * inv;
-            const float x0f = std::floor(x), y0f = std::floor(y);
-            const float fx = x - x0f, fy = y - y0f;
-            const int64_t x0 = static_cast<int64_t>(x0f), y0 = static_cast<int64_t>(y0f);
-            const bool xin0 = x0 >= 0, xin1 = x0 + 1 < wl, yin0 = y0 >= 0, yin1 = y0 + 1 < hl;
-            const scalar_t* base = vl + (y0 * wl + x0) * row;
-            if (yin0 && xin0) accumulate<scalar_t, kD>(acc.data(), base, a * (1.f - fx) * (1.f - fy), d);
-            if (yin0 && xin1) accumulate<scalar_t, kD>(acc.data(), base + row, a * fx * (1.f - fy), d);
-            if (yin1 && xin0) accumulate<scalar_t, kD>(acc.data(), base + wl * row, a * (1.f - fx) * fy, d);
-            if (yin1 && xin1) accumulate<scalar_t, kD>(acc.data(), base + (wl + 1) * row, a * fx * fy, d);
-          }
-        }
-        for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<scalar_t>(acc[c]);
       }
     }
   });
