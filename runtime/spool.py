@@ -9,8 +9,8 @@ error is raised by the next call. Where the file system allows it the file is op
 (``O_DIRECT``): the disk reads the arrays from an aligned staging buffer, bypassing the page cache. On the
 2-core Xeon a 15 MB frame of float32 features then cost under 1 ms of CPU to write instead of ~37 ms of
 page-cache copying, which had competed with the detector for the cores (0.05 s per frame end to end).
-Each item then sits at a 4 KB-aligned offset. Elsewhere (tmpfs, some network file systems) plain
-buffered writes are used.
+Each item then sits at a 4 KB-aligned offset. Where the file system refuses direct I/O (older tmpfs, some
+network file systems; probed with one aligned write when the file is made) plain buffered writes are used.
 """
 
 from __future__ import annotations
