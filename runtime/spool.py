@@ -15,7 +15,6 @@ network file systems; probed with one aligned write when the file is made) plain
 
 from __future__ import annotations
 
-import fcntl
 import mmap
 import os
 import queue
@@ -34,6 +33,10 @@ def _round_up(n: int, to: int = ALIGN) -> int:
 
 
 def _enable_direct_io(fd: int) -> bool:
+    try:
+        import fcntl  # POSIX only: elsewhere (Windows) the spool writes through the page cache
+    except ImportError:
+        return False
     if not hasattr(os, "O_DIRECT"):
         return False
     try:
