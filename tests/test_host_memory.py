@@ -11,19 +11,21 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# allocate, touch and free a 64 MB buffer four times; print whether the setting took and the page faults
-# of the last two rounds (the first rounds fault in any case, while the heap grows)
+# allocate, touch and free a 64 MB buffer eight times; print whether the setting took and the fewest page
+# faults of any round after the first (the first always faults). With the setting some later round reuses the
+# freed block without faults; not every one does (on this VM re-faults come and go between rounds, most
+# likely its idle-page reclaim, kdamond, taking back free heap pages). Without it every round maps fresh pages.
 _CODE = """
 import resource, torch
 from runtime.host_memory import keep_freed_memory
 took = keep_freed_memory()
 faults = []
-for _ in range(4):
+for _ in range(8):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     a = torch.ones(16 << 20)  # torch's CPU allocator is malloc (numpy's large arrays would use huge pages)
     del a
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(took, faults[2] + faults[3])
+print(took, min(faults[1:]))
 """
 
 
@@ -42,8 +44,8 @@ def test_freed_frame_buffers_are_reused_without_page_faults():
         pytest.skip("this Linux's C library is not glibc")
     off, faults_off = _run("0")
     assert off == "False"
-    # 64 MB is 16,384 pages: returned to the system each time by default, kept (no faults) with the setting
-    assert faults_off > 20_000
+    # 64 MB is 16,384 pages: returned to the system after every round by default, kept for reuse with the setting
+    assert faults_off > 10_000
     assert faults < 2_000
 
 
