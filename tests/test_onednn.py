@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vita_train.modeling.onednn import PackedLinear, exporting, needs_plain_ops
+from vita_train.modeling.onednn import PackedLinear, bf16_supported, exporting, needs_plain_ops
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
 
@@ -115,7 +115,7 @@ def test_bf16_packed_linear_equals_the_plain_bf16_linear(relu):
         plain = F.linear(x, layer.weight, layer.bias)
         plain = plain.relu() if relu else plain
     assert got.dtype == torch.bfloat16
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if not bf16_supported():
         assert layer._packed is None and torch.equal(got, plain)
         return
     assert layer._packed is not None
@@ -130,7 +130,7 @@ def test_bf16_packed_linear_equals_the_plain_bf16_linear(relu):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_residual_is_added_inside_the_call(dtype):
     """forward(x, residual=r) == linear(x) + r, fused or not (a strided residual takes the separate add)."""
-    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if dtype == torch.bfloat16 and not bf16_supported():
         pytest.skip("this CPU has no bf16 instructions")
     layer = copy.deepcopy(_layer(1024, 256)).to(dtype)
     x, r = torch.randn(2, 300, 1024).to(dtype), torch.randn(2, 300, 256).to(dtype)

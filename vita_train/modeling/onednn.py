@@ -28,8 +28,9 @@ def needs_plain_ops(x: Tensor, *params: Tensor) -> bool:
 
 
 @functools.lru_cache(maxsize=1)
-def _bf16_native() -> bool:
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+def bf16_supported() -> bool:
+    """True when this CPU runs bf16 matmuls and convolutions natively (AVX-512-BF16 or AMX)."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class PackedLinear(nn.Linear):
@@ -58,7 +59,7 @@ class PackedLinear(nn.Linear):
             return False
         dtypes = {x.dtype, self.weight.dtype} | ({self.bias.dtype} if self.bias is not None else set())
         return (x.device.type == "cpu" and torch.backends.mkldnn.is_available()
-                and (dtypes == {torch.float32} or (dtypes == {torch.bfloat16} and _bf16_native()))
+                and (dtypes == {torch.float32} or (dtypes == {torch.bfloat16} and bf16_supported()))
                 and x.dim() >= 2 and x.numel() > 0 and x.shape[-1] == self.in_features)
 
     def forward(self, x: Tensor, relu: bool = False, residual: Optional[Tensor] = None) -> Tensor:

@@ -23,14 +23,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .onednn import bf16_supported  # noqa: F401  (the policy's entry point; defined beside the bf16 fast path)
 from .resnet import FrozenBatchNorm2d
 
 NORMS = (nn.LayerNorm, nn.GroupNorm, FrozenBatchNorm2d)
-
-
-def bf16_supported() -> bool:
-    """True when this CPU runs bf16 matmuls and convolutions natively (AVX-512-BF16 or AMX)."""
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def cast_detector(model: nn.Module, dtype: torch.dtype) -> nn.Module:
