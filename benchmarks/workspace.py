@@ -39,6 +39,11 @@ class BackendSpec:
     @property
     def kernels_label(self) -> str:
         """What runs the attention kernels: the graph for exported backends, else the torch mode (+ compiled)."""
+        if self.backend == "onnxruntime":
+            from runtime.backends import onnxruntime_kernels
+
+            # on the CPU provider the deformable-attention nodes run as the compiled operator where it builds
+            return "graph + compiled op" if onnxruntime_kernels.library() is not None else "graph"
         if self.backend != "torch":
             return "graph"
         return (self.kernels or "auto") + (", compiled" if self.compiled else "")

@@ -185,11 +185,17 @@ def _export_token_steps(model, tmp: Path, opset: int) -> None:
 
 def _export_graphs(model, tmp: Path, opts: ExportOptions, example_size: tuple[int, int]) -> None:
     detector = DetectorGraph(model).eval()
+    layers = model.pixel_decoder.transformer.encoder.layers
     if opts.msda == "trt-plugin":
         from .trt_plugin import ms_deform_attn_sample_trt
 
-        for layer in model.pixel_decoder.transformer.encoder.layers:
+        for layer in layers:
             layer.self_attn.sample_fn = ms_deform_attn_sample_trt
+    else:  # one vita.ops::MSDeformAttn node per layer, defined by a local function (export.msda_onnx)
+        from .msda_onnx import ms_deform_attn_onnx
+
+        for layer in layers:
+            layer.self_attn.from_projections_fn = ms_deform_attn_onnx
     frames = torch.zeros((1, *example_size, 3), dtype=torch.uint8)
     axes = {"frames": {0: "batch"}, "frame_queries": {0: "batch"}, "frame_logits": {0: "batch"}, "mask_features": {0: "batch"}}
     if opts.size is None:
@@ -200,8 +206,9 @@ def _export_graphs(model, tmp: Path, opts: ExportOptions, example_size: tuple[in
     finally:
         from vita_train.modeling.ms_deform_attn import ms_deform_attn_sample
 
-        for layer in model.pixel_decoder.transformer.encoder.layers:
+        for layer in layers:
             layer.self_attn.sample_fn = ms_deform_attn_sample
+            layer.self_attn.from_projections_fn = None
     onnx_io.save(graph, tmp / DETECTOR_FILE)
 
     cfg = model.config

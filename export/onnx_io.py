@@ -14,6 +14,8 @@ from torch import nn
 
 from vita_train.utils.atomic import atomic_write
 
+from . import msda_onnx
+
 log = logging.getLogger(__name__)
 
 
@@ -45,7 +47,7 @@ def to_onnx(
             do_constant_folding=True,
         )
     model = onnx.load_from_string(buffer.getvalue())
-    model = simplify(model)
+    model = msda_onnx.attach_function(simplify(model))  # after simplify: its optimizer would inline the body
     check(model)
     return onnx.shape_inference.infer_shapes(model)
 

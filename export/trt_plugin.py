@@ -56,13 +56,18 @@ def _size_tensor(size: Size) -> Tensor:
     return size if isinstance(size, Tensor) else torch.tensor(size)
 
 
+def spatial_shapes_tensor(shapes: Sequence[tuple[Size, Size]], dtype: torch.dtype) -> Tensor:
+    """Per-level sizes -> (L, 2) tensor of (H, W), traced sizes kept symbolic."""
+    return torch.stack([torch.stack([_size_tensor(h), _size_tensor(w)]) for h, w in shapes]).to(dtype)
+
+
 def plugin_shape_inputs(shapes: Sequence[tuple[Size, Size]]) -> tuple[Tensor, Tensor]:
     """Per-level sizes -> (spatial_shapes (L, 2) int32 as (H, W), level_start_index (L,) int32)."""
-    spatial = torch.stack([torch.stack([_size_tensor(h), _size_tensor(w)]) for h, w in shapes])
+    spatial = spatial_shapes_tensor(shapes, torch.int32)
     starts = [torch.zeros((), dtype=torch.int64)]  # an op, not a constant: no tracer warning
     for h, w in shapes[:-1]:
         starts.append(starts[-1] + _size_tensor(h) * _size_tensor(w))
-    return spatial.to(torch.int32), torch.stack(starts).to(torch.int32)
+    return spatial, torch.stack(starts).to(torch.int32)
 
 
 class _MultiscaleDeformableAttn(torch.autograd.Function):

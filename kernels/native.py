@@ -9,6 +9,7 @@ why, and callers use the torch-op forms in ``kernels.cpu``.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -18,13 +19,19 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent / "csrc" / "ms_deform_attn_cpu.cpp"
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCE = _CSRC / "ms_deform_attn_cpu.cpp"
+_HEADER = _CSRC / "ms_deform_attn_core.h"
 # instruction sets by torch's own CPU capability: never -march=native, which would tie a cached build to
 # instructions (AMX, AVX-512-BF16) another CPU sharing the cache directory may lack
 _ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
 }
+
+
+def _header_digest() -> str:
+    return hashlib.sha256(_HEADER.read_bytes()).hexdigest()[:10]
 
 
 @functools.lru_cache(maxsize=1)
@@ -35,7 +42,8 @@ def _library() -> bool:
             from torch.utils import cpp_extension
 
             cpp_extension.load(
-                name=f"vita_kernels_cpu_{capability.lower()}",
+                # the header's hash in the name: torch rebuilds on a changed source file, not on a changed header
+                name=f"vita_kernels_cpu_{capability.lower()}_{_header_digest()}",
                 sources=[str(_SOURCE)],
                 extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS.get(capability, [])],
                 extra_ldflags=["-fopenmp"],

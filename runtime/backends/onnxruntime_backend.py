@@ -17,7 +17,7 @@ from vita_train.config import ModelConfig
 from vita_train.export_format import DETECTOR_FILE, TOKENS_FILE, token_step_files
 from vita_train.token_steps import TokenSteps
 
-from . import numpy_ops
+from . import numpy_ops, onnxruntime_kernels
 from .base import Detection, Selection
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,15 @@ class OnnxRuntimeBackend:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.detector = _session(Path(export_dir) / DETECTOR_FILE, options, self.providers)
+        detector_options = options
+        if self.providers == ["CPUExecutionProvider"]:
+            detector_options = ort.SessionOptions()
+            detector_options.intra_op_num_threads = options.intra_op_num_threads
+            # the deformable-attention nodes as one compiled kernel (else their standard-op function body)
+            self.fused_msda = onnxruntime_kernels.register(detector_options)
+        else:
+            self.fused_msda = False
+        self.detector = _session(Path(export_dir) / DETECTOR_FILE, detector_options, self.providers)
         self.tokens: Optional[Any] = None
         self.steps: Optional[TokenSteps] = None
         files = token_step_files(Path(export_dir), meta)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,9 @@ class MSDeformAttn(nn.Module):
         # swappable for export (e.g. a form that maps to TensorRT's deformable-attention plugin); the
         # default runs the ``kernels`` implementation, and the plain reference when traced for export
         self.sample_fn = ms_deform_attn_sample
+        # swappable for export too: a form of kernels.reference.ms_deform_attn_from_projections (the same
+        # arguments) that replaces everything from the two projections to the sampled values
+        self.from_projections_fn: Optional[Callable[..., Tensor]] = None
         self.kernels = kernels_lib.check_mode(kernels)
         self.reset_parameters()
 
@@ -61,6 +64,10 @@ class MSDeformAttn(nn.Module):
         n, lq, c = query.shape
         heads, levels, points = self.num_heads, self.num_levels, self.num_points
         v = self.value_proj(value).view(n, value.shape[1], heads, c // heads)
+        if self.from_projections_fn is not None:
+            out = self.from_projections_fn(v, shapes, reference_points, self.sampling_offsets(query),
+                                           self.attention_weights(query), levels, points)
+            return self.output_proj(out, residual=residual)
         fast = self.sample_fn is ms_deform_attn_sample and self.kernels != "reference" and not exporting()
         if fast and kernels_lib.resolve(self.kernels, query.device.type) == "cpu":
             params = (self.sampling_offsets.weight, self.attention_weights.weight)

@@ -1,0 +1,184 @@
+// Multi-scale deformable attention for CPU inference, fused from the two projections to the output: the part
+// that needs no framework. Two front ends include it: ms_deform_attn_cpu.cpp (a torch operator) and
+// ms_deform_attn_ort.cpp (an ONNX Runtime custom operator); each checks its inputs and splits the work.
+//
+// One pass per (query, head): softmax of the attention logits, sampling positions from the reference point
+// and the pixel offsets, and the bilinear taps gathered straight from the value table, accumulated in fp32.
+// Semantics of kernels.reference.ms_deform_attn_from_projections (grid_sample, bilinear, zeros padding,
+// align_corners=False).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace vita_msda {
+
+// exp for x <= 0 (softmax after subtracting the maximum), branch-free so that the compiler vectorises the
+// loop around it: Cody-Waite reduction by ln 2 and Cephes' degree-6 polynomial, within 2 ulp of expf
+inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;  // (not std::max: its reference result blocks vectorisation) exp(-87) is still a normal float; the softmax weight is 0 to fp32 anyway
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  return y * __builtin_bit_cast(float, bits);
+}
+
+// One (query, head): the bilinear taps of every level and point, weighted and summed into ``dst``.
+// ``acc`` holds four accumulators of ``d`` floats, one per tap corner: with one shared accumulator every
+// tap waited for the previous one's multiply-add (measured: that chain was most of the kernel's time).
+// A tap outside its level reads a clamped pixel with weight 0 (no branch per tap).
+template <typename scalar_t, int64_t kD>
+inline void sample_head(float* __restrict acc, int64_t d_runtime, const scalar_t* v_head, int64_t row,
+                        const std::vector<int64_t>& hs, const std::vector<int64_t>& ws,
+                        const std::vector<int64_t>& starts, const float* xs, const float* ys, const float* w,
+                        float inv, int64_t points, scalar_t* dst) {
+  const int64_t d = kD > 0 ? kD : d_runtime;
+  for (int64_t c = 0; c < 4 * d; ++c) acc[c] = 0.f;
+  const int64_t levels = static_cast<int64_t>(hs.size());
+  for (int64_t l = 0; l < levels; ++l) {
+    const int64_t hl = hs[l], wl = ws[l];
+    const float fw = static_cast<float>(wl), fh = static_cast<float>(hl);
+    const scalar_t* vl = v_head + starts[l] * row;
+    for (int64_t p = 0; p < points; ++p) {
+      const int64_t i = l * points + p;
+      const float x = xs[i], y = ys[i];
+      if (!(x > -1.f && x < fw && y > -1.f && y < fh)) continue;  // no tap inside (NaN too)
+      const float a = w[i] * inv;
+      const float x0f = std::floor(x), y0f = std::floor(y);
+      const float fx = x - x0f, fy = y - y0f;
+      const int64_t x0 = static_cast<int64_t>(x0f), y0 = static_cast<int64_t>(y0f);
+      const float vx0 = x0 >= 0 ? 1.f : 0.f, vx1 = x0 + 1 < wl ? 1.f : 0.f;
+      const float vy0 = y0 >= 0 ? 1.f : 0.f, vy1 = y0 + 1 < hl ? 1.f : 0.f;
+      const int64_t xa = std::max<int64_t>(x0, 0), xb = std::min<int64_t>(x0 + 1, wl - 1);
+      const int64_t ya = std::max<int64_t>(y0, 0), yb = std::min<int64_t>(y0 + 1, hl - 1);
+      const float c00 = a * (1.f - fx) * (1.f - fy) * vx0 * vy0, c01 = a * fx * (1.f - fy) * vx1 * vy0;
+      const float c10 = a * (1.f - fx) * fy * vx0 * vy1, c11 = a * fx * fy * vx1 * vy1;
+      const scalar_t* __restrict r00 = vl + (ya * wl + xa) * row;
+      const scalar_t* __restrict r01 = vl + (ya * wl + xb) * row;
+      const scalar_t* __restrict r10 = vl + (yb * wl + xa) * row;
+      const scalar_t* __restrict r11 = vl + (yb * wl + xb) * row;
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) {
+        acc[c] += c00 * static_cast<float>(r00[c]);
+        acc[d + c] += c01 * static_cast<float>(r01[c]);
+        acc[2 * d + c] += c10 * static_cast<float>(r10[c]);
+        acc[3 * d + c] += c11 * static_cast<float>(r11[c]);
+      }
+    }
+  }
+  for (int64_t c = 0; c < d; ++c) {
+    dst[c] = static_cast<scalar_t>((acc[c] + acc[d + c]) + (acc[2 * d + c] + acc[3 * d + c]));
+  }
+}
+
+// The sizes and strides of one call. value (N, S, heads, D) contiguous; offsets (N, Lq, heads*L*P*2) and
+// logits (N, Lq, heads*L*P) with unit last stride; reference points (1 or N, Lq, 2) contiguous float32;
+// output (N, Lq, heads*D) contiguous.
+struct Problem {
+  int64_t n_batch, s_len, heads, d, lq, levels, points;
+  int64_t off_n, off_q, att_n, att_q;
+  int64_t ref_batch;  // 0 when one set of reference points serves every batch item, else Lq*2
+};
+
+// Per-call tables: each level's size and start in the value table, and each sample's level size as floats.
+struct Levels {
+  std::vector<int64_t> starts, hs, ws;
+  std::vector<float> sample_w, sample_h;  // per sample (head, level, point), for the position math
+
+  Levels(const int64_t* hw, int64_t levels, int64_t heads, int64_t points)
+      : starts(levels), hs(levels), ws(levels), sample_w(heads * levels * points), sample_h(heads * levels * points) {
+    int64_t start = 0;
+    for (int64_t l = 0; l < levels; ++l) {
+      hs[l] = hw[2 * l];
+      ws[l] = hw[2 * l + 1];
+      starts[l] = start;
+      start += hs[l] * ws[l];
+    }
+    const int64_t lp = levels * points;
+    for (int64_t i = 0; i < heads * lp; ++i) {
+      const int64_t l = (i % lp) / points;
+      sample_w[i] = static_cast<float>(ws[l]);
+      sample_h[i] = static_cast<float>(hs[l]);
+    }
+  }
+
+  int64_t total() const { return hs.empty() ? 0 : starts.back() + hs.back() * ws.back(); }
+};
+
+// Rows [begin, end) of the flattened (N * Lq) queries. Each caller's thread runs its own range.
+template <typename scalar_t, int64_t kD>
+void run_range(const Problem& pr, const Levels& lv, const scalar_t* v, const float* r, const scalar_t* off,
+               const scalar_t* att, scalar_t* o, int64_t begin, int64_t end) {
+  const int64_t heads = pr.heads, d = pr.d, lq = pr.lq, points = pr.points;
+  const int64_t lp = pr.levels * points, samples = heads * lp;
+  const int64_t row = heads * d;  // value-table stride between pixels
+  const float* sw = lv.sample_w.data();
+  const float* sh = lv.sample_h.data();
+  std::vector<float> acc(4 * d), w_buf(samples), xs_buf(samples), ys_buf(samples), shift_buf(samples);
+  // plain restrict pointers: through the vectors the compiler reloads their data pointers and cannot vectorise
+  float* __restrict w = w_buf.data();
+  float* __restrict xs = xs_buf.data();
+  float* __restrict ys = ys_buf.data();
+  float* __restrict shift = shift_buf.data();
+  for (int64_t m = begin; m < end; ++m) {
+    const int64_t n = m / lq, q = m % lq;
+    const float rx = r[n * pr.ref_batch + q * 2], ry = r[n * pr.ref_batch + q * 2 + 1];
+    const scalar_t* om = off + n * pr.off_n + q * pr.off_q;
+    const scalar_t* am = att + n * pr.att_n + q * pr.att_q;
+    // softmax over each head's levels*points logits, all heads in flat (vectorised) loops
+    for (int64_t h = 0; h < heads; ++h) {
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t i = 0; i < lp; ++i) {
+        const float a = static_cast<float>(am[h * lp + i]);
+        mx = a > mx ? a : mx;
+      }
+      for (int64_t i = 0; i < lp; ++i) shift[h * lp + i] = mx;
+    }
+    for (int64_t i = 0; i < samples; ++i) w[i] = static_cast<float>(am[i]) - shift[i];
+#pragma omp simd
+    for (int64_t i = 0; i < samples; ++i) w[i] = exp_nonpositive(w[i]);
+    // pixel coordinates: (reference + offset / size) * size - 0.5 (grid_sample, align_corners=False)
+    for (int64_t i = 0; i < samples; ++i) {
+      xs[i] = rx * sw[i] + static_cast<float>(om[2 * i]) - 0.5f;
+      ys[i] = ry * sh[i] + static_cast<float>(om[2 * i + 1]) - 0.5f;
+    }
+    for (int64_t h = 0; h < heads; ++h) {
+      float total = 0.f;
+      for (int64_t i = 0; i < lp; ++i) total += w[h * lp + i];
+      const float inv = 1.f / total;
+      scalar_t* dst = o + m * row + h * d;
+      const scalar_t* v_head = v + n * pr.s_len * row + h * d;
+      if constexpr (kD > 0) {
+        float acc4[4 * kD];  // a fixed size: the compiler keeps the four chains in registers
+        sample_head<scalar_t, kD>(acc4, d, v_head, row, lv.hs, lv.ws, lv.starts, xs + h * lp, ys + h * lp,
+                                  w + h * lp, inv, points, dst);
+      } else {
+        sample_head<scalar_t, kD>(acc.data(), d, v_head, row, lv.hs, lv.ws, lv.starts, xs + h * lp, ys + h * lp,
+                                  w + h * lp, inv, points, dst);
+      }
+    }
+  }
+}
+
+// run_range with the head width as a compile-time constant where it is the usual 32 (256 channels, 8 heads).
+template <typename scalar_t>
+void run_range_any_d(const Problem& pr, const Levels& lv, const scalar_t* v, const float* r, const scalar_t* off,
+                     const scalar_t* att, scalar_t* o, int64_t begin, int64_t end) {
+  if (pr.d == 32) {
+    run_range<scalar_t, 32>(pr, lv, v, r, off, att, o, begin, end);
+  } else {
+    run_range<scalar_t, 0>(pr, lv, v, r, off, att, o, begin, end);
+  }
+}
+
+}  // namespace vita_msda
