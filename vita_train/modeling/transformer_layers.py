@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .onednn import exporting
+
 
 class MultiheadAttention(nn.Module):
     """Multi-head attention with packed q/k/v projections, batch-first, additive or boolean mask."""
@@ -39,10 +41,29 @@ class MultiheadAttention(nn.Module):
         q = F.linear(query, w_q, b_q).view(n, lq, h, c // h).transpose(1, 2)
         k = F.linear(key, w_k, b_k).view(n, -1, h, c // h).transpose(1, 2)
         v = F.linear(value, w_v, b_v).view(n, -1, h, c // h).transpose(1, 2)
-        if mask is not None and mask.dtype == torch.bool:
-            mask = ~mask  # scaled_dot_product_attention takes True = allowed
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if exporting():
+            out = _exported_attention(q, k, v, mask)
+        else:
+            if mask is not None and mask.dtype == torch.bool:
+                mask = ~mask  # scaled_dot_product_attention takes True = allowed
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out_proj(out.transpose(1, 2).reshape(n, lq, c))
+
+
+def _exported_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """scaled_dot_product_attention written out for export; ``mask`` True = NOT allowed, or additive.
+
+    torch exports SDPA with a NaN clean-up after the softmax (IsNaN + Where over every logit) for rows whose
+    mask blocks everything; the decoder never sends such a row (it unmasks them first), and at the finest
+    level that clean-up was 30 ms of a frame in ONNX Runtime. The mask becomes additive once, before its
+    broadcast over the heads, and the scale goes on the queries (fewer than the keys).
+    """
+    scores = (q * (q.shape[-1] ** -0.5)) @ k.transpose(-2, -1)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(mask, float("-inf"))
+        scores = scores + mask
+    return scores.softmax(-1) @ v
 
 
 def xavier_init(module: nn.Module) -> None:
