@@ -104,16 +104,19 @@ def _lerp(x: np.ndarray, axis: int, taps: tuple[np.ndarray, ...]) -> np.ndarray:
 def _resize(x: np.ndarray, out_hw: tuple[int, int], count_hw: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of the last two axes to ``out_hw``, computing only the top-left ``count_hw`` block."""
     h, w = x.shape[-2:]
+    # an axis resized to its own size is exactly the input (weights 1 and 0 on the same pixel): skipped, and
+    # the result may then be ``x`` itself
     # columns first, then rows: ATen's grouping h0*(w0*a + w1*b) + h1*(w0*c + w1*d)
-    cols = _lerp(x, -1, _linear_taps(w, out_hw[1], count_hw[1]))
-    return _lerp(cols, -2, _linear_taps(h, out_hw[0], count_hw[0]))
+    cols = x if w == out_hw[1] == count_hw[1] else _lerp(x, -1, _linear_taps(w, out_hw[1], count_hw[1]))
+    return cols if h == out_hw[0] == count_hw[0] else _lerp(cols, -2, _linear_taps(h, out_hw[0], count_hw[0]))
 
 
 def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(..., h, w) -> (..., H, W) float32, as F.interpolate(mode="bilinear", align_corners=False)."""
     x = np.asarray(x, dtype=np.float32)
     size = (int(size[0]), int(size[1]))
-    return _resize(x, size, size)
+    out = _resize(x, size, size)
+    return out.copy() if out is x else out
 
 
 class MaskHead:
