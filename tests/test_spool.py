@@ -42,6 +42,30 @@ def test_background_writes_read_back_in_order_and_exactly(direct):
         spool.close()
 
 
+def test_block_sized_items_are_read_ahead_exactly_and_a_stopped_reader_does_not_hang():
+    """Items that fill whole 4 KB blocks (as a frame of float32 features does) take the read-ahead path."""
+    rng = np.random.default_rng(1)
+    parts = [rng.standard_normal((n, 2, 512)).astype(np.float32) for n in (2, 5, 1)]  # 4096-byte items
+    spool = ArraySpool(prefix="vita-test-", pending=1)
+    if not spool.direct:
+        spool.close()
+        pytest.skip(f"the temporary folder {spool.directory} does not take direct I/O")
+    try:
+        for p in parts:
+            spool.append(p)
+        expected = np.concatenate(parts)
+        for size in (1, 3, 8, 9):
+            chunks = list(spool.chunks(size))
+            assert [len(c) for c in chunks] == [min(size, 8 - s) for s in range(0, 8, size)]
+            assert all(c.flags.writeable and c.flags.c_contiguous for c in chunks)
+            assert np.array_equal(np.concatenate(chunks), expected)
+        reader = spool.chunks(2)
+        assert np.array_equal(next(reader), expected[:2])
+        reader.close()  # the caller stops early: the read in flight finishes, nothing waits forever
+    finally:
+        spool.close()
+
+
 def test_a_failed_write_is_an_oserror_and_nothing_hangs():
     """/dev/full answers every write with ENOSPC, from the writer thread: flush and chunks raise it, close returns."""
     spool = ArraySpool(prefix="vita-test-")

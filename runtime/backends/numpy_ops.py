@@ -144,7 +144,11 @@ class MaskHead:
     def masks(self, mask_features: np.ndarray) -> np.ndarray:
         """(t, D, h, w) features of consecutive frames -> (k, t, H, W) bool masks at the original size."""
         feats = np.asarray(mask_features, dtype=np.float32)
-        logits = np.tensordot(self.mask_embed, feats, axes=([1], [1]))  # (k, t, h, w) in one GEMM
+        t, d, h, w = feats.shape
+        # a GEMM per frame on the features as they lie (tensordot would first copy them all into (D, t*h*w)),
+        # then the small (t, k, h*w) logits reordered to (k, t, h, w)
+        logits = np.matmul(self.mask_embed, np.ascontiguousarray(feats).reshape(t, d, h * w))
+        logits = logits.transpose(1, 0, 2).reshape(len(self.mask_embed), t, h, w)
         # resizing to the padded size then cropping = computing only the cropped block at the padded scale
         crop = (min(self.resized_size[0], self.padded_size[0]), min(self.resized_size[1], self.padded_size[1]))
         out = np.empty((len(logits), len(feats), *self.orig_size), dtype=bool)

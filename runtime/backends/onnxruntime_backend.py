@@ -17,6 +17,7 @@ from vita_train.config import ModelConfig
 from vita_train.export_format import DETECTOR_FILE, TOKENS_FILE, token_step_files
 from vita_train.token_steps import TokenSteps
 
+from ..host_memory import keep_freed_memory
 from . import numpy_ops, onnxruntime_kernels
 from .base import Detection, Selection
 
@@ -91,6 +92,8 @@ class OnnxRuntimeBackend:
             options.intra_op_num_threads = threads
         detector_options = options
         if self.providers == ["CPUExecutionProvider"]:
+            # the step graphs (no arena) and the numpy mask head free tens of MB per call: keep them mapped
+            keep_freed_memory()
             detector_options = ort.SessionOptions()
             detector_options.intra_op_num_threads = options.intra_op_num_threads
             # the deformable-attention nodes as one compiled kernel (else their standard-op function body)
