@@ -115,7 +115,7 @@ def _fit(rec: Record, table: Table, channels: int) -> dict[tuple[str, str], tupl
     ranges = {"all T": rows, "longest decade": [r for r in rows if r["frames"] >= t_max / 10]}
     out = rec.table("tokens_fit", "Fitted exponents: quantity ~ c * T^p",
                     [Column("quantity", "quantity"), Column("over", "fitted over"), Column("range", "T"),
-                     Column("points", "points", "count"), Column("exponent", "exponent p", "count")],
+                     Column("points", "points", "count"), Column("exponent", "exponent p", "change")],
                     caption="Least squares in log-log space; p near 1 means linear in T.")
     fits: dict[tuple[str, str], tuple[float, float, int, int]] = {}
     for over, subset in ranges.items():
