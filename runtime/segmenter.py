@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from .host_memory import keep_freed_memory
 from .options import SegmentOptions
 from .results import VideoResult
 
@@ -71,6 +72,10 @@ def load(
         raise ModelPathError(f"model path {path} does not exist")
     opts = SegmentOptions().updated(**options)
     kind = _backend_for(path, backend)
+    if kind != "tensorrt" and not (device or "cpu").startswith("cuda"):
+        # before any model is built and any worker thread allocates: malloc's settings (one arena among them)
+        # hold for every block from then on (runtime/host_memory.py)
+        keep_freed_memory()
     if path.is_dir():
         return Segmenter(_graph_backend(path, kind, device, providers), opts)
     if kind != "torch":
