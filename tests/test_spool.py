@@ -21,15 +21,21 @@ def _arrays(rng: np.random.Generator) -> list[np.ndarray]:
     return parts
 
 
+def _spool(direct: bool) -> ArraySpool:
+    """A spool writing one array ahead; skips the test where direct I/O is asked for and refused."""
+    spool = ArraySpool(prefix="vita-test-", pending=1, direct=direct)
+    if direct and not spool.direct:
+        spool.close()
+        pytest.skip(f"the temporary folder {spool.directory} does not take direct I/O")
+    return spool
+
+
 @pytest.mark.parametrize("direct", [True, False])
 def test_background_writes_read_back_in_order_and_exactly(direct):
     """Direct I/O (items at aligned offsets, 240-byte items padded to a block) and buffered writes alike."""
     rng = np.random.default_rng(0)
     parts = _arrays(rng)
-    spool = ArraySpool(prefix="vita-test-", pending=1, direct=direct)
-    if direct and not spool.direct:
-        spool.close()
-        pytest.skip(f"the temporary folder {spool.directory} does not take direct I/O")
+    spool = _spool(direct)
     try:
         for p in parts:
             spool.append(p)
@@ -46,10 +52,7 @@ def test_block_sized_items_are_read_ahead_exactly_and_a_stopped_reader_does_not_
     """Items that fill whole 4 KB blocks (as a frame of float32 features does) take the read-ahead path."""
     rng = np.random.default_rng(1)
     parts = [rng.standard_normal((n, 2, 512)).astype(np.float32) for n in (2, 5, 1)]  # 4096-byte items
-    spool = ArraySpool(prefix="vita-test-", pending=1)
-    if not spool.direct:
-        spool.close()
-        pytest.skip(f"the temporary folder {spool.directory} does not take direct I/O")
+    spool = _spool(direct=True)
     try:
         for p in parts:
             spool.append(p)

@@ -134,23 +134,17 @@ OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi* table, const OrtKerne
   return nullptr;
 }
 
-void* create_kernel_v1(const OrtCustomOp*, const OrtApi* table, const OrtKernelInfo*) {
-  return new Kernel{vita_ort::Api(table)};
-}
-
-void compute_v1(void*, OrtKernelContext*) {}  // never called: ONNX Runtime >= 1.16 calls the V2 form
-
 OrtCustomOp make_op() {
   OrtCustomOp op{};
   op.version = vita_ort::kApiVersion;
-  op.CreateKernel = create_kernel_v1;
+  op.CreateKernel = nullptr;  // ONNX Runtime >= 1.16 uses the V2 forms (returning a status) where they are set
   op.GetName = [](const OrtCustomOp*) { return kOpName; };
   op.GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return "CPUExecutionProvider"; };
   op.GetInputType = [](const OrtCustomOp*, size_t i) { return i == 1 ? static_cast<int>(kOrtInt64) : static_cast<int>(kOrtFloat); };
   op.GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 5; };
   op.GetOutputType = [](const OrtCustomOp*, size_t) { return static_cast<int>(kOrtFloat); };
   op.GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
-  op.KernelCompute = compute_v1;
+  op.KernelCompute = nullptr;
   op.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
   op.GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return 0; };
   op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return 0; };
