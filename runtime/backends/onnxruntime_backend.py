@@ -97,17 +97,13 @@ class OnnxRuntimeBackend:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        detector_options = options
+        self.fused_msda = False
         if self.providers == ["CPUExecutionProvider"]:
             # the step graphs (no arena) and the numpy mask head free tens of MB per call: keep them mapped
             keep_freed_memory()
-            detector_options = ort.SessionOptions()
-            detector_options.intra_op_num_threads = options.intra_op_num_threads
             # the deformable-attention nodes as one compiled kernel (else their standard-op function body)
-            self.fused_msda = onnxruntime_kernels.register(detector_options)
-        else:
-            self.fused_msda = False
-        self.detector = _session(Path(export_dir) / DETECTOR_FILE, detector_options, self.providers)
+            self.fused_msda = onnxruntime_kernels.register(options)
+        self.detector = _session(Path(export_dir) / DETECTOR_FILE, options, self.providers)
         self.tokens: Optional[Any] = None
         self.steps: Optional[TokenSteps] = None
         files = token_step_files(Path(export_dir), meta)
