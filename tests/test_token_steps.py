@@ -192,3 +192,16 @@ def test_export_lists_the_steps_and_validation_catches_a_wrong_one(tiny, tmp_pat
 
 def test_the_token_steps_import_without_torch():
     assert_imports_without(["vita_train.token_steps", "runtime.backends.onnxruntime_backend"])
+
+
+def test_cpu_sessions_share_one_memory_arena(tiny):
+    """The detector and every step graph draw from one arena: the token engine runs in the detector's idle
+    working set instead of growing the heap (full size: 0.99 -> 0.82 GB peak at 36 frames, flat to 360)."""
+    _, out = tiny
+    backend = runtime.load(out, backend="onnxruntime").backend
+    steps = backend.steps
+    sessions = [backend.detector, *steps.encode, *steps.attend, *steps.decode]
+    for session in sessions:
+        options = session.get_session_options()
+        assert options.enable_cpu_mem_arena
+        assert options.get_session_config_entry("session.use_env_allocators") == "1"
