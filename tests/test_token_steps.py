@@ -194,9 +194,10 @@ def test_the_token_steps_import_without_torch():
     assert_imports_without(["vita_train.token_steps", "runtime.backends.onnxruntime_backend"])
 
 
-def test_cpu_sessions_share_one_memory_arena(tiny):
+def test_cpu_sessions_share_one_memory_arena_and_flush_denormals(tiny):
     """The detector and every step graph draw from one arena: the token engine runs in the detector's idle
-    working set instead of growing the heap (full size: 0.99 -> 0.82 GB peak at 36 frames, flat to 360)."""
+    working set instead of growing the heap (full size: 0.99 -> 0.82 GB peak at 36 frames, flat to 360); their
+    pool threads flush denormals (runtime/float_env.py)."""
     _, out = tiny
     backend = runtime.load(out, backend="onnxruntime").backend
     steps = backend.steps
@@ -205,3 +206,4 @@ def test_cpu_sessions_share_one_memory_arena(tiny):
         options = session.get_session_options()
         assert options.enable_cpu_mem_arena
         assert options.get_session_config_entry("session.use_env_allocators") == "1"
+        assert options.get_session_config_entry("session.set_denormal_as_zero") == "1"

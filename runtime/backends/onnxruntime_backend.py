@@ -7,6 +7,7 @@ with the video beyond the tokens themselves; an export made before the step grap
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -17,6 +18,7 @@ from vita_train.config import ModelConfig
 from vita_train.export_format import DETECTOR_FILE, TOKENS_FILE, token_step_files
 from vita_train.token_steps import TokenSteps
 
+from ..float_env import ORT_DENORMAL_AS_ZERO, denormals_flushed
 from ..host_memory import keep_freed_memory
 from . import numpy_ops, onnxruntime_kernels
 from .base import Detection, Selection
@@ -85,13 +87,15 @@ def share_cpu_arena(options: Any) -> bool:
     return True
 
 
-def _arena_less(options: Any) -> Any:
-    """Options like ``options`` (threads) without a memory arena: each call's working set is freed after it."""
+def _arena_less(options: Any, flush_denormals: bool) -> Any:
+    """Options with the threads of ``options`` and no memory arena: each call's working set is freed after it."""
     import onnxruntime as ort
 
     steps = ort.SessionOptions()
     steps.intra_op_num_threads = options.intra_op_num_threads
     steps.enable_cpu_mem_arena = False
+    if flush_denormals:
+        steps.add_session_config_entry(ORT_DENORMAL_AS_ZERO, "1")
     return steps
 
 
@@ -117,8 +121,13 @@ class OnnxRuntimeBackend:
         if threads:
             options.intra_op_num_threads = threads
         self.fused_msda = False
+        self.flush_denormals = self.providers == ["CPUExecutionProvider"]
+        if self.flush_denormals:
+            # masked attention's softmax over -inf keys ran several times slower on denormals
+            # (runtime/float_env.py): flushed on the pool threads here, on the calling thread around each call
+            options.add_session_config_entry(ORT_DENORMAL_AS_ZERO, "1")
         # the step graphs share the detector's arena where they can, else they run without one
-        step_options = _arena_less(options)
+        step_options = _arena_less(options, self.flush_denormals)
         if self.providers == ["CPUExecutionProvider"]:
             # the numpy mask head frees tens of MB per call: keep them mapped
             keep_freed_memory()
@@ -147,7 +156,12 @@ class OnnxRuntimeBackend:
                 f"{frames.shape[1]}x{frames.shape[2]}; export again with --dynamic-size or --size "
                 f"{frames.shape[1]}x{frames.shape[2]}"
             )
-        return self.detector.run(None, {"frames": np.ascontiguousarray(frames)})
+        with self._float_env():
+            return self.detector.run(None, {"frames": np.ascontiguousarray(frames)})
+
+    def _float_env(self) -> Any:
+        """The calling thread's float settings for a graph call: denormals flushed on the CPU provider."""
+        return denormals_flushed() if self.flush_denormals else contextlib.nullcontext()
 
     def detect(self, frames: np.ndarray, prune_ratio: float) -> Detection:
         queries, logits, features = self._run_detector(frames)
@@ -163,12 +177,14 @@ class OnnxRuntimeBackend:
         queries = np.concatenate(list(tokens)).astype(np.float32, copy=False)  # a new array: the steps overwrite it
         if self.steps is not None:
             index = None if query_index is None else np.concatenate(list(query_index))
-            return self.steps(queries, index)
+            with self._float_env():
+                return self.steps(queries, index)
         if query_index is None:
             index = np.broadcast_to(np.arange(queries.shape[1], dtype=np.int64), queries.shape[:2])
         else:
             index = np.concatenate(list(query_index)).astype(np.int64, copy=False)
-        logits, embed = self.tokens.run(None, {"frame_queries": queries, "query_index": np.ascontiguousarray(index)})
+        with self._float_env():
+            logits, embed = self.tokens.run(None, {"frame_queries": queries, "query_index": np.ascontiguousarray(index)})
         return logits, embed
 
     def select(self, logits: np.ndarray, k: int) -> Selection:
