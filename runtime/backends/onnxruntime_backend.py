@@ -121,20 +121,18 @@ class OnnxRuntimeBackend:
         if threads:
             options.intra_op_num_threads = threads
         self.fused_msda = False
-        self.flush_denormals = self.providers == ["CPUExecutionProvider"]
+        self.flush_denormals, shared_arena = self.providers == ["CPUExecutionProvider"], False
         if self.flush_denormals:
+            # the numpy mask head frees tens of MB per call: keep them mapped
+            keep_freed_memory()
             # masked attention's softmax over -inf keys ran several times slower on denormals
             # (runtime/float_env.py): flushed on the pool threads here, on the calling thread around each call
             options.add_session_config_entry(ORT_DENORMAL_AS_ZERO, "1")
-        # the step graphs share the detector's arena where they can, else they run without one
-        step_options = _arena_less(options, self.flush_denormals)
-        if self.providers == ["CPUExecutionProvider"]:
-            # the numpy mask head frees tens of MB per call: keep them mapped
-            keep_freed_memory()
             # the deformable-attention nodes as one compiled kernel (else their standard-op function body)
             self.fused_msda = onnxruntime_kernels.register(options)
-            if share_cpu_arena(options):
-                step_options = options
+            shared_arena = share_cpu_arena(options)
+        # the step graphs share the detector's arena where they can, else they run without one
+        step_options = options if shared_arena else _arena_less(options, self.flush_denormals)
         self.detector = _session(Path(export_dir) / DETECTOR_FILE, options, self.providers)
         self.tokens: Optional[Any] = None
         self.steps: Optional[TokenSteps] = None
