@@ -119,11 +119,42 @@ def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out.copy() if out is x else out
 
 
+def masks_from_logits(
+    logits: np.ndarray, padded_size: tuple[int, int], crop: tuple[int, int], orig_size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(k, t, h, w) float32 mask logits -> ((k, t, H, W) bool masks, (k, t, 2) float64 [soft sum, pixel count]).
+
+    The logits are resized to ``padded_size`` (only its top-left ``crop``, the resized frame), where the sums of
+    the sigmoid over the hard mask (sigmoid > 0.5) and its pixel count are taken per frame, then resized to
+    ``orig_size`` and thresholded at 0. The plain reference of ``mask_kernel.masks_from_logits``.
+    """
+    k, t = logits.shape[:2]
+    out = np.empty((k, t, *orig_size), dtype=bool)
+    sums = np.empty((k, t, 2), dtype=np.float64)
+    # a query at a time: temporaries 1/k the size, which caps peak memory and runs faster
+    for q, query_logits in enumerate(logits):
+        cropped = _resize(query_logits, padded_size, crop)
+        # sigmoid(x) > 0.5 needs x > 0, so evaluating 1 / (1 + exp(-x)) at max(x, 0) is exact inside the
+        # hard mask, cannot overflow, and gives exactly 0.5 (outside the mask) everywhere else
+        soft = np.maximum(cropped, np.float32(0.0))
+        np.negative(soft, out=soft)
+        np.exp(soft, out=soft)
+        soft += np.float32(1.0)
+        np.reciprocal(soft, out=soft)
+        hard = soft > 0.5
+        sums[q, :, 1] = np.count_nonzero(hard, axis=(1, 2))
+        soft *= hard
+        sums[q, :, 0] = soft.sum(axis=(1, 2), dtype=np.float64)
+        np.greater(_resize(cropped, orig_size, orig_size), 0.0, out=out[q])
+    return out, sums
+
+
 class MaskHead:
     """Numpy twin of ``vita_train.inference.postprocess.MaskScorer`` (runtime.backends.base.MaskHead).
 
     Mask quality is the mean sigmoid inside the hard mask at the resized (not the original) resolution,
-    accumulated over every chunk of frames.
+    accumulated over every chunk of frames. The masks come from the compiled kernel where it runs
+    (``mask_kernel``, bit-identical masks), else from ``masks_from_logits``.
     """
 
     def __init__(
@@ -132,11 +163,13 @@ class MaskHead:
         resized_size: tuple[int, int],
         padded_size: tuple[int, int],
         orig_size: tuple[int, int],
+        threads: int = 1,
     ) -> None:
         self.mask_embed = np.asarray(mask_embed, dtype=np.float32)  # (k, D) of the selected queries
         self.resized_size = (int(resized_size[0]), int(resized_size[1]))
         self.padded_size = (int(padded_size[0]), int(padded_size[1]))
         self.orig_size = (int(orig_size[0]), int(orig_size[1]))
+        self.threads = threads
         # float64 sums: a long video adds millions of pixels per query; float32 would drift
         self.numerator = np.zeros(len(self.mask_embed), dtype=np.float64)
         self.denominator = np.zeros(len(self.mask_embed), dtype=np.float64)
@@ -148,29 +181,21 @@ class MaskHead:
         # a GEMM per frame on the features as they lie (tensordot would first copy them all into (D, t*h*w)),
         # then the small (t, k, h*w) logits reordered to (k, t, h, w)
         logits = np.matmul(self.mask_embed, np.ascontiguousarray(feats).reshape(t, d, h * w))
-        logits = logits.transpose(1, 0, 2).reshape(len(self.mask_embed), t, h, w)
+        return self.masks_from_logits(logits.transpose(1, 0, 2).reshape(len(self.mask_embed), t, h, w))
+
+    def masks_from_logits(self, logits: np.ndarray) -> np.ndarray:
+        """(k, t, h, w) mask logits of consecutive frames -> (k, t, H, W) bool masks; accumulates mask quality."""
+        from . import mask_kernel
+
         # resizing to the padded size then cropping = computing only the cropped block at the padded scale
         crop = (min(self.resized_size[0], self.padded_size[0]), min(self.resized_size[1], self.padded_size[1]))
-        out = np.empty((len(logits), len(feats), *self.orig_size), dtype=bool)
-        # a query at a time: temporaries 1/k the size, which caps peak memory and runs faster
-        for q, query_logits in enumerate(logits):
-            cropped = _resize(query_logits, self.padded_size, crop)
-            self._accumulate(q, cropped)
-            np.greater(_resize(cropped, self.orig_size, self.orig_size), 0.0, out=out[q])
-        return out
-
-    def _accumulate(self, q: int, logits: np.ndarray) -> None:
-        # sigmoid(x) > 0.5 needs x > 0, so evaluating 1 / (1 + exp(-x)) at max(x, 0) is exact inside the
-        # hard mask, cannot overflow, and gives exactly 0.5 (outside the mask) everywhere else
-        soft = np.maximum(logits, np.float32(0.0))
-        np.negative(soft, out=soft)
-        np.exp(soft, out=soft)
-        soft += np.float32(1.0)
-        np.reciprocal(soft, out=soft)
-        hard = soft > 0.5
-        self.denominator[q] += np.count_nonzero(hard)
-        soft *= hard
-        self.numerator[q] += soft.sum()  # float32 pairwise sum per chunk, float64 across chunks
+        if mask_kernel.available():
+            masks, sums = mask_kernel.masks_from_logits(logits, self.padded_size, crop, self.orig_size, self.threads)
+        else:
+            masks, sums = masks_from_logits(np.asarray(logits, dtype=np.float32), self.padded_size, crop, self.orig_size)
+        self.numerator += sums[..., 0].sum(axis=1)
+        self.denominator += sums[..., 1].sum(axis=1)
+        return masks
 
     def mask_quality(self) -> np.ndarray:
         """(k,) float32 mean soft value inside the hard masks so far (0 for empty masks)."""

@@ -20,6 +20,7 @@ from vita_train.token_steps import TokenSteps
 
 from ..float_env import ORT_DENORMAL_AS_ZERO, denormals_flushed
 from ..host_memory import keep_freed_memory
+from ..native_build import usable_cpus
 from . import numpy_ops, onnxruntime_kernels
 from .base import Detection, Selection
 
@@ -120,6 +121,7 @@ class OnnxRuntimeBackend:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        self.threads = threads or usable_cpus()  # the mask kernel's threads: ONNX Runtime's own default otherwise
         self.fused_msda = False
         self.flush_denormals, shared_arena = self.providers == ["CPUExecutionProvider"], False
         if self.flush_denormals:
@@ -189,7 +191,7 @@ class OnnxRuntimeBackend:
         return Selection(*numpy_ops.select_topk(logits, k))
 
     def mask_head(self, mask_embed, selection: Selection, resized, padded, orig) -> numpy_ops.MaskHead:
-        return numpy_ops.MaskHead(mask_embed[selection.query_index], resized, padded, orig)
+        return numpy_ops.MaskHead(mask_embed[selection.query_index], resized, padded, orig, threads=self.threads)
 
     def concat(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         return np.concatenate(list(arrays))

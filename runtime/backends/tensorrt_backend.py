@@ -23,6 +23,7 @@ from vita_train.config import ModelConfig
 from vita_train.export_format import DETECTOR_ENGINE, TOKENS_ENGINE
 from vita_train.utils.hashing import sha256_file
 
+from ..native_build import usable_cpus
 from . import numpy_ops
 from .base import Detection, Selection
 
@@ -450,7 +451,7 @@ class TensorRTBackend:
 
     def mask_head(self, mask_embed: np.ndarray, selection: Selection, resized, padded, orig) -> numpy_ops.MaskHead:
         """Masks of the selected queries."""
-        return numpy_ops.MaskHead(mask_embed[selection.query_index], resized, padded, orig)
+        return numpy_ops.MaskHead(mask_embed[selection.query_index], resized, padded, orig, threads=usable_cpus())
 
     def concat(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         """Concatenate along the first axis."""

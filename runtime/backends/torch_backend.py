@@ -16,6 +16,7 @@ from vita_train.modeling.precision import bf16_supported, cast_detector
 from vita_train.modeling.vita_model import VitaModel
 
 from ..host_memory import keep_freed_memory
+from . import numpy_ops
 from .base import Detection, Selection
 from .compiled import CompiledDetector
 
@@ -34,6 +35,22 @@ class _TorchMaskHead:
 
     def mask_quality(self) -> np.ndarray:
         return self.scorer.mask_quality().cpu().numpy()
+
+
+class _HostMaskHead:
+    """On the CPU: the logits by torch (one GEMM on the features as they lie), the masks and mask quality by
+    ``numpy_ops.MaskHead`` (its compiled kernel where it runs: one pass, no full-size float temporaries)."""
+
+    def __init__(self, mask_embed: torch.Tensor, resized, padded, orig) -> None:
+        self.embed = mask_embed.float()
+        self.head = numpy_ops.MaskHead(self.embed.numpy(), resized, padded, orig, threads=torch.get_num_threads())
+
+    def masks(self, mask_features: torch.Tensor) -> np.ndarray:
+        logits = torch.einsum("qc,tchw->qthw", self.embed, mask_features.float())
+        return self.head.masks_from_logits(logits.numpy())
+
+    def mask_quality(self) -> np.ndarray:
+        return self.head.mask_quality()
 
 
 class TorchBackend:
@@ -121,8 +138,10 @@ class TorchBackend:
         sel = select_topk(torch.from_numpy(logits), k)
         return Selection(sel.scores.numpy(), sel.labels.numpy(), sel.query_index.numpy())
 
-    def mask_head(self, mask_embed, selection: Selection, resized, padded, orig) -> _TorchMaskHead:
+    def mask_head(self, mask_embed, selection: Selection, resized, padded, orig) -> Any:
         index = torch.from_numpy(selection.query_index).to(mask_embed.device)
+        if mask_embed.device.type == "cpu":
+            return _HostMaskHead(mask_embed[index], resized, padded, orig)
         return _TorchMaskHead(MaskScorer(mask_embed[index], resized, padded, orig))
 
     def concat(self, arrays: Sequence[Any]) -> Any:
