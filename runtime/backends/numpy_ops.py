@@ -11,6 +11,8 @@ from typing import Optional
 
 import numpy as np
 
+from . import mask_kernel
+
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """Float32 softmax along ``axis``, shifted by the maximum so large logits cannot overflow."""
@@ -185,8 +187,6 @@ class MaskHead:
 
     def masks_from_logits(self, logits: np.ndarray) -> np.ndarray:
         """(k, t, h, w) mask logits of consecutive frames -> (k, t, H, W) bool masks; accumulates mask quality."""
-        from . import mask_kernel
-
         # resizing to the padded size then cropping = computing only the cropped block at the padded scale
         crop = (min(self.resized_size[0], self.padded_size[0]), min(self.resized_size[1], self.padded_size[1]))
         if mask_kernel.available():
