@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCE = _CSRC / "ms_deform_attn_cpu.cpp"
-_HEADER = _CSRC / "ms_deform_attn_core.h"
+_HEADERS = (_CSRC / "ms_deform_attn_core.h", _CSRC / "fast_math.h")
 # instruction sets by torch's own CPU capability: never -march=native, which would tie a cached build to
 # instructions (AMX, AVX-512-BF16) another CPU sharing the cache directory may lack
 _ISA_FLAGS = {
@@ -31,7 +31,7 @@ _ISA_FLAGS = {
 
 
 def _header_digest() -> str:
-    return hashlib.sha256(_HEADER.read_bytes()).hexdigest()[:10]
+    return hashlib.sha256(b"".join(h.read_bytes() for h in _HEADERS)).hexdigest()[:10]
 
 
 @functools.lru_cache(maxsize=1)

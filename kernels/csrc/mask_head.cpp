@@ -7,9 +7,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <thread>
 #include <vector>
+
+#include "fast_math.h"
 
 namespace {
 
@@ -62,23 +63,6 @@ void resize(const float* in, int in_h, int in_w, const Taps& ty, const Taps& tx,
 }
 
 
-// exp(x) for x <= 0 in float32 (Cephes' polynomial, within 2 ulp; 0 below -87): branch-free, so the loops
-// that call it vectorise, unlike the C library's expf
-__attribute__((always_inline)) inline float exp_nonpositive(float x) {
-  x = x > -87.0f ? x : -87.0f;
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  return p * __builtin_bit_cast(float, bits);
-}
-
 // Above this, sigmoid(x) > 0.5 in float32 whatever exponential rounds it (1 + exp(-x) < 2 - 2^-24 needs only
 // x > ~9e-8); at or below it, the decision is taken with the C library's expf, as the numpy twin computes it.
 constexpr float kSurelyInside = 1e-6f;
@@ -90,7 +74,7 @@ void mask_quality_sums(const float* __restrict x, float* __restrict soft, size_t
 #pragma omp simd
   for (size_t i = 0; i < n; ++i) {
     const float v = x[i];
-    const float s = 1.0f / (exp_nonpositive(v > 0.0f ? -v : 0.0f) + 1.0f);
+    const float s = 1.0f / (vita_math::exp_nonpositive(v > 0.0f ? -v : 0.0f) + 1.0f);
     soft[i] = v > kSurelyInside ? s : 0.0f;
   }
   // `omp simd` allows the lane-wise (reordered) sums

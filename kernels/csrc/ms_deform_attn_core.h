@@ -14,24 +14,11 @@
 #include <limits>
 #include <vector>
 
+#include "fast_math.h"
+
 namespace vita_msda {
 
-// exp for x <= 0 (softmax after subtracting the maximum), branch-free so that the compiler vectorises the
-// loop around it: Cody-Waite reduction by ln 2 and Cephes' degree-6 polynomial, within 2 ulp of expf
-inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;  // (not std::max: its reference result blocks vectorisation) exp(-87) is still a normal float; the softmax weight is 0 to fp32 anyway
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  return y * __builtin_bit_cast(float, bits);
-}
+using vita_math::exp_nonpositive;
 
 // One (query, head): the bilinear taps of every level and point, weighted and summed into ``dst``.
 // ``acc`` holds four accumulators of ``d`` floats, one per tap corner: with one shared accumulator every

@@ -21,7 +21,7 @@ from ..native_build import build_library, enabled
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("mask_head.cpp",)
+SOURCES = ("mask_head.cpp", "fast_math.h")
 # the numpy reference rounds every product and sum to float32: no fused multiply-adds, or bits would differ;
 # without trapping math the compiler may evaluate both sides of a select, so the sigmoid loop vectorises
 FLAGS = ("-ffp-contract=off", "-fno-trapping-math", "-pthread")

@@ -23,7 +23,7 @@ from ..native_build import build_library, enabled
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("ms_deform_attn_ort.cpp", "ms_deform_attn_core.h", "ort_api_min.h")
+SOURCES = ("ms_deform_attn_ort.cpp", "ms_deform_attn_core.h", "fast_math.h", "ort_api_min.h")
 
 
 def build(out_dir: Optional[Path] = None, compiler: Optional[str] = None) -> Path:
