@@ -10,10 +10,7 @@ from runtime.backends import mask_kernel, numpy_ops
 
 @pytest.fixture(scope="module")
 def kernel():
-    try:
-        mask_kernel.build()
-    except RuntimeError as e:  # no compiler: the numpy form runs (tested on its own in test_numpy_ops.py)
-        pytest.skip(f"the mask kernel cannot be built here: {e}")
+    mask_kernel.build()  # a build error fails here (as the ONNX Runtime operator's tests do), not a silent skip
     if not mask_kernel.available():
         pytest.skip("compiled kernels are switched off (VITA_NATIVE_KERNELS=0)")
     return mask_kernel

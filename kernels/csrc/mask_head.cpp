@@ -42,26 +42,37 @@ Taps linear_taps(int in_size, int out_size, int count) {
   return t;
 }
 
-// (in_h, in_w) -> the top-left (taps_y.count, taps_x.count) block: columns first, then rows (ATen's grouping)
-void resize(const float* in, int in_h, int in_w, const Taps& ty, const Taps& tx, std::vector<float>& cols,
+// (in_h, in_w) -> the top-left block the taps give: columns first, then rows (ATen's grouping); an axis
+// without taps (null) is taken as it is, as the numpy twin skips an axis resized to its own size
+void resize(const float* in, int in_h, int in_w, const Taps* ty, const Taps* tx, std::vector<float>& cols,
             float* out) {
-  const int out_w = static_cast<int>(tx.lo.size());
-  const int out_h = static_cast<int>(ty.lo.size());
-  cols.resize(static_cast<size_t>(in_h) * out_w);
-  for (int r = 0; r < in_h; ++r) {
-    const float* row = in + static_cast<size_t>(r) * in_w;
-    float* c = cols.data() + static_cast<size_t>(r) * out_w;
-    for (int x = 0; x < out_w; ++x) c[x] = row[tx.lo[x]] * tx.w_lo[x] + row[tx.hi[x]] * tx.w_hi[x];
+  const int out_w = tx ? static_cast<int>(tx->lo.size()) : in_w;
+  const float* rows = in;
+  if (tx) {
+    float* c = out;
+    if (ty) {
+      cols.resize(static_cast<size_t>(in_h) * out_w);
+      c = cols.data();
+    }
+    for (int r = 0; r < in_h; ++r) {
+      const float* row = in + static_cast<size_t>(r) * in_w;
+      float* o = c + static_cast<size_t>(r) * out_w;
+      for (int x = 0; x < out_w; ++x) o[x] = row[tx->lo[x]] * tx->w_lo[x] + row[tx->hi[x]] * tx->w_hi[x];
+    }
+    rows = c;
   }
-  for (int y = 0; y < out_h; ++y) {
-    const float* a = cols.data() + static_cast<size_t>(ty.lo[y]) * out_w;
-    const float* b = cols.data() + static_cast<size_t>(ty.hi[y]) * out_w;
-    const float wl = ty.w_lo[y], wh = ty.w_hi[y];
-    float* o = out + static_cast<size_t>(y) * out_w;
-    for (int x = 0; x < out_w; ++x) o[x] = a[x] * wl + b[x] * wh;
+  if (ty) {
+    for (size_t y = 0; y < ty->lo.size(); ++y) {
+      const float* a = rows + static_cast<size_t>(ty->lo[y]) * out_w;
+      const float* b = rows + static_cast<size_t>(ty->hi[y]) * out_w;
+      const float wl = ty->w_lo[y], wh = ty->w_hi[y];
+      float* o = out + y * out_w;
+      for (int x = 0; x < out_w; ++x) o[x] = a[x] * wl + b[x] * wh;
+    }
+  } else if (!tx) {
+    std::copy(in, in + static_cast<size_t>(in_h) * in_w, out);
   }
 }
-
 
 // Above this, sigmoid(x) > 0.5 in float32 whatever exponential rounds it (1 + exp(-x) < 2 - 2^-24 needs only
 // x > ~9e-8); at or below it, the decision is taken with the C library's expf, as the numpy twin computes it.
@@ -113,29 +124,15 @@ extern "C" __attribute__((visibility("default"))) int vita_masks_from_logits(
     return -1;
   const bool same_y1 = (h == padded_h && padded_h == crop_h), same_x1 = (w == padded_w && padded_w == crop_w);
   const bool same_y2 = (crop_h == out_h), same_x2 = (crop_w == out_w);
-  const Taps ty1 = linear_taps(h, padded_h, same_y1 ? h : crop_h), tx1 = linear_taps(w, padded_w, same_x1 ? w : crop_w);
+  const Taps ty1 = linear_taps(h, padded_h, crop_h), tx1 = linear_taps(w, padded_w, crop_w);
   const Taps ty2 = linear_taps(crop_h, out_h, out_h), tx2 = linear_taps(crop_w, out_w, out_w);
   const int pairs = k * t;
   auto work = [&](int first, int step) {
     std::vector<float> crop(static_cast<size_t>(crop_h) * crop_w), soft(crop.size()), full, cols;
     for (int p = first; p < pairs; p += step) {
       const float* in = logits + static_cast<size_t>(p) * h * w;
-      // stage 1: the crop at the resized scale (an identity resize copies: the twin then works on x itself)
-      if (same_y1 && same_x1) {
-        std::copy(in, in + static_cast<size_t>(h) * w, crop.begin());
-      } else if (same_x1) {  // rows only
-        for (int y = 0; y < crop_h; ++y)
-          for (int x = 0; x < crop_w; ++x)
-            crop[static_cast<size_t>(y) * crop_w + x] =
-                in[static_cast<size_t>(ty1.lo[y]) * w + x] * ty1.w_lo[y] + in[static_cast<size_t>(ty1.hi[y]) * w + x] * ty1.w_hi[y];
-      } else if (same_y1) {  // columns only
-        for (int y = 0; y < crop_h; ++y)
-          for (int x = 0; x < crop_w; ++x)
-            crop[static_cast<size_t>(y) * crop_w + x] =
-                in[static_cast<size_t>(y) * w + tx1.lo[x]] * tx1.w_lo[x] + in[static_cast<size_t>(y) * w + tx1.hi[x]] * tx1.w_hi[x];
-      } else {
-        resize(in, h, w, ty1, tx1, cols, crop.data());
-      }
+      // stage 1: the crop at the resized scale
+      resize(in, h, w, same_y1 ? nullptr : &ty1, same_x1 ? nullptr : &tx1, cols, crop.data());
       // the mask-quality sums over the hard mask, sigmoid(x) > 0.5, which needs x > 0
       double soft_sum = 0.0, count = 0.0;
       mask_quality_sums(crop.data(), soft.data(), crop.size(), soft_sum, count);
@@ -146,19 +143,7 @@ extern "C" __attribute__((visibility("default"))) int vita_masks_from_logits(
       const float* final_logits = crop.data();
       if (!(same_y2 && same_x2)) {
         full.resize(static_cast<size_t>(out_h) * out_w);
-        if (same_x2) {
-          for (int y = 0; y < out_h; ++y)
-            for (int x = 0; x < out_w; ++x)
-              full[static_cast<size_t>(y) * out_w + x] = crop[static_cast<size_t>(ty2.lo[y]) * crop_w + x] * ty2.w_lo[y] +
-                                                          crop[static_cast<size_t>(ty2.hi[y]) * crop_w + x] * ty2.w_hi[y];
-        } else if (same_y2) {
-          for (int y = 0; y < out_h; ++y)
-            for (int x = 0; x < out_w; ++x)
-              full[static_cast<size_t>(y) * out_w + x] = crop[static_cast<size_t>(y) * crop_w + tx2.lo[x]] * tx2.w_lo[x] +
-                                                          crop[static_cast<size_t>(y) * crop_w + tx2.hi[x]] * tx2.w_hi[x];
-        } else {
-          resize(crop.data(), crop_h, crop_w, ty2, tx2, cols, full.data());
-        }
+        resize(crop.data(), crop_h, crop_w, same_y2 ? nullptr : &ty2, same_x2 ? nullptr : &tx2, cols, full.data());
         final_logits = full.data();
       }
       const size_t n = static_cast<size_t>(out_h) * out_w;
