@@ -13,7 +13,7 @@ import numpy as np
 
 from vita_train.inference.preprocess import padded_size, resize_frame, resized_size
 
-from .backends.base import Backend, default_batch_size
+from .backends.base import Backend, default_batch_size, mask_chunk_size
 from .feature_store import FeatureStore
 from .options import SegmentOptions
 from .prefetch import prefetch
@@ -91,7 +91,7 @@ def run(backend: Backend, video: Any, options: SegmentOptions) -> VideoResult:
         selection = backend.select(logits, options.topk or cfg.test.topk)
         head = backend.mask_head(mask_embed, selection, size, padded, (h, w))
         encoder = MaskEncoder(len(selection.scores), h, w)
-        chunk = cfg.test.mask_chunk
+        chunk = mask_chunk_size(backend)
         if store.needs_recompute:
             feature_chunks = _recompute(backend, source, spool, size, batch_size, chunk, options.queue_size)
         else:

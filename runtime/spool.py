@@ -61,7 +61,7 @@ def _enable_direct_io(fd: int) -> bool:
 def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """np.empty whose data starts at an ALIGN boundary (what direct I/O reads into). Under malloc's mmap
     threshold (runtime.host_memory) it comes from the heap and freed memory is reused without page faults;
-    a chunk above it (five frames of float32 features) is mapped on its own and faults in afresh."""
+    a chunk above it (several frames of float32 features) is mapped on its own and faults in afresh."""
     nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
     start = (-raw.ctypes.data) % ALIGN

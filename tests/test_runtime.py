@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 
 import runtime
+from runtime import pipeline
+from runtime.backends.base import mask_chunk_size
 from runtime.results import VideoResult
 from runtime.__main__ import main as cli
 from vita_train.inference.pruning import prune_frame_queries
@@ -71,6 +73,18 @@ def test_feature_policies_match_official(official_case, segmenters, policy):
         iter(list(official_case.frames)), feature_policy=policy, batch_size=3
     )
     _check_official(result, official_case)
+
+
+@pytest.mark.parametrize("policy", ["host", "disk"])
+def test_cpu_mask_head_frame_by_frame_equals_the_configured_chunks(official_case, segmenters, monkeypatch, policy):
+    """On the CPU the mask head takes one frame at a time (less memory in flight): the same masks and scores,
+    bit for bit, as chunks of the config's mask_chunk frames."""
+    seg = _segmenter(official_case, segmenters)
+    chunk = seg.config.test.mask_chunk
+    assert mask_chunk_size(seg.backend) == 1 and 1 < chunk < len(official_case.frames)
+    per_frame = seg.segment(official_case.frames, feature_policy=policy)
+    monkeypatch.setattr(pipeline, "mask_chunk_size", lambda backend: chunk)
+    assert seg.segment(official_case.frames, feature_policy=policy).to_dict() == per_frame.to_dict()
 
 
 def test_auto_policy_spools_features_past_the_budgets(official_case, segmenters, caplog):

@@ -102,7 +102,7 @@ class TestConfig:
 
     topk: int = 10
     detector_chunk: int = 18
-    mask_chunk: int = 5
+    mask_chunk: int = 5  # frames per mask-head call on a GPU (the CPU runtime takes one frame at a time)
     token_dtype: str = "float32"  # tokens stored between VITA stages: float32 | float16 | bfloat16
 
 

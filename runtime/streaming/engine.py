@@ -15,7 +15,7 @@ import numpy as np
 
 from vita_train.inference.preprocess import padded_size, resize_frame, resized_size
 
-from ..backends.base import Backend, default_batch_size
+from ..backends.base import Backend, default_batch_size, mask_chunk_size
 from ..options import SegmentOptions
 from ..prefetch import prefetch
 from ..results import MaskEncoder
@@ -70,7 +70,7 @@ class _ClipRunner:
         self.size = resized_size(*self.orig, min_size, max_size)
         self.padded = padded_size(self.size, cfg.input.size_divisibility)
         self.topk = options.topk or cfg.test.topk
-        self.chunk = cfg.test.mask_chunk
+        self.chunk = mask_chunk_size(backend)
 
     def detect(self, frames: list[tuple[float, np.ndarray, Optional[np.ndarray]]]) -> list[FrameDetection]:
         """Run the detector once on a batch of (arrival, resized, original) frames."""
