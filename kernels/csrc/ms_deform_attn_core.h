@@ -20,51 +20,86 @@ namespace vita_msda {
 
 using vita_math::exp_nonpositive;
 
-// One (query, head): the bilinear taps of every level and point, weighted and summed into ``dst``.
-// ``acc`` holds four accumulators of ``d`` floats, one per tap corner: with one shared accumulator every
-// tap waited for the previous one's multiply-add (measured: that chain was most of the kernel's time).
-// A tap outside its level reads a clamped pixel with weight 0 (no branch per tap).
+// Pixels of the value table are indexed with 32-bit integers (they vectorise twice as wide): the front ends
+// refuse a longer table.
+constexpr int64_t kMaxPixels = std::numeric_limits<int32_t>::max();
+
+// One (query, head): the bilinear taps of its samples (level, point), weighted and summed into ``dst``.
+// ``cw`` and ``pixels`` hold each sample's four corner weights and the corners' pixels in the value table (at
+// ``corner * stride + sample``), worked out beforehand for every sample of the query in one flat, vectorised loop
+// (prepare_taps); ``inside`` is 0 for a sample with no corner in its level, which is skipped. ``acc`` holds four accumulators of
+// ``d`` floats, one per corner: with one shared accumulator every tap waited for the previous one's multiply-add
+// (measured: that chain was most of the kernel's time).
 template <typename scalar_t, int64_t kD>
-inline void sample_head(float* __restrict acc, int64_t d_runtime, const scalar_t* v_head, int64_t row,
-                        const std::vector<int64_t>& hs, const std::vector<int64_t>& ws,
-                        const std::vector<int64_t>& starts, const float* xs, const float* ys, const float* w,
-                        float inv, int64_t points, scalar_t* dst) {
+inline void sample_head(float* __restrict acc, int64_t d_runtime, const scalar_t* v_head, int64_t row, const float* cw,
+                        const int32_t* pixels, const float* inside, int64_t stride, int64_t count, scalar_t* dst) {
   const int64_t d = kD > 0 ? kD : d_runtime;
   for (int64_t c = 0; c < 4 * d; ++c) acc[c] = 0.f;
-  const int64_t levels = static_cast<int64_t>(hs.size());
-  for (int64_t l = 0; l < levels; ++l) {
-    const int64_t hl = hs[l], wl = ws[l];
-    const float fw = static_cast<float>(wl), fh = static_cast<float>(hl);
-    const scalar_t* vl = v_head + starts[l] * row;
-    for (int64_t p = 0; p < points; ++p) {
-      const int64_t i = l * points + p;
-      const float x = xs[i], y = ys[i];
-      if (!(x > -1.f && x < fw && y > -1.f && y < fh)) continue;  // no tap inside (NaN too)
-      const float a = w[i] * inv;
-      const float x0f = std::floor(x), y0f = std::floor(y);
-      const float fx = x - x0f, fy = y - y0f;
-      const int64_t x0 = static_cast<int64_t>(x0f), y0 = static_cast<int64_t>(y0f);
-      const float vx0 = x0 >= 0 ? 1.f : 0.f, vx1 = x0 + 1 < wl ? 1.f : 0.f;
-      const float vy0 = y0 >= 0 ? 1.f : 0.f, vy1 = y0 + 1 < hl ? 1.f : 0.f;
-      const int64_t xa = std::max<int64_t>(x0, 0), xb = std::min<int64_t>(x0 + 1, wl - 1);
-      const int64_t ya = std::max<int64_t>(y0, 0), yb = std::min<int64_t>(y0 + 1, hl - 1);
-      const float c00 = a * (1.f - fx) * (1.f - fy) * vx0 * vy0, c01 = a * fx * (1.f - fy) * vx1 * vy0;
-      const float c10 = a * (1.f - fx) * fy * vx0 * vy1, c11 = a * fx * fy * vx1 * vy1;
-      const scalar_t* __restrict r00 = vl + (ya * wl + xa) * row;
-      const scalar_t* __restrict r01 = vl + (ya * wl + xb) * row;
-      const scalar_t* __restrict r10 = vl + (yb * wl + xa) * row;
-      const scalar_t* __restrict r11 = vl + (yb * wl + xb) * row;
+  for (int64_t i = 0; i < count; ++i) {
+    if (inside[i] == 0.f) continue;
+    const float c00 = cw[i], c01 = cw[stride + i], c10 = cw[2 * stride + i], c11 = cw[3 * stride + i];
+    const scalar_t* __restrict r00 = v_head + static_cast<int64_t>(pixels[i]) * row;
+    const scalar_t* __restrict r01 = v_head + static_cast<int64_t>(pixels[stride + i]) * row;
+    const scalar_t* __restrict r10 = v_head + static_cast<int64_t>(pixels[2 * stride + i]) * row;
+    const scalar_t* __restrict r11 = v_head + static_cast<int64_t>(pixels[3 * stride + i]) * row;
 #pragma omp simd
-      for (int64_t c = 0; c < d; ++c) {
-        acc[c] += c00 * static_cast<float>(r00[c]);
-        acc[d + c] += c01 * static_cast<float>(r01[c]);
-        acc[2 * d + c] += c10 * static_cast<float>(r10[c]);
-        acc[3 * d + c] += c11 * static_cast<float>(r11[c]);
-      }
+    for (int64_t c = 0; c < d; ++c) {
+      acc[c] += c00 * static_cast<float>(r00[c]);
+      acc[d + c] += c01 * static_cast<float>(r01[c]);
+      acc[2 * d + c] += c10 * static_cast<float>(r10[c]);
+      acc[3 * d + c] += c11 * static_cast<float>(r11[c]);
     }
   }
   for (int64_t c = 0; c < d; ++c) {
     dst[c] = static_cast<scalar_t>((acc[c] + acc[d + c]) + (acc[2 * d + c] + acc[3 * d + c]));
+  }
+}
+
+// For ``count`` samples: pixel positions (xs, ys), normalised attention weights ``a`` and each sample's level
+// (size fw x fh, first pixel ``start``) -> corner weights, corner pixels (< 2^31: the front ends check the value
+// length) and the inside flag. A corner outside its level reads a clamped pixel with weight 0 (no branch per
+// tap). Positions are clamped to [-1, size] first: samples outside are skipped anyway, and the conversions to
+// integers then stay defined. The same arithmetic as one sample at a time, so results are unchanged; it
+// vectorises only without trapping math (std::floor), which the builds ask for: 5x faster than per sample.
+inline void prepare_taps(int64_t count, const float* __restrict xs, const float* __restrict ys,
+                         const float* __restrict a, const float* __restrict fw, const float* __restrict fh,
+                         const int32_t* __restrict start, float* __restrict cw,
+                         int32_t* __restrict pixels, float* __restrict inside) {
+  float* __restrict c00 = cw;
+  float* __restrict c01 = cw + count;
+  float* __restrict c10 = cw + 2 * count;
+  float* __restrict c11 = cw + 3 * count;
+  int32_t* __restrict r00 = pixels;
+  int32_t* __restrict r01 = pixels + count;
+  int32_t* __restrict r10 = pixels + 2 * count;
+  int32_t* __restrict r11 = pixels + 3 * count;
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) {
+    const float w = fw[i], h = fh[i];
+    float x = xs[i], y = ys[i];
+    inside[i] = (x > -1.f && x < w && y > -1.f && y < h) ? 1.f : 0.f;  // false for NaN too
+    x = x > -1.f ? x : -1.f;
+    x = x < w ? x : w;
+    y = y > -1.f ? y : -1.f;
+    y = y < h ? y : h;
+    const float x0 = std::floor(x), y0 = std::floor(y);
+    const float fx = x - x0, fy = y - y0;
+    const float vx0 = x0 >= 0.f ? 1.f : 0.f, vx1 = x0 + 1.f < w ? 1.f : 0.f;
+    const float vy0 = y0 >= 0.f ? 1.f : 0.f, vy1 = y0 + 1.f < h ? 1.f : 0.f;
+    const float xa = x0 > 0.f ? x0 : 0.f, xb = x0 + 1.f < w - 1.f ? x0 + 1.f : w - 1.f;
+    const float ya = y0 > 0.f ? y0 : 0.f, yb = y0 + 1.f < h - 1.f ? y0 + 1.f : h - 1.f;
+    const float ai = a[i];
+    c00[i] = ai * (1.f - fx) * (1.f - fy) * vx0 * vy0;
+    c01[i] = ai * fx * (1.f - fy) * vx1 * vy0;
+    c10[i] = ai * (1.f - fx) * fy * vx0 * vy1;
+    c11[i] = ai * fx * fy * vx1 * vy1;
+    const int32_t wl = static_cast<int32_t>(w), s = start[i];
+    const int32_t ia = static_cast<int32_t>(xa), ib = static_cast<int32_t>(xb);
+    const int32_t ja = static_cast<int32_t>(ya), jb = static_cast<int32_t>(yb);
+    r00[i] = s + ja * wl + ia;
+    r01[i] = s + ja * wl + ib;
+    r10[i] = s + jb * wl + ia;
+    r11[i] = s + jb * wl + ib;
   }
 }
 
@@ -77,13 +112,16 @@ struct Problem {
   int64_t ref_batch;  // 0 when one set of reference points serves every batch item, else Lq*2
 };
 
-// Per-call tables: each level's size and start in the value table, and each sample's level size as floats.
+// Per-call tables: each level's size and start in the value table, and per sample (head, level, point) its
+// level's size as floats and first pixel, for the position math.
 struct Levels {
   std::vector<int64_t> starts, hs, ws;
-  std::vector<float> sample_w, sample_h;  // per sample (head, level, point), for the position math
+  std::vector<float> sample_w, sample_h;
+  std::vector<int32_t> sample_start;
 
   Levels(const int64_t* hw, int64_t levels, int64_t heads, int64_t points)
-      : starts(levels), hs(levels), ws(levels), sample_w(heads * levels * points), sample_h(heads * levels * points) {
+      : starts(levels), hs(levels), ws(levels), sample_w(heads * levels * points), sample_h(heads * levels * points),
+        sample_start(heads * levels * points) {
     int64_t start = 0;
     for (int64_t l = 0; l < levels; ++l) {
       hs[l] = hw[2 * l];
@@ -96,6 +134,7 @@ struct Levels {
       const int64_t l = (i % lp) / points;
       sample_w[i] = static_cast<float>(ws[l]);
       sample_h[i] = static_cast<float>(hs[l]);
+      sample_start[i] = static_cast<int32_t>(starts[l]);
     }
   }
 
@@ -111,12 +150,17 @@ void run_range(const Problem& pr, const Levels& lv, const scalar_t* v, const flo
   const int64_t row = heads * d;  // value-table stride between pixels
   const float* sw = lv.sample_w.data();
   const float* sh = lv.sample_h.data();
-  std::vector<float> acc(4 * d), w_buf(samples), xs_buf(samples), ys_buf(samples), shift_buf(samples);
+  std::vector<float> acc(4 * d), w_buf(samples), xs_buf(samples), ys_buf(samples), shift_buf(samples),
+      inside_buf(samples), cw_buf(4 * samples);
+  std::vector<int32_t> pixels_buf(4 * samples);
   // plain restrict pointers: through the vectors the compiler reloads their data pointers and cannot vectorise
   float* __restrict w = w_buf.data();
   float* __restrict xs = xs_buf.data();
   float* __restrict ys = ys_buf.data();
   float* __restrict shift = shift_buf.data();
+  float* __restrict inside = inside_buf.data();
+  float* __restrict cw = cw_buf.data();
+  int32_t* __restrict pixels = pixels_buf.data();
   for (int64_t m = begin; m < end; ++m) {
     const int64_t n = m / lq, q = m % lq;
     const float rx = r[n * pr.ref_batch + q * 2], ry = r[n * pr.ref_batch + q * 2 + 1];
@@ -134,24 +178,27 @@ void run_range(const Problem& pr, const Levels& lv, const scalar_t* v, const flo
     for (int64_t i = 0; i < samples; ++i) w[i] = static_cast<float>(am[i]) - shift[i];
 #pragma omp simd
     for (int64_t i = 0; i < samples; ++i) w[i] = exp_nonpositive(w[i]);
+    for (int64_t h = 0; h < heads; ++h) {
+      float total = 0.f;
+      for (int64_t i = 0; i < lp; ++i) total += w[h * lp + i];
+      const float inv = 1.f / total;
+      for (int64_t i = 0; i < lp; ++i) w[h * lp + i] *= inv;
+    }
     // pixel coordinates: (reference + offset / size) * size - 0.5 (grid_sample, align_corners=False)
     for (int64_t i = 0; i < samples; ++i) {
       xs[i] = rx * sw[i] + static_cast<float>(om[2 * i]) - 0.5f;
       ys[i] = ry * sh[i] + static_cast<float>(om[2 * i + 1]) - 0.5f;
     }
+    prepare_taps(samples, xs, ys, w, sw, sh, lv.sample_start.data(), cw, pixels, inside);
     for (int64_t h = 0; h < heads; ++h) {
-      float total = 0.f;
-      for (int64_t i = 0; i < lp; ++i) total += w[h * lp + i];
-      const float inv = 1.f / total;
       scalar_t* dst = o + m * row + h * d;
       const scalar_t* v_head = v + n * pr.s_len * row + h * d;
+      const int64_t first = h * lp;
       if constexpr (kD > 0) {
         float acc4[4 * kD];  // a fixed size: the compiler keeps the four chains in registers
-        sample_head<scalar_t, kD>(acc4, d, v_head, row, lv.hs, lv.ws, lv.starts, xs + h * lp, ys + h * lp,
-                                  w + h * lp, inv, points, dst);
+        sample_head<scalar_t, kD>(acc4, d, v_head, row, cw + first, pixels + first, inside + first, samples, lp, dst);
       } else {
-        sample_head<scalar_t, kD>(acc.data(), d, v_head, row, lv.hs, lv.ws, lv.starts, xs + h * lp, ys + h * lp,
-                                  w + h * lp, inv, points, dst);
+        sample_head<scalar_t, kD>(acc.data(), d, v_head, row, cw + first, pixels + first, inside + first, samples, lp, dst);
       }
     }
   }

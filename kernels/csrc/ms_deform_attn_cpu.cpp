@@ -48,6 +48,7 @@ at::Tensor msda_fused(const at::Tensor& value, at::IntArrayRef shapes, const at:
   int64_t total = 0;
   for (int64_t l = 0; l < levels; ++l) total += shapes[2 * l] * shapes[2 * l + 1];
   TORCH_CHECK(total == value.size(1), "the levels' sizes do not add up to the value length");
+  TORCH_CHECK(total <= vita_msda::kMaxPixels, "the value length is over 2^31 - 1 pixels, more than msda_fused indexes");
   std::vector<int64_t> hw(shapes.begin(), shapes.end());
   at::Tensor out = at::empty({n, offsets.size(1), heads * value.size(3)}, value.options());
   if (value.scalar_type() == at::kFloat) {

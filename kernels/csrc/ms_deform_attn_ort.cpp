@@ -112,6 +112,7 @@ OrtStatus* compute(void* op_kernel, OrtKernelContext* context) {
     total += hw[2 * l] * hw[2 * l + 1];
   }
   if (total != vd[1]) return bad("the levels' sizes (spatial_shapes) do not add up to the value length S");
+  if (total > vita_msda::kMaxPixels) return bad("the value length S is over 2^31 - 1 pixels, more than this operator indexes");
 
   const int64_t out_dims[3] = {n, lq, heads * d};
   OrtValue* out = nullptr;
