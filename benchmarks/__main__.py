@@ -83,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--runtime-frame-cap", type=int, default=None, help="largest T probed for the whole runtime (default: --frame-cap)")
     g = common.add_argument_group("prune")
     g.add_argument("--prune-ratios", type=_floats, default=None, help="r values (default 1.0,0.9,0.75,0.5,0.25)")
+    g = common.add_argument_group("memory")
+    g.add_argument("--lengths", type=_ints, default=None, help="clip lengths in frames, one fresh process each (default 36,360)")
 
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     sub = p.add_subparsers(dest="name", required=True)
@@ -108,13 +110,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
         "max_frames": args.max_frames, "points": args.points, "prune_frames": args.prune_frames, "kernel_scale": args.kernel_scale,
         "budget_gb": args.budget_gb, "windows": args.windows, "ratios": args.ratios, "scope": args.scope,
         "policies": args.policies, "probe_timeout": args.probe_timeout, "tolerance": args.tolerance, "frame_cap": args.frame_cap, "runtime_frame_cap": args.runtime_frame_cap,
-        "prune_ratios": args.prune_ratios, "official_s_per_frame": getattr(args, "official_s_per_frame", None),
+        "prune_ratios": args.prune_ratios, "lengths": args.lengths, "official_s_per_frame": getattr(args, "official_s_per_frame", None),
     }
     for key, value in named.items():
         if value is not None:
             setattr(s, key, value)
     s.size = tuple(s.size)
-    for key in ("batches", "resolutions", "windows", "ratios", "policies", "prune_ratios", "precisions", "backends"):
+    for key in ("batches", "resolutions", "windows", "ratios", "policies", "prune_ratios", "lengths", "precisions", "backends"):
         setattr(s, key, tuple(getattr(s, key)))
     s.out = Path(s.out)
     s.backends = tuple(args.backend or ())

@@ -91,7 +91,7 @@ def run(s: Settings, ws: Workspace, rec: Record) -> None:
     columns = [Column("backend", "backend"), Column("precision", "precision"), Column("kernels", "kernels"),
                Column("s_per_frame", "s/frame", "time"), Column("fps", "frames/s", "rate")]
     columns += [Column(STAGE_KEYS[k], f"{k} s/frame", "time") for k in STAGES]
-    columns += [Column("peak_rss_gb", "peak host RSS (GB)", "memory"), Column("peak_device_gb", "peak device memory (GB)", "memory"),
+    columns += [Column("peak_rss_gb", "peak host RSS in this process (GB)", "memory"), Column("peak_device_gb", "peak device memory (GB)", "memory"),
                 Column("first_result_s", "time to first result (s)", "time"),
                 Column("speedup_vs_reference", "speed-up vs torch fp32 reference (same run)", "ratio"),
                 Column("speedup_vs_official", "speed-up vs the official code (see caption)", "ratio")]
@@ -100,7 +100,8 @@ def run(s: Settings, ws: Workspace, rec: Record) -> None:
         "e2e", f"End to end: runtime.segment, {clip.description}", columns, keys=("backend", "precision", "kernels"),
         caption=(f"{ws.device}, {s.threads} threads; median (min–max) over {s.repeats} runs after {s.warmup} warm-up. "
                  "Stages: decode+resize is the time the loop waited for the background reader; time to first "
-                 "result is loading plus the first (cold) segment call. Speed-up = s/frame of the plain fp32 PyTorch "
+                 "result is loading plus the first (cold) segment call. Peak host RSS: this benchmark process, which "
+                 "still holds the earlier rows' libraries and freed memory (a fresh process's: the memory benchmark). Speed-up = s/frame of the plain fp32 PyTorch "
                  "path (reference kernels) / this s/frame, both measured in this run. Speed-up vs the official code: "
                  + (f"{official[1]} / this s/frame." if official
                     else "no official figure for this CPU kind (give one with --official-s-per-frame).")),

@@ -54,6 +54,8 @@ class Settings:
     tolerance: float = 0.02
     # prune
     prune_ratios: tuple[float, ...] = (1.0, 0.9, 0.75, 0.5, 0.25)
+    # memory: clip lengths, each segmented by a fresh process
+    lengths: tuple[int, ...] = (36, 360)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,4 +88,5 @@ QUICK = dict(
     runtime_frame_cap=8,
     tolerance=0.1,
     prune_ratios=(1.0, 0.5),
+    lengths=(4, 8),
 )

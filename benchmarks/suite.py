@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "prune": ("benchmarks.prune", "Token pruning: speed and agreement"),
     "backends": ("benchmarks.backends", "Backends side by side"),
     "kernels": ("benchmarks.kernel_suite", "Fast kernels against their references"),
+    "memory": ("benchmarks.memory", "Peak memory of a fresh process, in video length"),
 }
 
 

@@ -21,7 +21,7 @@ from runtime.backends import onnxruntime_kernels
 REPO = Path(__file__).resolve().parents[1]
 POSITIVE = ("time", "memory", "rate", "ratio", "frames")
 NON_NEGATIVE = ("error", "score", "count")
-SUITE = ("e2e", "detector", "tokens", "maxframes", "prune", "backends", "kernels")
+SUITE = ("e2e", "detector", "tokens", "maxframes", "prune", "backends", "kernels", "memory")
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +135,13 @@ def test_headline_figures_are_present(quick_run: Path):
     rows = maxframes["tables"][0]["rows"]
     assert {r["part"] for r in rows} == {"token engine", "whole runtime"}
     assert all(r["max_frames"] for r in rows)
+    memory = load_record(quick_run / "memory.json")
+    rows = {(r["backend"], r["precision"]): r for r in memory["tables"][0]["rows"]}
+    assert set(rows) == {("torch", "fp32"), ("onnxruntime", "fp32")}
+    for row in rows.values():
+        assert row["peak_rss_gb_4"] and row["peak_rss_gb_8"] and row["growth"]
+    # each figure is a fresh process: one running an export never imports torch, so it peaks far lower
+    assert rows[("onnxruntime", "fp32")]["peak_rss_gb_4"] < rows[("torch", "fp32")]["peak_rss_gb_4"] / 2
     kernels = load_record(quick_run / "kernels.json")
     if not kernels["tables"]:
         assert any("kernels/ not present yet" in n for n in kernels["notes"])
@@ -268,3 +275,21 @@ def test_gpu_script_refuses_a_machine_without_cuda(tmp_path: Path):
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), str(tmp_path / "g")], cwd=REPO,
                           capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "PYTHON": sys.executable})
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr
+
+
+def test_memory_child_failure_is_a_note_not_a_crash(tmp_path: Path):
+    """A child that cannot segment (here: the video is not a video) gives no figure and says why."""
+    from benchmarks.clip import Clip
+    from benchmarks.memory import child_peak
+    from benchmarks.settings import Settings
+    from benchmarks.workspace import TORCH, Workspace
+
+    bad = tmp_path / "not_a_video.mp4"
+    bad.write_bytes(b"plain text, not a video")
+    ws = Workspace("vita_tiny", None, "cpu", 1)
+    try:
+        peak, why = child_peak(Settings(threads=1), ws, TORCH, Clip(bad, 4, 128, 228, "bad"))
+    finally:
+        ws.close()
+    assert peak is None
+    assert "torch fp32, 4 frames: the child process failed" in why and "not_a_video.mp4" in why
