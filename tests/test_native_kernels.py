@@ -64,8 +64,9 @@ def test_fp32_matches_the_reference_as_closely_as_the_reference_itself(d, shared
 def test_far_outside_positions_read_zeros_and_nan_positions_are_skipped():
     _require_native()
     value, refs, offsets, logits = _inputs(1, 20, 32, True, seed=3)
-    far = native.ms_deform_attn_from_projections(value, SHAPES, refs + 50.0, offsets, logits, LEVELS, POINTS)
-    assert torch.equal(far, torch.zeros_like(far))
+    for shift in (50.0, 1e30, float("inf"), float("-inf")):  # positions are clamped before integer conversion
+        far = native.ms_deform_attn_from_projections(value, SHAPES, refs + shift, offsets, logits, LEVELS, POINTS)
+        assert torch.equal(far, torch.zeros_like(far)), shift
     nan_refs = refs.clone()
     nan_refs[0, 0] = float("nan")
     out = native.ms_deform_attn_from_projections(value, SHAPES, nan_refs, offsets, logits, LEVELS, POINTS)
