@@ -73,6 +73,16 @@ def test_far_outside_positions_read_zeros_and_nan_positions_are_skipped():
     assert torch.equal(out[0, 0], torch.zeros_like(out[0, 0])) and torch.isfinite(out).all()
 
 
+def test_a_level_too_wide_for_the_position_math_is_refused():
+    """Level sides must be exact as floats (< 2^24): a wider one is an error that says so, not wrong taps."""
+    _require_native()
+    side = 2**24 + 1
+    value = torch.zeros(1, side, 1, 1)
+    args = (torch.rand(1, 1, 2), torch.zeros(1, 1, 2), torch.zeros(1, 1, 1), 1, 1)
+    with pytest.raises(RuntimeError, match="over 2\\^24 pixels high or wide"):
+        native.ms_deform_attn_from_projections(value, [(1, side)], *args)
+
+
 def test_bf16_is_the_reference_rounded_once():
     _require_native()
     value, refs, offsets, logits = _inputs(2, 39, 32, False, seed=4, dtype=torch.bfloat16)

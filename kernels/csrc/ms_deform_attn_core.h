@@ -20,9 +20,10 @@ namespace vita_msda {
 
 using vita_math::exp_nonpositive;
 
-// Pixels of the value table are indexed with 32-bit integers (they vectorise twice as wide): the front ends
-// refuse a longer table.
+// Pixels of the value table are indexed with 32-bit integers (they vectorise twice as wide), and a level's
+// height and width are exact as floats (the position math): the front ends refuse larger inputs.
 constexpr int64_t kMaxPixels = std::numeric_limits<int32_t>::max();
+constexpr int64_t kMaxSide = int64_t{1} << 24;
 
 // One (query, head): the bilinear taps of its samples (level, point), weighted and summed into ``dst``.
 // ``cw`` and ``pixels`` hold each sample's four corner weights and the corners' pixels in the value table (at

@@ -46,7 +46,11 @@ at::Tensor msda_fused(const at::Tensor& value, at::IntArrayRef shapes, const at:
   TORCH_CHECK(offsets.scalar_type() == value.scalar_type() && logits.scalar_type() == value.scalar_type(),
               "value, offsets and logits must share one dtype");
   int64_t total = 0;
-  for (int64_t l = 0; l < levels; ++l) total += shapes[2 * l] * shapes[2 * l + 1];
+  for (int64_t l = 0; l < levels; ++l) {
+    TORCH_CHECK(shapes[2 * l] <= vita_msda::kMaxSide && shapes[2 * l + 1] <= vita_msda::kMaxSide,
+                "a level is over 2^24 pixels high or wide, more than msda_fused takes");
+    total += shapes[2 * l] * shapes[2 * l + 1];
+  }
   TORCH_CHECK(total == value.size(1), "the levels' sizes do not add up to the value length");
   TORCH_CHECK(total <= vita_msda::kMaxPixels, "the value length is over 2^31 - 1 pixels, more than msda_fused indexes");
   std::vector<int64_t> hw(shapes.begin(), shapes.end());

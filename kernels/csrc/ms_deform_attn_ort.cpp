@@ -109,6 +109,7 @@ OrtStatus* compute(void* op_kernel, OrtKernelContext* context) {
   int64_t total = 0;
   for (int64_t l = 0; l < levels; ++l) {
     if (hw[2 * l] <= 0 || hw[2 * l + 1] <= 0) return bad("every level needs a positive height and width");
+    if (hw[2 * l] > vita_msda::kMaxSide || hw[2 * l + 1] > vita_msda::kMaxSide) return bad("a level is over 2^24 pixels high or wide, more than this operator takes");
     total += hw[2 * l] * hw[2 * l + 1];
   }
   if (total != vd[1]) return bad("the levels' sizes (spatial_shapes) do not add up to the value length S");
