@@ -67,12 +67,14 @@ def run(s: Settings, ws: Workspace, rec: Record) -> None:
     columns += [Column(f"peak_rss_gb_{c.frames}", f"peak RSS, {c.frames} frames (GB)", "memory") for c in clips]
     if len(clips) > 1:
         columns.append(Column("growth", f"peak at {clips[-1].frames} / at {clips[0].frames} frames", "ratio"))
+    what = clips[0].description if s.video is not None else \
+        f"a generated clip of moving shapes, {clips[0].height}x{clips[0].width}, MP4"
     table = rec.table(
         "memory", "Peak resident memory of a fresh process: runtime.load + runtime.segment, default settings",
         columns, keys=("backend", "precision"),
         caption=(f"{ws.device}, {s.threads} threads; each figure is one child process (imports, model loading and "
-                 f"segmenting a {clips[0].height}x{clips[0].width} clip, MP4), the kernel's peak-RSS mark (VmHWM). "
-                 "Machines and runs differ by a few hundredths of a GB."),
+                 f"segmenting {what}), the kernel's peak-RSS mark (VmHWM). Machines and runs differ by a few "
+                 "hundredths of a GB."),
     )
     for spec in bar(specs, s.progress, desc="memory"):
         row: dict[str, Any] = {"backend": spec.backend, "precision": spec.precision}
