@@ -57,12 +57,13 @@ def run(s: Settings, ws: Workspace, rec: Record) -> None:
     """One row per backend/precision: fresh-process peak RSS at each clip length and last / first."""
     clips = _clips(s, ws)
     available, missing = available_specs(ws.device)
-    specs = requested_specs(s, ("torch", "onnxruntime"))
+    # a compiled detector changes speed, not what a fresh process holds
+    specs = [x for x in requested_specs(s, ("torch", "onnxruntime")) if not x.compiled]
     if ws.is_export:
         specs = [x for x in specs if x.backend != "torch"]
     for x in [x for x in specs if x not in available]:
         rec.note(f"{x.label} skipped: not available on this machine ({'; '.join(missing.values())})")
-    specs = [x for x in specs if x in available and not x.compiled]
+    specs = [x for x in specs if x in available]
     columns = [Column("backend", "backend"), Column("precision", "precision")]
     columns += [Column(f"peak_rss_gb_{c.frames}", f"peak RSS, {c.frames} frames (GB)", "memory") for c in clips]
     if len(clips) > 1:

@@ -45,8 +45,8 @@ def _library() -> bool:
                 # the header's hash in the name: torch rebuilds on a changed source file, not on a changed header
                 name=f"vita_kernels_cpu_{capability.lower()}_{_header_digest()}",
                 sources=[str(_SOURCE)],
-                # no trapping math: floor and the float-to-integer conversions of the tap positions vectorise
-                # (values unchanged; only floating-point exception flags may differ)
+                # no trapping math, as the torch-free builds (runtime/native_build.BASE_FLAGS): the tap positions'
+                # floor and integer conversions vectorise; values are unchanged
                 extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math", *_ISA_FLAGS.get(capability, [])],
                 extra_ldflags=["-fopenmp"],
                 is_python_module=False,

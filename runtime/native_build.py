@@ -22,7 +22,9 @@ from typing import Optional, Sequence
 
 log = logging.getLogger(__name__)
 
-BASE_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd", "-fvisibility=hidden"]
+# no trapping math: values are unchanged (only floating-point exception flags may differ), and floor, selects and
+# float-to-integer conversions in the kernels' loops then vectorise
+BASE_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd", "-fvisibility=hidden", "-fno-trapping-math"]
 ISA_FLAGS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],

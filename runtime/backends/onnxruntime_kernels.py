@@ -24,13 +24,11 @@ from ..native_build import build_library, enabled
 log = logging.getLogger(__name__)
 
 SOURCES = ("ms_deform_attn_ort.cpp", "ms_deform_attn_core.h", "fast_math.h", "ort_api_min.h")
-# as the torch operator (kernels/native.py): the tap positions' floor and conversions vectorise without trapping math
-FLAGS = ("-fno-trapping-math",)
 
 
 def build(out_dir: Optional[Path] = None, compiler: Optional[str] = None) -> Path:
     """Compile the operator library (or find it already built); returns its path. Raises RuntimeError saying why."""
-    return build_library("libvita_ort_msda", SOURCES, FLAGS, out_dir=out_dir, compiler=compiler)
+    return build_library("libvita_ort_msda", SOURCES, out_dir=out_dir, compiler=compiler)
 
 
 @functools.lru_cache(maxsize=1)
