@@ -116,7 +116,10 @@ class TorchBackend:
             out = self._detect(self._images(frames))
         tokens, index = prune_frame_queries(out.frame_queries.float(), out.frame_logits.float(), prune_ratio)
         index = None if index is None else index.cpu().numpy()
-        return Detection(tokens.to(self.token_dtype), index, out.mask_features.float())
+        # on the CPU the features stay in the detector's dtype: a bf16 run's go to the host as float16 in one
+        # conversion (not through a float32 copy) and the host mask head widens what it reads
+        features = out.mask_features.float() if self.device.startswith("cuda") else out.mask_features
+        return Detection(tokens.to(self.token_dtype), index, features)
 
     @torch.no_grad()
     def mask_features(self, frames: np.ndarray) -> torch.Tensor:
