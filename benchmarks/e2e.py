@@ -15,7 +15,7 @@ from .progress import bar
 from .record import Column, Record, stat
 from .settings import Settings
 from .stages import STAGES, StageTimer
-from .workspace import REFERENCE, BackendSpec, Workspace, available_specs
+from .workspace import REFERENCE, BackendSpec, Workspace, available_specs, skipped_note
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def run(s: Settings, ws: Workspace, rec: Record) -> None:
     skipped = [x for x in specs if replace(x, compiled=False) not in available]
     specs = [x for x in specs if x not in skipped]
     for x in skipped:
-        rec.note(f"{x.label} skipped: not available on this machine ({'; '.join(missing.values())})")
+        rec.note(skipped_note(x, missing))
     columns = [Column("backend", "backend"), Column("precision", "precision"), Column("kernels", "kernels"),
                Column("s_per_frame", "s/frame", "time"), Column("fps", "frames/s", "rate")]
     columns += [Column(STAGE_KEYS[k], f"{k} s/frame", "time") for k in STAGES]

@@ -21,7 +21,7 @@ from .measure import GB
 from .progress import bar
 from .record import Column, Record
 from .settings import Settings
-from .workspace import PRECISIONS, BackendSpec, Workspace, available_specs
+from .workspace import PRECISIONS, BackendSpec, Workspace, available_specs, skipped_note
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
@@ -35,13 +35,16 @@ def _clips(s: Settings, ws: Workspace) -> list[Clip]:
     return [Clip(ws.clip_file(n, h, w), n, h, w, f"{n} frames") for n in s.lengths]
 
 
-def child_peak(s: Settings, ws: Workspace, spec: BackendSpec, clip: Clip) -> tuple[Optional[int], str]:
-    """(peak RSS in bytes of a fresh process segmenting ``clip`` with ``spec``, or None; why not, if None)."""
+def run_child(s: Settings, ws: Workspace, spec: BackendSpec, clip: Clip,
+              segment_on: str = "main") -> tuple[Optional[dict[str, Any]], str]:
+    """({peak_rss_bytes, frames, seconds} of a fresh process segmenting ``clip`` with ``spec``, or None; why not,
+    if None). ``segment_on="worker"``: loaded on the child's main thread, segmented on another."""
     size = ws.resized(clip.height, clip.width)
     model = ws.checkpoint() if spec.backend == "torch" else ws.export(size, tensorrt=spec.backend == "tensorrt",
                                                                       precision=spec.precision)
     cmd = [sys.executable, "-m", "benchmarks.peak_child", str(model), str(clip.video), "--backend", spec.backend,
-           "--dtype", PRECISIONS[spec.precision], "--device", ws.device, "--threads", str(s.threads)]
+           "--dtype", PRECISIONS[spec.precision], "--device", ws.device, "--threads", str(s.threads),
+           "--segment-on", segment_on]
     try:
         # generous: a cold process (kernel builds included) at several seconds a frame
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120 + 10 * clip.frames)
@@ -50,7 +53,13 @@ def child_peak(s: Settings, ws: Workspace, spec: BackendSpec, clip: Clip) -> tup
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
         return None, f"{spec.label}, {clip.frames} frames: the child process failed ({tail[0]})"
-    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_bytes"], ""
+    return json.loads(proc.stdout.strip().splitlines()[-1]), ""
+
+
+def child_peak(s: Settings, ws: Workspace, spec: BackendSpec, clip: Clip) -> tuple[Optional[int], str]:
+    """(peak RSS in bytes of a fresh process segmenting ``clip`` with ``spec``, or None; why not, if None)."""
+    figures, why = run_child(s, ws, spec, clip)
+    return (figures["peak_rss_bytes"] if figures else None), why
 
 
 def run(s: Settings, ws: Workspace, rec: Record) -> None:
@@ -62,7 +71,7 @@ def run(s: Settings, ws: Workspace, rec: Record) -> None:
     if ws.is_export:
         specs = [x for x in specs if x.backend != "torch"]
     for x in [x for x in specs if x not in available]:
-        rec.note(f"{x.label} skipped: not available on this machine ({'; '.join(missing.values())})")
+        rec.note(skipped_note(x, missing))
     specs = [x for x in specs if x in available]
     columns = [Column("backend", "backend"), Column("precision", "precision")]
     columns += [Column(f"peak_rss_gb_{c.frames}", f"peak RSS, {c.frames} frames (GB)", "memory") for c in clips]

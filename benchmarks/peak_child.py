@@ -1,8 +1,10 @@
-"""The ``memory`` benchmark's child process: load a model as a user does (``runtime.load``), segment one video,
-print the process's peak resident memory as one JSON line.
+"""A fresh process that loads a model as a user does (``runtime.load``), segments one video and prints one JSON
+line: its peak resident memory and the seconds the segmenting took. The ``memory`` and ``threads`` benchmarks run it.
 
-``python -m benchmarks.peak_child MODEL VIDEO --backend torch --dtype float32 --threads 2``. A fresh
-interpreter, so the figure is what a user's process holds: the onnxruntime backend runs without torch here.
+``python -m benchmarks.peak_child MODEL VIDEO --backend torch --dtype float32 --threads 2 [--segment-on worker]``.
+A fresh interpreter, so the figure is what a user's process holds: the onnxruntime backend runs without torch here.
+``--segment-on worker`` loads on the main thread and segments on another one, as a service that answers requests
+on worker threads does.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from typing import Optional
 
@@ -36,6 +39,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--segment-on", choices=("main", "worker"), default="main",
+                   help="the thread that segments (the model is loaded on the main thread either way)")
     args = p.parse_args(argv)
     _limit_threads(args.threads)
 
@@ -46,9 +51,25 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         torch.set_num_threads(args.threads)
     segmenter = runtime.load(args.model, backend=args.backend, device=args.device, dtype=args.dtype)
-    start = time.perf_counter()
-    result = runtime.segment(args.video, segmenter)
-    seconds = time.perf_counter() - start
+    outcome: dict = {}
+
+    def segment() -> None:
+        start = time.perf_counter()
+        try:
+            outcome["result"] = runtime.segment(args.video, segmenter)
+        except BaseException as e:  # raised again on the main thread
+            outcome["error"] = e
+        outcome["seconds"] = time.perf_counter() - start
+
+    if args.segment_on == "worker":
+        worker = threading.Thread(target=segment, name="segment-worker")
+        worker.start()
+        worker.join()
+    else:
+        segment()
+    if "error" in outcome:
+        raise outcome["error"]
+    result, seconds = outcome["result"], outcome["seconds"]
     print(json.dumps({"peak_rss_bytes": peak_rss_bytes(), "frames": result.num_frames, "seconds": seconds}))
     return 0
 

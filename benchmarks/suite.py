@@ -23,6 +23,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "backends": ("benchmarks.backends", "Backends side by side"),
     "kernels": ("benchmarks.kernel_suite", "Fast kernels against their references"),
     "memory": ("benchmarks.memory", "Peak memory of a fresh process, in video length"),
+    "threads": ("benchmarks.caller_thread", "Segmenting on a worker thread"),
 }
 
 

@@ -242,6 +242,11 @@ def available_specs(device: str) -> tuple[list[BackendSpec], dict[str, str]]:
             missing["onnxruntime fp32"] = "this onnxruntime has no CUDA provider (install onnxruntime-gpu)"
         else:
             specs.append(BackendSpec("onnxruntime", "fp32"))
+    for precision in ("fp16", "bf16"):
+        missing[f"onnxruntime {precision}"] = (
+            "the benchmarks run onnxruntime graphs in fp32: ONNX Runtime's CPU provider has no bf16 or fp16 "
+            "Conv / MatMul kernels, and the reduced-precision graphs of `python -m export --precision` are built "
+            "for TensorRT")
     if not cuda:
         missing["tensorrt"] = "TensorRT needs a CUDA device (--device cuda)"
     elif importlib.util.find_spec("tensorrt") is None:
@@ -249,3 +254,9 @@ def available_specs(device: str) -> tuple[list[BackendSpec], dict[str, str]]:
     else:
         specs += [BackendSpec("tensorrt", p) for p in ("fp32", "fp16", "bf16")]
     return specs, missing
+
+
+def skipped_note(spec: BackendSpec, missing: dict[str, str]) -> str:
+    """The note for a requested row this machine cannot run: why, for that backend and precision."""
+    why = missing.get(f"{spec.backend} {spec.precision}") or missing.get(spec.backend) or "; ".join(missing.values())
+    return f"{spec.label} skipped: not available on this machine ({why})"

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from .host_memory import keep_freed_memory
+from .openmp_team import on_short_lived_thread
 from .options import SegmentOptions
 from .results import VideoResult
 
@@ -85,13 +86,19 @@ def load(
 
     from .backends.torch_backend import TorchBackend
 
-    try:
-        model = load_model(path, config=config)
-    except CheckpointError as e:
-        raise ModelPathError(f"cannot use {path} as a model: {e}") from None
-    backend = TorchBackend(model, device=device, dtype=dtype, kernels=opts.kernels, token_dtype=opts.token_dtype,
-                           compile=opts.compile)
-    return Segmenter(backend, opts)
+    def build() -> Segmenter:
+        try:
+            model = load_model(path, config=config)
+        except CheckpointError as e:
+            raise ModelPathError(f"cannot use {path} as a model: {e}") from None
+        backend = TorchBackend(model, device=device, dtype=dtype, kernels=opts.kernels,
+                               token_dtype=opts.token_dtype, compile=opts.compile)
+        return Segmenter(backend, opts)
+
+    if (device or "cpu").startswith("cuda"):
+        return build()
+    # on the CPU the load's parallel work leaves the caller's thread no OpenMP team (runtime/openmp_team.py)
+    return on_short_lived_thread(build)
 
 
 def _graph_backend(path: Path, kind: str, device: Optional[str], providers: Optional[list[str]]) -> Any:

@@ -21,7 +21,7 @@ from runtime.backends import onnxruntime_kernels
 REPO = Path(__file__).resolve().parents[1]
 POSITIVE = ("time", "memory", "rate", "ratio", "frames")
 NON_NEGATIVE = ("error", "score", "count")
-SUITE = ("e2e", "detector", "tokens", "maxframes", "prune", "backends", "kernels", "memory")
+SUITE = ("e2e", "detector", "tokens", "maxframes", "prune", "backends", "kernels", "memory", "threads")
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +142,10 @@ def test_headline_figures_are_present(quick_run: Path):
         assert row["peak_rss_gb_4"] and row["peak_rss_gb_8"] and row["growth"]
     # each figure is a fresh process: one running an export never imports torch, so it peaks far lower
     assert rows[("onnxruntime", "fp32")]["peak_rss_gb_4"] < rows[("torch", "fp32")]["peak_rss_gb_4"] / 2
+    threads = load_record(quick_run / "threads.json")
+    rows = {(r["backend"], r["precision"]): r for r in threads["tables"][0]["rows"]}
+    assert set(rows) == {("torch", "fp32"), ("onnxruntime", "fp32")}
+    assert all(r["s_per_frame_main"] and r["s_per_frame_worker"] and r["worker_vs_main"] for r in rows.values())
     kernels = load_record(quick_run / "kernels.json")
     if not kernels["tables"]:
         assert any("kernels/ not present yet" in n for n in kernels["notes"])
@@ -293,3 +297,13 @@ def test_memory_child_failure_is_a_note_not_a_crash(tmp_path: Path):
         ws.close()
     assert peak is None
     assert "torch fp32, 4 frames: the child process failed" in why and "not_a_video.mp4" in why
+
+
+def test_a_skipped_row_says_why_for_its_own_backend_and_precision():
+    from benchmarks.workspace import BackendSpec, available_specs, skipped_note
+
+    specs, missing = available_specs("cpu")
+    note = skipped_note(BackendSpec("onnxruntime", "bf16"), missing)
+    assert note.startswith("onnxruntime bf16 skipped") and "no bf16 or fp16 Conv / MatMul" in note
+    assert "TensorRT needs a CUDA device" not in note  # another row's reason
+    assert "TensorRT needs a CUDA device" in skipped_note(BackendSpec("tensorrt", "fp16"), missing)
