@@ -5,11 +5,13 @@ flags FP16/BF16 and per-layer precision were deprecated in 10.12 and removed in 
 the precision of the ONNX graph's own tensors. This pass writes that precision into the graph once, for TensorRT 10
 and 11 alike.
 
-The mixed-precision policy (one place; the torch backend's autocast keeps the same parts in fp32):
+The mixed-precision policy is the torch backend's (``vita_train/modeling/precision.py`` states it once):
 
-- the whole pixel decoder (``/pixel_decoder/`` nodes) stays fp32, as in the official code, which runs it with
-  autocast off: deformable sampling positions (reference points + offsets), the sampling itself (GridSample or
-  the TensorRT plugin) and its attention weights are precision-sensitive;
+- deformable sampling stays fp32: every node from the offset and attention-logit projections (which run reduced)
+  and the reference points up to the sampling node (our ``vita.ops::MSDeformAttn`` or TensorRT's
+  MultiscaleDeformableAttnPlugin_TRT, which takes fp32 or fp16 only) computes in fp32, and so does the sampling;
+- fp16 only: the whole pixel decoder (``/pixel_decoder/`` nodes) stays fp32, as in the official code, which runs
+  it with autocast off (fp16's range does not hold it); a bf16 variant runs it reduced like the torch backend;
 - normalisations (Layer/Group/Instance/BatchNormalization) and Softmax/LogSoftmax stay fp32 (their reductions
   overflow or lose mass in fp16);
 - comparisons stay fp32 with the Sigmoid that feeds them: the frame decoder's attention-mask threshold
@@ -30,7 +32,13 @@ from typing import Any, Iterable, Optional
 import numpy as np
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+# the node-name scopes each reduced precision keeps in fp32 (the TensorRT 10 flag path pins the first for both)
 KEEP_FP32_SCOPES = ("/pixel_decoder/",)
+SCOPES_BY_PRECISION = {"fp16": KEEP_FP32_SCOPES, "bf16": ()}
+# deformable-sampling nodes and their inputs that carry positions or attention weights (kept fp32 back to the
+# projections); the value input (0) runs reduced up to the node
+SAMPLING_INPUTS = {"MSDeformAttn": (2, 3, 4), "MultiscaleDeformableAttnPlugin_TRT": (3, 4)}
+_PROJECTIONS = frozenset({"MatMul", "Gemm", "Conv"})
 KEEP_FP32_OPS = frozenset({
     "LayerNormalization", "GroupNormalization", "InstanceNormalization", "BatchNormalization",
     "Softmax", "LogSoftmax",
@@ -62,9 +70,37 @@ def elem_type(precision: str) -> int:
     return types[precision]
 
 
-def keeps_fp32(node: Any, consumers: dict[str, list[Any]], scopes: Iterable[str] = KEEP_FP32_SCOPES) -> bool:
-    """Whether the policy keeps ``node`` in fp32 (see the module docstring)."""
-    if node.op_type not in REDUCED_OPS or any(scope in node.name for scope in scopes):
+def fp32_scopes(precision: str) -> tuple[str, ...]:
+    """The node-name scopes the policy keeps in fp32 for ``precision`` ('fp16' / 'bf16')."""
+    elem_type(precision)  # names a bad precision
+    return SCOPES_BY_PRECISION.get(precision, ())
+
+
+def sampling_nodes(graph: Any, types: dict[str, int]) -> set[int]:
+    """Indices (in ``graph.node``) of the nodes that compute deformable sampling positions and attention weights:
+    from each sampling node's position / weight inputs back to (not including) the projections, through
+    float-valued nodes only (a shape computation is not followed into the network)."""
+    nodes = list(graph.node)
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    found: set[int] = set()
+    stack = [name for node in nodes for i, name in enumerate(node.input)
+             if i in SAMPLING_INPUTS.get(node.op_type, ()) and name]
+    while stack:
+        i = producer.get(stack.pop())
+        if i is None or i in found or nodes[i].op_type in _PROJECTIONS:
+            continue
+        if not any(types.get(o) == _FLOAT for o in nodes[i].output):
+            continue
+        found.add(i)
+        stack.extend(name for name in nodes[i].input if name)
+    return found
+
+
+def keeps_fp32(node: Any, consumers: dict[str, list[Any]], scopes: Iterable[str] = KEEP_FP32_SCOPES,
+               sampling: frozenset[int] | set[int] = frozenset()) -> bool:
+    """Whether the policy keeps ``node`` in fp32 (see the module docstring); ``sampling``: the ids of the nodes
+    sampling_nodes() finds."""
+    if node.op_type not in REDUCED_OPS or any(scope in node.name for scope in scopes) or id(node) in sampling:
         return True
     if node.op_type == "Sigmoid":  # a threshold's input: sigmoid(x) < 0.5 decides in fp32
         return any(c.op_type in _COMPARISONS for out in node.output for c in consumers.get(out, ()))
@@ -119,11 +155,12 @@ def _convert_tensor(tensor, precision: str):
     return numpy_helper.from_array(converted, tensor.name)
 
 
-def to_reduced_precision(model: Any, precision: str, scopes: Iterable[str] = KEEP_FP32_SCOPES) -> Any:
+def to_reduced_precision(model: Any, precision: str, scopes: Optional[Iterable[str]] = None) -> Any:
     """A copy of the fp32 ONNX ``model`` whose float compute runs in ``precision`` ('fp16'/'bf16') per the policy.
 
-    Graph inputs and outputs keep their names and types. Raises ValueError for graphs with control flow (If,
-    Loop, Scan), which our exports do not have and this pass does not rewrite.
+    ``scopes``: node-name scopes kept in fp32 (default: the policy's for ``precision``, fp32_scopes). Graph inputs
+    and outputs keep their names and types. Raises ValueError for graphs with control flow (If, Loop, Scan),
+    which our exports do not have and this pass does not rewrite.
     """
     import onnx
     from onnx import helper
@@ -140,10 +177,14 @@ def to_reduced_precision(model: Any, precision: str, scopes: Iterable[str] = KEE
     for node in g.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    scopes = tuple(scopes)
+    # the node objects stay referenced for the whole pass: the sets below hold their ids, and protobuf makes a
+    # fresh wrapper (with a new id) for an element nobody references
+    nodes = list(g.node)
+    scopes = fp32_scopes(precision) if scopes is None else tuple(scopes)
+    sampling = {id(nodes[i]) for i in sampling_nodes(g, types)}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
     allowed = {op: _schema_allows(op, opset, precision) for op in {n.op_type for n in g.node} & REDUCED_OPS}
-    reduced = {id(n) for n in g.node if not keeps_fp32(n, consumers, scopes) and allowed[n.op_type]
+    reduced = {id(n) for n in g.node if not keeps_fp32(n, consumers, scopes, sampling) and allowed[n.op_type]
                and all(types.get(o) == _FLOAT for o in n.output if o)
                and any(types.get(i) == _FLOAT for i in n.input)}
     initializers = {t.name: t for t in g.initializer}

@@ -56,9 +56,10 @@ OPT_BATCH = 8
 OPT_FRAMES = 64
 # smallest resized side a dynamic-size detector accepts: one pixel at the backbone's /32 stage
 MIN_FRAME_SIDE = 32
-# legacy weakly typed path only (TensorRT 10 with an fp32 graph): the layers kept in fp32, as the policy of
-# export/reduced_precision.py does it in the graph. Layer names are the ONNX node names, which
-# torch.onnx.export(dynamo=False) builds from module paths ("/.../pixel_decoder/...").
+# legacy weakly typed path only (TensorRT 10 with an fp32 graph and a precision flag): the layers kept in fp32,
+# by name scope. It keeps the whole pixel decoder fp32 for fp16 and bf16 alike (the graph variants of
+# export/reduced_precision.py, the path TensorRT 11 leaves, run a bf16 pixel decoder with its sampling in fp32).
+# Layer names are the ONNX node names, which torch.onnx.export(dynamo=False) builds from module paths.
 FP32_SCOPES = KEEP_FP32_SCOPES
 FP32_LAYER_TYPES = frozenset({"NORMALIZATION", "SOFTMAX"})
 # the builder flag of each reduced precision in the weakly typed path (BuilderFlag.FP16/BF16: TensorRT <= 10.x)
@@ -522,7 +523,8 @@ def prepare_graphs(export_dir: Union[str, Path], meta: dict, precision: str = "f
     meta["precision"] = {
         "graphs": precision,
         "files": files,
-        "policy": "export/reduced_precision.py (pixel decoder, normalisations, softmax, thresholds in fp32)",
+        "policy": ("export/reduced_precision.py (normalisations, softmax, deformable sampling positions and "
+                   "weights, thresholds in fp32; fp16 also the whole pixel decoder)"),
         "tensorrt_static_check": {"rules": PARSER_SOURCE, "plugins": plugins, "findings": 0},
     }
     return findings

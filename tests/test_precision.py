@@ -149,3 +149,28 @@ def test_bf16_negative_control_a_wrong_policy_fails():
         rounded = low(query, cast_like, value, shapes)
     assert (rounded - exact).abs().max() > 1e-2 * exact.abs().max()
     assert np.isfinite(exact.numpy()).all()
+
+
+def _value_proj_dtypes(model: VitaModel, autocast_dtype: torch.dtype, grad: bool) -> set[torch.dtype]:
+    """The dtypes the pixel decoder's value projections compute in, one frame under CPU autocast."""
+    seen: set[torch.dtype] = set()
+    hooks = [layer.self_attn.value_proj.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+             for layer in model.pixel_decoder.transformer.encoder.layers]
+    frames = torch.rand(1, 3, 64, 96) * 255
+    try:
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=autocast_dtype):
+            model.detect(frames)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("dtype, grad, reduced", [(torch.bfloat16, False, True), (torch.float16, False, False),
+                                                  (torch.bfloat16, True, False)])
+def test_autocast_runs_the_pixel_decoder_reduced_only_for_bf16_inference(dtype, grad, reduced):
+    """The one policy under autocast (CUDA's torch backend path, here on the CPU): bf16 inference runs the pixel
+    decoder in bf16, fp16 and training keep it fp32 as the official code does."""
+    torch.manual_seed(0)
+    model = VitaModel(preset("vita_tiny")).eval()
+    assert _value_proj_dtypes(model, dtype, grad) == ({torch.bfloat16} if reduced else {torch.float32})

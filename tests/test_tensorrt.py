@@ -442,17 +442,32 @@ def test_reduced_precision_variants_carry_the_policy(fixture_exports, msda, prec
             assert [(v.name, v.type.tensor_type.elem_type) for v in a] == [(v.name, v.type.tensor_type.elem_type) for v in b]
         assert trt_compat.check_graph(low, plugins=msda == "trt-plugin") == [], graph
         types = _typed(low)
+        fp32_types = _typed(fp32)
+        sampling = {fp32.graph.node[i].name for i in _sampling_indices(fp32, fp32_types)}
+        if graph == "detector.onnx":
+            assert sampling, "the positions and weights of deformable sampling were not found"
         for node in low.graph.node:
             floats = [types.get(t) for t in (*node.input, *node.output) if types.get(t) in (1, 10, 16)]
             kept = (node.op_type in ("LayerNormalization", "Softmax", "Less", "InstanceNormalization", "GridSample",
-                                     PLUGIN_OP) or "/pixel_decoder/" in node.name)
+                                     PLUGIN_OP, "MSDeformAttn") or node.name in sampling
+                    or (precision == "fp16" and "/pixel_decoder/" in node.name))
             if kept and node.op_type != "Cast":  # the pass's Casts at the scope's edges carry both types
                 assert set(floats) <= {TensorProto.FLOAT}, (node.name, floats)
         low_ops = {n.op_type for n in low.graph.node if any(types.get(o) == _LOW[precision] for o in n.output)}
         assert "MatMul" in low_ops
+        pixel_low = {n.op_type for n in low.graph.node if "/pixel_decoder/" in n.name
+                     and any(types.get(o) == _LOW[precision] for o in n.output)}
         if graph == "detector.onnx":
             # opset 17's Conv takes no bfloat16 (Conv-22 does): the bf16 variant keeps convolutions in fp32
             assert ("Conv" in low_ops) == (precision == "fp16")
+            # the one policy: bf16 runs the pixel decoder's projections reduced (as the torch backend), fp16 not
+            assert ("MatMul" in pixel_low) == (precision == "bf16")
+
+
+def _sampling_indices(model, types) -> set[int]:
+    from export.reduced_precision import sampling_nodes
+
+    return sampling_nodes(model.graph, types)
 
 
 def test_fp16_variant_agrees_with_fp32_in_onnxruntime(fixture_exports):

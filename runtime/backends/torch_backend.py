@@ -56,9 +56,9 @@ class _HostMaskHead:
 class TorchBackend:
     """Backend over a VitaModel.
 
-    ``dtype`` float16/bfloat16 runs under autocast on CUDA (pixel decoder fp32, as the official code);
-    bfloat16 on a CPU with AVX-512-BF16 or AMX runs a bf16 copy of the detector under the policy of
-    ``vita_train.modeling.precision`` (the caller's model is left in float32).
+    ``dtype`` float16/bfloat16 runs under autocast on CUDA; bfloat16 on a CPU with AVX-512-BF16 or AMX runs a
+    bf16 copy of the detector (the caller's model is left in float32). Both follow the one policy of
+    ``vita_train.modeling.precision`` (fp16 keeps the whole pixel decoder fp32, as the official code).
     """
 
     def __init__(

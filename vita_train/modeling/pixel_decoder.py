@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from .ms_deform_attn import MSDeformAttn
 from .onednn import PackedLinear
 from .position_encoding import sine_position_encoding
+from .precision import pixel_decoder_reduced
 from .transformer_layers import xavier_init
 
 
@@ -48,7 +49,7 @@ class DeformableEncoder(nn.Module):
 
 
 def like_weights(x: Tensor, module: nn.Module) -> Tensor:
-    """``x`` in the dtype of ``module``'s weights: fp32 under CUDA autocast (the official opt-out), float64
+    """``x`` in the dtype of ``module``'s weights: fp32 under autocast (which then casts per op), float64
     for the export reference, bf16 when the detector was cast (``precision.cast_detector``)."""
     return x.to(next(module.parameters()).dtype)
 
@@ -114,7 +115,10 @@ class MSDeformAttnPixelDecoder(nn.Module):
 
     def forward(self, features: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
         """Returns (out /4 before the mask-feature conv, [out /32, out /16, out /8]) in float32 (float64 stays)."""
-        # the official pixel decoder opts out of mixed precision: deformable sampling is fp32-sensitive
+        if pixel_decoder_reduced(features["res2"].device.type):
+            return self._forward(features)  # bf16 inference: the policy keeps only the sensitive parts fp32
+        # otherwise the official opt-out: fp16's range does not hold the pixel decoder, and training follows
+        # the official code
         with torch.autocast(device_type=features["res2"].device.type, enabled=False):
             return self._forward(features)
 

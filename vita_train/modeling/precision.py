@@ -1,21 +1,26 @@
-"""The reduced-precision policy of the per-frame detector, in one place (CPU bf16 inference).
+"""The reduced-precision inference policy of the per-frame detector, in one place.
 
-``cast_detector(model, torch.bfloat16)`` stores the weights of every convolution, linear layer and
-embedding of the detector (backbone, pixel decoder, frame decoder, VITA's mask-feature conv) in bf16;
-activations then flow in bf16 between them. What stays float32:
+One rule for every backend, by dtype:
 
-- normalisations (LayerNorm, GroupNorm, the frozen batch norm): their parameters stay fp32 and the
-  kernels reduce in fp32 (a frozen batch norm is folded into its convolution in fp32, then cast);
-- softmax reduces in fp32 (PyTorch's CPU kernels accumulate bf16 inputs in fp32);
-- deformable sampling positions: reference points plus offsets are added and normalised in fp32, and
-  the bilinear corner weights are computed from them in fp32;
-- position encodings are computed in fp32 and rounded once when added;
-- the frame decoder's attention-mask threshold (sigmoid(x) < 0.5) and every output the runtime reads
-  (frame queries, logits, mask features) are cast back to fp32 by the backend;
-- the VITA token engine (a few % of the time) stays fp32.
+- **bf16** (the CPU torch backend through ``cast_detector``; CUDA autocast; exported ``--precision bf16`` graphs,
+  ``export.reduced_precision``): convolutions, linear layers and embeddings of the backbone, pixel decoder and
+  frame decoder run in bf16; what stays float32:
 
-On CUDA the torch backend uses autocast instead (fp16/bf16), with the pixel decoder in fp32 as in the
-official code; ``export.reduced_precision`` writes the exported graphs' policy.
+  - normalisations (LayerNorm, GroupNorm, the frozen batch norm): their parameters stay fp32 and the
+    kernels reduce in fp32 (a frozen batch norm is folded into its convolution in fp32, then cast);
+  - softmax reduces in fp32;
+  - deformable sampling positions: reference points plus offsets are added and normalised in fp32, and
+    the bilinear corner weights are computed from them in fp32 (the offset projection itself is bf16);
+  - position encodings are computed in fp32 and rounded once when added;
+  - the frame decoder's attention-mask threshold (sigmoid(x) < 0.5) and every output the runtime reads
+    (frame queries, logits, mask features) are fp32 to the runtime;
+  - the VITA token engine (a few % of the time) stays fp32.
+
+- **fp16** (CUDA autocast, exported ``--precision fp16`` graphs): the same, except that the whole pixel decoder
+  stays fp32, as the official code runs it: fp16's range does not hold its activations.
+
+Training under autocast follows the official code whatever the dtype (pixel decoder fp32): the bf16 pixel
+decoder is an inference rule (``pixel_decoder_reduced``).
 """
 
 from __future__ import annotations
@@ -45,3 +50,9 @@ def cast_detector(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 def detector_dtype(model: nn.Module) -> torch.dtype:
     """The dtype the detector computes in: that of its first weight (float32 unless cast)."""
     return next(model.backbone.parameters()).dtype
+
+
+def pixel_decoder_reduced(device_type: str) -> bool:
+    """Whether the pixel decoder runs under the caller's autocast: bf16 inference (no gradients recorded)."""
+    return (torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16
+            and not torch.is_grad_enabled())
