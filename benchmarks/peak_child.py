@@ -13,9 +13,8 @@ import argparse
 import json
 import os
 import sys
-import threading
 import time
-from typing import Optional
+from typing import Any, Optional
 
 from .measure import peak_rss_bytes
 
@@ -51,25 +50,18 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         torch.set_num_threads(args.threads)
     segmenter = runtime.load(args.model, backend=args.backend, device=args.device, dtype=args.dtype)
-    outcome: dict = {}
 
-    def segment() -> None:
+    def segment() -> tuple[Any, float]:
         start = time.perf_counter()
-        try:
-            outcome["result"] = runtime.segment(args.video, segmenter)
-        except BaseException as e:  # raised again on the main thread
-            outcome["error"] = e
-        outcome["seconds"] = time.perf_counter() - start
+        result = runtime.segment(args.video, segmenter)
+        return result, time.perf_counter() - start
 
     if args.segment_on == "worker":
-        worker = threading.Thread(target=segment, name="segment-worker")
-        worker.start()
-        worker.join()
+        from runtime.openmp_team import on_short_lived_thread
+
+        result, seconds = on_short_lived_thread(segment, name="segment-worker")
     else:
-        segment()
-    if "error" in outcome:
-        raise outcome["error"]
-    result, seconds = outcome["result"], outcome["seconds"]
+        result, seconds = segment()
     print(json.dumps({"peak_rss_bytes": peak_rss_bytes(), "frames": result.num_frames, "seconds": seconds}))
     return 0
 
