@@ -11,24 +11,17 @@ from __future__ import annotations
 from typing import Any
 
 from .clip import benchmark_clip
-from .e2e import requested_specs
-from .memory import run_child
+from .memory import child_specs, run_child
 from .progress import bar
 from .record import Column, Record
 from .settings import Settings
-from .workspace import Workspace, available_specs, skipped_note
+from .workspace import Workspace
 
 
 def run(s: Settings, ws: Workspace, rec: Record) -> None:
     """One row per backend/precision: s/frame segmenting on the main thread, on a worker thread, and their ratio."""
     clip = benchmark_clip(s, ws)
-    available, missing = available_specs(ws.device)
-    specs = [x for x in requested_specs(s, ("torch", "onnxruntime")) if not x.compiled]
-    if ws.is_export:
-        specs = [x for x in specs if x.backend != "torch"]
-    for x in [x for x in specs if x not in available]:
-        rec.note(skipped_note(x, missing))
-    specs = [x for x in specs if x in available]
+    specs = child_specs(s, ws, rec)
     table = rec.table(
         "threads", "Segmenting on a worker thread after loading on the main thread",
         [Column("backend", "backend"), Column("precision", "precision"),

@@ -56,6 +56,18 @@ def run_child(s: Settings, ws: Workspace, spec: BackendSpec, clip: Clip,
     return json.loads(proc.stdout.strip().splitlines()[-1]), ""
 
 
+def child_specs(s: Settings, ws: Workspace, rec: Record) -> list[BackendSpec]:
+    """The requested backend/precision rows a fresh child process can run here (eager detector); a note for
+    each one this machine cannot run."""
+    available, missing = available_specs(ws.device)
+    specs = [x for x in requested_specs(s, ("torch", "onnxruntime")) if not x.compiled]
+    if ws.is_export:
+        specs = [x for x in specs if x.backend != "torch"]
+    for x in [x for x in specs if x not in available]:
+        rec.note(skipped_note(x, missing))
+    return [x for x in specs if x in available]
+
+
 def child_peak(s: Settings, ws: Workspace, spec: BackendSpec, clip: Clip) -> tuple[Optional[int], str]:
     """(peak RSS in bytes of a fresh process segmenting ``clip`` with ``spec``, or None; why not, if None)."""
     figures, why = run_child(s, ws, spec, clip)
@@ -65,14 +77,8 @@ def child_peak(s: Settings, ws: Workspace, spec: BackendSpec, clip: Clip) -> tup
 def run(s: Settings, ws: Workspace, rec: Record) -> None:
     """One row per backend/precision: fresh-process peak RSS at each clip length and last / first."""
     clips = _clips(s, ws)
-    available, missing = available_specs(ws.device)
     # a compiled detector changes speed, not what a fresh process holds
-    specs = [x for x in requested_specs(s, ("torch", "onnxruntime")) if not x.compiled]
-    if ws.is_export:
-        specs = [x for x in specs if x.backend != "torch"]
-    for x in [x for x in specs if x not in available]:
-        rec.note(skipped_note(x, missing))
-    specs = [x for x in specs if x in available]
+    specs = child_specs(s, ws, rec)
     columns = [Column("backend", "backend"), Column("precision", "precision")]
     columns += [Column(f"peak_rss_gb_{c.frames}", f"peak RSS, {c.frames} frames (GB)", "memory") for c in clips]
     if len(clips) > 1:

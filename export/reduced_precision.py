@@ -27,7 +27,7 @@ The mixed-precision policy is the torch backend's (``vita_train/modeling/precisi
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import AbstractSet, Any, Iterable, Optional
 
 import numpy as np
 
@@ -97,7 +97,7 @@ def sampling_nodes(graph: Any, types: dict[str, int]) -> set[int]:
 
 
 def keeps_fp32(node: Any, consumers: dict[str, list[Any]], scopes: Iterable[str] = KEEP_FP32_SCOPES,
-               sampling: frozenset[int] | set[int] = frozenset()) -> bool:
+               sampling: AbstractSet[int] = frozenset()) -> bool:
     """Whether the policy keeps ``node`` in fp32 (see the module docstring); ``sampling``: the ids of the nodes
     sampling_nodes() finds."""
     if node.op_type not in REDUCED_OPS or any(scope in node.name for scope in scopes) or id(node) in sampling:

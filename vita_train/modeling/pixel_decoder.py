@@ -114,7 +114,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.conv_dim = conv_dim
 
     def forward(self, features: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
-        """Returns (out /4 before the mask-feature conv, [out /32, out /16, out /8]) in float32 (float64 stays)."""
+        """Returns (out /4 before the mask-feature conv, [out /32, out /16, out /8]): float32, or bf16 where the
+        policy runs it in bf16 (a cast detector, bf16 autocast inference); float64 stays."""
         if pixel_decoder_reduced(features["res2"].device.type):
             return self._forward(features)  # bf16 inference: the policy keeps only the sensitive parts fp32
         # otherwise the official opt-out: fp16's range does not hold the pixel decoder, and training follows
