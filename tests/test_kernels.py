@@ -344,3 +344,23 @@ def test_runtime_options_choose_kernels_and_token_dtype():
     assert abs(reduced.instances[0].score - base.instances[0].score) <= 0.02
     with pytest.raises(ValueError, match="token_dtype"):
         runtime.load(official_case.ckpt, device="cpu", token_dtype="int8")
+
+
+@needs_triton
+def test_bf16_autocast_runs_the_pixel_decoder_through_triton_close_to_fp32():
+    """The CUDA bf16 policy path: autocast bf16 inference with the Triton deformable attention (a bf16 value
+    table, fp32 positions and weights) against fp32 with the reference kernels."""
+    from vita_train import VitaModel, preset
+
+    torch.manual_seed(0)
+    model = VitaModel(preset("vita_tiny")).eval().to(triton_device)
+    frames = (torch.rand(1, 3, 64, 96) * 255).to(triton_device)
+    with torch.no_grad():
+        model.set_kernels("reference")
+        ref = model.detect(frames).mask_features.float()
+        model.set_kernels("triton")
+        with torch.autocast(triton_device, dtype=torch.bfloat16):
+            out = model.detect(frames).mask_features
+    assert out.dtype == torch.bfloat16
+    # bf16 keeps 8 bits: measured 0.9% of the largest feature under the interpreter
+    assert (out.float() - ref).abs().max() <= 0.03 * ref.abs().max()
