@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "kernels": ("benchmarks.kernel_suite", "Fast kernels against their references"),
     "memory": ("benchmarks.memory", "Peak memory of a fresh process, in video length"),
     "threads": ("benchmarks.caller_thread", "Segmenting on a worker thread"),
+    "precision": ("benchmarks.precision_suite", "bf16 against fp32, beside fp32 against itself"),
 }
 
 

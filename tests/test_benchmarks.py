@@ -21,7 +21,7 @@ from runtime.backends import onnxruntime_kernels
 REPO = Path(__file__).resolve().parents[1]
 POSITIVE = ("time", "memory", "rate", "ratio", "frames")
 NON_NEGATIVE = ("error", "score", "count")
-SUITE = ("e2e", "detector", "tokens", "maxframes", "prune", "backends", "kernels", "memory", "threads")
+SUITE = ("e2e", "detector", "tokens", "maxframes", "prune", "backends", "kernels", "memory", "threads", "precision")
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +146,10 @@ def test_headline_figures_are_present(quick_run: Path):
     rows = {(r["backend"], r["precision"]): r for r in threads["tables"][0]["rows"]}
     assert set(rows) == {("torch", "fp32"), ("onnxruntime", "fp32")}
     assert all(r["s_per_frame_main"] and r["s_per_frame_worker"] and r["worker_vs_main"] for r in rows.values())
+    precision = load_record(quick_run / "precision.json")
+    compared = [r["compared"] for r in precision["tables"][0]["rows"]]
+    assert len(compared) == 1 + 2 * 3 and compared[0].startswith("bf16")  # this CPU has bf16 (asserted above)
+    assert all(0 <= r["min_iou"] <= r["mean_iou"] <= 1 for r in precision["tables"][0]["rows"])
     kernels = load_record(quick_run / "kernels.json")
     if not kernels["tables"]:
         assert any("kernels/ not present yet" in n for n in kernels["notes"])

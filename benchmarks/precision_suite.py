@@ -1,0 +1,107 @@
+"""``precision``: how far bf16 lands from fp32, beside how far fp32 lands from itself under a tiny change.
+
+For each model (the benchmark's checkpoint on its clip, and each official fixture's checkpoint on its frames
+where ``../shared`` is beside the repository) the torch backend segments the video in fp32, then:
+
+- in bf16 (where the CPU has it; CUDA autocast on a GPU): the precision policy's distance from fp32;
+- in fp32 with the backbone's weights scaled by ``1 + eps * N(0, 1)`` (eps 1e-5, and 1e-3, a little under the
+  1.7e-3 rms of rounding a weight to bf16; seeds 0, 1, 2): how far the fp32 result itself moves under such a
+  change (bf16 also rounds every other weight and every activation).
+
+Each is matched to the fp32 result instance by instance (``benchmarks.agreement``: mean and minimum video
+mask IoU, labels that differ, score differences). Where the perturbed fp32 rows already disagree about as much
+as bf16, the model's top-k sits on near-ties that no reduced precision can hold.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from .agreement import agreement
+from .clip import benchmark_clip
+from .progress import bar
+from .record import Column, Record
+from .settings import Settings
+from .workspace import Workspace
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO.parent / "shared" / "fixtures" / "official"
+PERTURBATIONS = (1e-5, 1e-3)
+SEEDS = (0, 1, 2)
+
+
+def _models(s: Settings, ws: Workspace) -> list[tuple[str, Path, Any]]:
+    """(label, checkpoint, video) for the benchmark's own model and clip, then every official fixture here."""
+    clip = benchmark_clip(s, ws)
+    weights = "its checkpoint" if ws.model_path else "random weights"
+    models = [(f"{ws.config.name}, {weights}, {clip.description}", ws.checkpoint(), str(clip.video))]
+    if s.model is None and not s.quick and FIXTURES.is_dir():
+        for case in sorted(p for p in FIXTURES.iterdir() if (p / "model_final.pth").is_file()):
+            frames = np.load(case / "frames.npy")
+            models.append((f"official fixture {case.name}, its {len(frames)} frames", case / "model_final.pth", frames))
+    return models
+
+
+def _perturb_backbone(eps: float, seed: int) -> Callable[[Any], None]:
+    def apply(model: Any) -> None:
+        import torch
+
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.backbone.parameters():
+                if p.is_floating_point():
+                    p.mul_(1 + eps * torch.randn(p.shape, generator=g).to(p.dtype))
+    return apply
+
+
+def _row(model: str, compared: str, reference: Any, other: Any) -> dict[str, Any]:
+    a = agreement(reference, other)
+    ref_labels, other_labels = Counter(i.label for i in reference.instances), Counter(i.label for i in other.instances)
+    return {"model": model, "compared": compared, "mean_iou": a["mean_iou"], "min_iou": a["min_iou"],
+            "labels_differing": sum((ref_labels - other_labels).values()),
+            "score_diff": a["score_diff"], "max_score_diff": a["max_score_diff"]}
+
+
+def run(s: Settings, ws: Workspace, rec: Record) -> None:
+    """One row per model and comparison against that model's fp32 result."""
+    import runtime
+
+    if ws.is_export:
+        rec.note("precision skipped: it runs the torch backend, which needs a checkpoint (--model FILE)")
+        return
+    device = ws.device
+    if device.startswith("cuda"):
+        low: Optional[str] = "bfloat16"
+    else:
+        from vita_train.modeling.precision import bf16_supported
+
+        low = "bfloat16" if bf16_supported() else None
+        if low is None:
+            rec.note("bf16 rows skipped: this CPU has neither AVX-512-BF16 nor AMX")
+    table = rec.table(
+        "precision", "Against the fp32 result of the same model: bf16, and fp32 with its backbone weights perturbed",
+        [Column("model", "model and video"), Column("compared", "compared with fp32"),
+         Column("mean_iou", "mean matched mask IoU", "score"), Column("min_iou", "min matched mask IoU", "score"),
+         Column("labels_differing", "labels differing", "count"),
+         Column("score_diff", "mean score difference", "error"),
+         Column("max_score_diff", "largest score difference", "error")],
+        keys=("model", "compared"),
+        caption=(f"{device}, {s.threads} threads; torch backend, default settings; instances matched one to one by "
+                 "video mask IoU (an unmatched one counts 0). Perturbed rows: every backbone weight times "
+                 "1 + eps N(0, 1) (rounding to bf16 moves a weight by up to 2^-8 = 3.9e-3 of itself, 1.7e-3 rms)."),
+    )
+    for label, ckpt, video in bar(_models(s, ws), s.progress, desc="precision"):
+        fp32 = runtime.load(ckpt, device=device).segment(video)
+        if low is not None:
+            rec.add(table, _row(label, "bf16 (the precision policy)",
+                                fp32, runtime.load(ckpt, device=device, dtype=low).segment(video)))
+        for eps in PERTURBATIONS:
+            for seed in SEEDS:
+                seg = runtime.load(ckpt, device=device)
+                _perturb_backbone(eps, seed)(seg.backend.model)
+                rec.add(table, _row(label, f"fp32, backbone weights x (1 + {eps:g} N(0, 1)), seed {seed}", fp32,
+                                    seg.segment(video)))
