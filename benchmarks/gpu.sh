@@ -62,6 +62,7 @@ step "$PY" -m benchmarks backends "${COMMON[@]}"
 step "$PY" -m benchmarks kernels "${COMMON[@]}"
 step "$PY" -m benchmarks memory "${BACKENDS[@]}" "${PRECISIONS[@]}" "${COMMON[@]}"
 step "$PY" -m benchmarks threads "${BACKENDS[@]}" "${PRECISIONS[@]}" "${COMMON[@]}"
+step "$PY" -m benchmarks precision "${COMMON[@]}"
 if [[ $HAVE_TRT == 1 ]]; then
     if "$PY" -c 'import benchmarks.trt_check' 2>/dev/null; then
         step "$PY" -m benchmarks.trt_check --out "$OUT"
