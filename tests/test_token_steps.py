@@ -207,3 +207,16 @@ def test_cpu_sessions_share_one_memory_arena_and_flush_denormals(tiny):
         assert options.enable_cpu_mem_arena
         assert options.get_session_config_entry("session.use_env_allocators") == "1"
         assert options.get_session_config_entry("session.set_denormal_as_zero") == "1"
+
+
+def test_step_graph_threads_sleep_between_calls_and_the_detectors_spin(tiny):
+    """The step sessions' pools are called one after another: spinning, each competed for the cores with the
+    next (full size: token engine 18-20 -> 12.5 ms/frame); the detector's one long call keeps spinning."""
+    _, out = tiny
+    backend = runtime.load(out, backend="onnxruntime").backend
+    steps = backend.steps
+    spin = "session.intra_op.allow_spinning"
+    for session in [*steps.encode, *steps.attend, *steps.decode]:
+        assert session.get_session_options().get_session_config_entry(spin) == "0"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # onnxruntime's default: spinning
+        backend.detector.get_session_options().get_session_config_entry(spin)
