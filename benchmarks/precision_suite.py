@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +26,7 @@ from .clip import benchmark_clip
 from .progress import bar
 from .record import Column, Record
 from .settings import Settings
-from .workspace import Workspace
+from .workspace import PRECISIONS, BackendSpec, Workspace, available_specs, skipped_note
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures" / "official"
@@ -46,16 +46,15 @@ def _models(s: Settings, ws: Workspace) -> list[tuple[str, Path, Any]]:
     return models
 
 
-def _perturb_backbone(eps: float, seed: int) -> Callable[[Any], None]:
-    def apply(model: Any) -> None:
-        import torch
+def _perturb_backbone(model: Any, eps: float, seed: int) -> None:
+    """Scale every backbone weight of ``model`` by 1 + eps N(0, 1), in place."""
+    import torch
 
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in model.backbone.parameters():
-                if p.is_floating_point():
-                    p.mul_(1 + eps * torch.randn(p.shape, generator=g).to(p.dtype))
-    return apply
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            if p.is_floating_point():
+                p.mul_(1 + eps * torch.randn(p.shape, generator=g).to(p.dtype))
 
 
 def _row(model: str, compared: str, reference: Any, other: Any) -> dict[str, Any]:
@@ -74,14 +73,10 @@ def run(s: Settings, ws: Workspace, rec: Record) -> None:
         rec.note("precision skipped: it runs the torch backend, which needs a checkpoint (--model FILE)")
         return
     device = ws.device
-    if device.startswith("cuda"):
-        low: Optional[str] = "bfloat16"
-    else:
-        from vita_train.modeling.precision import bf16_supported
-
-        low = "bfloat16" if bf16_supported() else None
-        if low is None:
-            rec.note("bf16 rows skipped: this CPU has neither AVX-512-BF16 nor AMX")
+    available, missing = available_specs(device)
+    bf16 = BackendSpec("torch", "bf16")
+    if bf16 not in available:
+        rec.note(skipped_note(bf16, missing))
     table = rec.table(
         "precision", "Against the fp32 result of the same model: bf16, and fp32 with its backbone weights perturbed",
         [Column("model", "model and video"), Column("compared", "compared with fp32"),
@@ -96,12 +91,12 @@ def run(s: Settings, ws: Workspace, rec: Record) -> None:
     )
     for label, ckpt, video in bar(_models(s, ws), s.progress, desc="precision"):
         fp32 = runtime.load(ckpt, device=device).segment(video)
-        if low is not None:
+        if bf16 in available:
             rec.add(table, _row(label, "bf16 (the precision policy)",
-                                fp32, runtime.load(ckpt, device=device, dtype=low).segment(video)))
+                                fp32, runtime.load(ckpt, device=device, dtype=PRECISIONS["bf16"]).segment(video)))
         for eps in PERTURBATIONS:
             for seed in SEEDS:
                 seg = runtime.load(ckpt, device=device)
-                _perturb_backbone(eps, seed)(seg.backend.model)
+                _perturb_backbone(seg.backend.model, eps, seed)
                 rec.add(table, _row(label, f"fp32, backbone weights x (1 + {eps:g} N(0, 1)), seed {seed}", fp32,
                                     seg.segment(video)))

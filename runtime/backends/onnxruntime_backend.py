@@ -57,6 +57,11 @@ def resolve_providers(device: Optional[str], providers: Optional[Sequence[str]])
 CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
 
+# session config keys (onnxruntime_session_options_config_keys.h)
+ENV_ALLOCATORS = "session.use_env_allocators"
+ALLOW_SPINNING = "session.intra_op.allow_spinning"
+
+
 def _session(path: Path, options: Any, providers: list[str]) -> Any:
     import onnxruntime as ort
 
@@ -81,7 +86,7 @@ def share_cpu_arena(options: Any) -> bool:
     try:
         info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
         ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))  # 0/-1: onnxruntime's defaults
-        options.add_session_config_entry("session.use_env_allocators", "1")
+        options.add_session_config_entry(ENV_ALLOCATORS, "1")
     except (AttributeError, RuntimeError) as e:  # an onnxruntime without process-wide allocators
         log.debug("onnxruntime cannot share one CPU arena between sessions (%s)", e)
         return False
@@ -102,12 +107,12 @@ def _step_options(options: Any, flush_denormals: bool, shared_arena: bool) -> An
     steps = ort.SessionOptions()
     steps.intra_op_num_threads = options.intra_op_num_threads
     if shared_arena:
-        steps.add_session_config_entry("session.use_env_allocators", "1")
+        steps.add_session_config_entry(ENV_ALLOCATORS, "1")
     else:
         steps.enable_cpu_mem_arena = False
     if flush_denormals:
         steps.add_session_config_entry(ORT_DENORMAL_AS_ZERO, "1")
-    steps.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    steps.add_session_config_entry(ALLOW_SPINNING, "0")
     return steps
 
 
