@@ -50,3 +50,27 @@ def test_a_wrong_resize_is_caught():
     finally:
         dec._resize_features = original
     assert any(not torch.equal(w[1], f[1]) for w, f in zip(wrong_seen, full_seen))
+
+
+def test_cached_position_encodings_equal_fresh_ones_per_size_and_dtype():
+    """A decoder run twice, and on a second frame size, gives what it gives with the encodings recomputed."""
+    from vita_train.modeling.position_encoding import SinePositionCache, sine_position_encoding
+
+    cache = SinePositionCache(32, max_entries=2)
+    small, large = torch.randn(1, 8, 5, 7), torch.randn(2, 8, 9, 4)
+    for x, dtype in [(small, None), (large, None), (small, None), (small, torch.bfloat16), (large, None)]:
+        fresh = sine_position_encoding(x, 32).flatten(2).transpose(1, 2)
+        got = cache.tokens(x, dtype)
+        assert got.shape == (1, x.shape[-2] * x.shape[-1], 64)
+        assert torch.equal(got, fresh if dtype is None else fresh.to(dtype))
+    assert len(cache._entries) == 2  # bounded: the oldest size is dropped
+    assert cache.tokens(small.double()).dtype == torch.float64  # the float64 reference keeps float64
+
+    dec, features, mask_features = _decoder_and_inputs(0)
+    first, _ = _observed(dec, features, mask_features, with_masks=False)
+    again, _ = _observed(dec, features, mask_features, with_masks=False)
+    dec.position_cache.max_entries = 0  # recomputed on every call
+    fresh, _ = _observed(dec, features, mask_features, with_masks=False)
+    for out in (again, fresh):
+        assert torch.equal(out.frame_queries[-1], first.frame_queries[-1])
+        assert torch.equal(out.pred_logits[-1], first.pred_logits[-1])

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .position_encoding import sine_position_encoding
+from .position_encoding import SinePositionCache
 from .transformer_layers import MLP, CrossAttentionLayer, FFNLayer, SelfAttentionLayer
 
 
@@ -74,6 +74,7 @@ class MaskedAttentionDecoder(nn.Module):
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
         self.hidden_dim = hidden_dim
         self.attn_mask_threshold = AttentionMaskThreshold()
+        self.position_cache = SinePositionCache(hidden_dim // 2)
 
     def _heads(
         self, output: Tensor, mask_features: Tensor, size: tuple[int, int] | None, want_mask: bool,
@@ -114,7 +115,7 @@ class MaskedAttentionDecoder(nn.Module):
         srcs, poss, sizes = [], [], []
         for i, x in enumerate(features):
             sizes.append((x.shape[-2], x.shape[-1]))
-            poss.append(sine_position_encoding(x, self.hidden_dim // 2).flatten(2).transpose(1, 2).to(x.dtype))
+            poss.append(self.position_cache.tokens(x, x.dtype))
             srcs.append(x.flatten(2).transpose(1, 2) + self.level_embed.weight[i].view(1, 1, -1))
         b = features[0].shape[0]
         query_pos = self.query_embed.weight.unsqueeze(0).expand(b, -1, -1)

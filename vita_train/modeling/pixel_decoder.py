@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .ms_deform_attn import MSDeformAttn
 from .onednn import PackedLinear
-from .position_encoding import sine_position_encoding
+from .position_encoding import SinePositionCache
 from .precision import pixel_decoder_reduced
 from .transformer_layers import xavier_init
 
@@ -112,6 +112,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.layer_1 = ConvGN(conv_dim, conv_dim, 3, norm_groups, relu=True)
         self.mask_features = nn.Conv2d(conv_dim, mask_dim, 1)
         self.conv_dim = conv_dim
+        self.position_cache = SinePositionCache(conv_dim // 2)
 
     def forward(self, features: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
         """Returns (out /4 before the mask-feature conv, [out /32, out /16, out /8]): float32, or bf16 where the
@@ -130,7 +131,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             src = self.input_proj[lvl](x)
             shapes.append((src.shape[-2], src.shape[-1]))
             srcs.append(src.flatten(2).transpose(1, 2))
-            p = sine_position_encoding(x, self.conv_dim // 2).flatten(2).transpose(1, 2)
+            p = self.position_cache.tokens(x)
             pos.append((p + self.transformer.level_embed[lvl].view(1, 1, -1)).to(x.dtype))
         src = torch.cat(srcs, 1)
         pos_all = torch.cat(pos, 1)

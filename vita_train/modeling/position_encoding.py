@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -31,3 +33,36 @@ def sine_position_encoding(feature: Tensor, num_pos_feats: int, temperature: flo
     pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
     pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
     return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
+
+
+class SinePositionCache:
+    """Sine encodings as (1, H*W, 2*num_pos_feats) tokens, computed once per feature-map size and dtype.
+
+    The encoding depends on the map's size alone, yet recomputing it took 3.5 ms per frame in each decoder
+    (full-size R-50, 360x640, 2-core Xeon; 1.4% of the fp32 detector, 2.6% of the bf16 one). Traced,
+    exported and compiled runs compute it in the graph instead, where the size may be symbolic. Callers
+    must not modify the returned tensor in place.
+    """
+
+    def __init__(self, num_pos_feats: int, max_entries: int = 16) -> None:
+        self.num_pos_feats = num_pos_feats
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple, Tensor] = OrderedDict()
+
+    def tokens(self, feature: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """The encoding of ``feature`` (N, C, H, W) as (1, H*W, 2*num_pos_feats), cast to ``dtype`` if given."""
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return self._compute(feature, dtype)
+        key = (*feature.shape[-2:], feature.device, feature.dtype == torch.float64, dtype)
+        hit = self._entries.get(key)
+        if hit is None:
+            hit = self._entries[key] = self._compute(feature, dtype)
+            if len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        else:
+            self._entries.move_to_end(key)
+        return hit
+
+    def _compute(self, feature: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
+        p = sine_position_encoding(feature, self.num_pos_feats).flatten(2).transpose(1, 2)
+        return p if dtype is None else p.to(dtype)
