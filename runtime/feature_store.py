@@ -3,7 +3,7 @@
 auto: on the device while they fit its budget, then in host memory while they fit the host budget, then
 in a temporary file (memory stays flat in video length), and only if that file cannot be written, dropped
 for a second (recompute) pass. Host and file hold what ``backend.to_host`` gives: float16 for features
-leaving a GPU or computed in reduced precision, float32 (exact) in a float32 CPU run.
+leaving a GPU, the features exactly in a CPU run (float32, or a bf16 run's bits).
 device / host / disk / recompute force one place.
 """
 

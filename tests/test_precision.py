@@ -119,6 +119,31 @@ def test_bf16_cast_keeps_norms_fp32_and_leaves_the_callers_model_alone():
 
 
 @needs_bf16
+def test_bf16_mask_features_reach_the_mask_head_exactly(tmp_path):
+    """A bf16 CPU run keeps its mask features bit for bit through host memory and the disk spool (no float16
+    step: values below float16's normal range or above its largest survive)."""
+    from runtime.spool import ArraySpool
+
+    backend = TorchBackend(VitaModel(preset("vita_tiny")).eval(), device="cpu", dtype="bfloat16")
+    features = torch.randn(3, 16, 5, 7).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    features[0, 0, 0, :3] = torch.tensor([1e-6, 3e5, -1e-30], dtype=torch.bfloat16)
+    host = backend.to_host(features)
+    spool = ArraySpool(prefix="vita-test-", directory=str(tmp_path))
+    try:
+        spool.append(host[:2])
+        spool.append(host[2:])
+        spool.flush()
+        spooled = np.concatenate(list(spool.chunks(1)))
+    finally:
+        spool.close()
+    for stored in (host, spooled):
+        back = backend.from_host(stored)
+        assert back.dtype == torch.float32 and back.shape == features.shape
+        assert torch.equal(back, features.float())
+    assert not torch.equal(features.float().half().float(), features.float())  # float16 would have lost them
+
+
+@needs_bf16
 def test_bf16_on_cpu_agrees_with_fp32_on_the_official_fixtures(official_case):
     fp32 = runtime.load(official_case.ckpt, device="cpu").segment(official_case.frames)
     bf16 = runtime.load(official_case.ckpt, device="cpu", dtype="bfloat16").segment(official_case.frames)

@@ -79,9 +79,9 @@ class Backend(Protocol):
         """Concatenate along the first axis."""
 
     def to_host(self, features: Any) -> np.ndarray:
-        """Features to host memory: float16 when they leave a GPU (or were computed in reduced precision),
-        float32 as they are for a float32 CPU run (exact; the disk spool then bounds memory). Frames along the
-        first axis; the rest of the layout is the backend's own (the torch backend's is channels-last)."""
+        """Features to host memory: float16 when they leave a GPU, as they are for a CPU run (float32, or a
+        bf16 run's bits as int16; exact either way, the disk spool then bounds memory). Frames along the first
+        axis; the rest of the layout and the dtype are the backend's own (``from_host`` reads them back)."""
 
     def from_host(self, features: np.ndarray) -> Any:
         """Host features back to the backend's compute type."""

@@ -154,12 +154,20 @@ class TorchBackend:
         # host arrays are (B, h, w, D): the CPU detector's channels-last features are that in memory already,
         # so storing them is a plain copy, not a transpose (which cost as much as writing them to disk)
         features = features.permute(0, 2, 3, 1)
-        if not self.device.startswith("cuda") and self.dtype == "float32":
-            return features.numpy()  # exact: a float32 CPU run keeps its features bit for bit
+        if not self.device.startswith("cuda"):
+            if features.dtype == torch.float32:
+                return features.numpy()  # exact: a float32 CPU run keeps its features bit for bit
+            if features.dtype == torch.bfloat16:
+                # the bf16 bits as they are (numpy has no bfloat16): exact, and no float16 conversion each
+                # way, which cost 4.4 ms a frame (full-size R-50, 360x640, 2-core Xeon)
+                return features.contiguous().view(torch.int16).numpy()
         return features.to(torch.float16).cpu().numpy()
 
     def from_host(self, features: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(features).to(self.device).float().permute(0, 3, 1, 2)
+        host = torch.from_numpy(features)
+        if host.dtype == torch.int16:  # bf16 bits (to_host)
+            host = host.view(torch.bfloat16)
+        return host.to(self.device).float().permute(0, 3, 1, 2)
 
     def nbytes(self, features: torch.Tensor) -> int:
         return features.numel() * features.element_size()
