@@ -71,8 +71,11 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]
     return out, lse
 
 
-class PackedLinear:
+class MklPackedLinear:
     """``F.linear`` through MKL's packed GEMM: each weight is packed once per row count and reused.
+
+    For the token engine, which runs its layers' weights as plain parameters over row blocks; the detector's
+    layers are ``vita_train.modeling.onednn.PackedLinear`` modules (one oneDNN pack each, fp32 and bf16).
 
     Blocks of a few hundred rows make the weights' repacking (what a plain GEMM call does every time) a
     large part of the cost; measured here, packed blocks of 512-1024 rows ran at the 2048^3 matmul rate

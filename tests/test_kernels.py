@@ -185,7 +185,7 @@ def test_attention_with_lse_combines_chunks_exactly(mode):
 def test_packed_linear_is_linear(rows):
     g = torch.Generator().manual_seed(rows)
     x, w, b = torch.randn(rows, 256, generator=g), torch.randn(384, 256, generator=g), torch.randn(384, generator=g)
-    linear = cpu.PackedLinear()
+    linear = cpu.MklPackedLinear()
     for _ in range(2):  # the second call reuses the pack
         assert (linear(x, w, b) - torch.nn.functional.linear(x, w, b)).abs().max() <= 1e-4
     assert (linear(x[::2], w, b) - torch.nn.functional.linear(x[::2], w, b)).abs().max() <= 1e-4

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels import attention_with_lse, check_mode, window_attention
-from kernels.cpu import PackedLinear
+from kernels.cpu import MklPackedLinear
 
 from .transformer_layers import MLP, CrossAttentionLayer, FFNLayer, SelfAttentionLayer
 
@@ -179,7 +179,7 @@ class VitaModule(nn.Module):
         return ffn(layer.norm(seq + out)).view(b, f, n, c)
 
     def _encoder_chunk_into(
-        self, i: int, rows: Tensor, n: int, first_frame: int, w: int, shifted: bool, linear: PackedLinear
+        self, i: int, rows: Tensor, n: int, first_frame: int, w: int, shifted: bool, linear: MklPackedLinear
     ) -> None:
         """Encoder layer i overwriting ``rows`` (F*N, C), N tokens a frame: the whole windows of frames [first_frame, ...).
 
@@ -211,7 +211,7 @@ class VitaModule(nn.Module):
             layer_shifted = shifted and i % 2 == 1
             chunks = self._chunks(t, n, w, layer_shifted)
             # this layer's weights packed for a full chunk and an FFN block (edge chunks run plain GEMMs)
-            linear = PackedLinear(rows={max(b - a for a, b in chunks) * n, self.ffn_rows})
+            linear = MklPackedLinear(rows={max(b - a for a, b in chunks) * n, self.ffn_rows})
             for a, b in chunks:
                 for item in x:  # (T, N, C), contiguous: its frames [a, b) are contiguous rows
                     self._encoder_chunk_into(i, item[a:b].view(-1, c), n, a, w, layer_shifted, linear)
