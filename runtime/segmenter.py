@@ -73,7 +73,8 @@ def load(
         raise ModelPathError(f"model path {path} does not exist")
     opts = SegmentOptions().updated(**options)
     kind = _backend_for(path, backend)
-    if kind != "tensorrt" and not (device or "cpu").startswith("cuda"):
+    on_cpu = kind != "tensorrt" and not (device or "cpu").startswith("cuda")
+    if on_cpu:
         # before any model is built and any worker thread allocates: malloc's settings (one arena among them)
         # hold for every block from then on (runtime/host_memory.py)
         keep_freed_memory()
@@ -95,7 +96,7 @@ def load(
                                token_dtype=opts.token_dtype, compile=opts.compile)
         return Segmenter(backend, opts)
 
-    if (device or "cpu").startswith("cuda"):
+    if not on_cpu:
         return build()
     # on the CPU the load's parallel work leaves the caller's thread no OpenMP team (runtime/openmp_team.py)
     return on_short_lived_thread(build)
