@@ -61,9 +61,11 @@ def _library() -> bool:
     return True
 
 
+# torch.compile takes the answer as a constant of the graph it builds, instead of tracing into the cached loader
+@torch.compiler.assume_constant_result
 def available() -> bool:
     """True when the compiled CPU kernels are loaded (building them on the first call) and not turned off
-    with ``VITA_NATIVE_KERNELS=0`` (read at every call)."""
+    with ``VITA_NATIVE_KERNELS=0`` (read at every eager call; a compiled graph keeps what it saw)."""
     if os.environ.get("VITA_NATIVE_KERNELS", "1") == "0":
         return False
     return _library()
