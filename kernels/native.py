@@ -58,7 +58,23 @@ def _library() -> bool:
                         "Install a C++ compiler and ninja (pip install ninja) for them, or set VITA_NATIVE_KERNELS=0 "
                         "to skip the build.", type(e).__name__, lines[-1] if lines else "")
             return False
+    _register_shapes()
     return True
+
+
+def _register_shapes() -> None:
+    """The op's output shape for torch.compile: without it every deformable-attention call broke the graph,
+    and the encoder's loop of them ran eagerly."""
+    try:
+        torch.library.register_fake("vita_kernels::msda_fused")(_msda_fused_shape)
+    except RuntimeError as e:  # registered already (the library was loaded before, in this process)
+        log.debug("msda_fused's fake kernel: %s", e)
+
+
+def _msda_fused_shape(value: Tensor, shapes: list[int], refs: Tensor, offsets: Tensor, logits: Tensor,
+                      levels: int, points: int) -> Tensor:
+    """What ``msda_fused`` returns, without computing it: (N, Lq, heads * D) in the value's dtype."""
+    return value.new_empty((value.shape[0], offsets.shape[1], value.shape[2] * value.shape[3]))
 
 
 # torch.compile takes the answer as a constant of the graph it builds, instead of tracing into the cached loader

@@ -29,3 +29,19 @@ def test_compiled_detector_matches_eager_and_pads_a_short_last_batch(tmp_path, m
             a, b = getattr(got, name), getattr(want, name)
             assert a.shape == b.shape, name
             assert (a - b).abs().max() <= 1e-4 * max(1.0, b.abs().max().item()), name
+
+
+def test_the_detector_compiles_as_one_graph():
+    """No graph breaks: the compiled deformable-attention operator has a fake kernel for the compiler (without
+    it, each encoder layer broke the graph and the encoder's loop ran eagerly)."""
+    from kernels import native
+
+    if not native.available():
+        pytest.skip("the compiled CPU kernels are not built here (no C++ compiler or VITA_NATIVE_KERNELS=0)")
+    torch.manual_seed(0)
+    model = VitaModel(preset("vita_tiny")).eval()
+    frames = torch.randint(0, 256, (1, 3, 64, 96), dtype=torch.uint8)
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model.detect)(frames)
+    assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
+    assert explained.graph_count == 1
