@@ -47,6 +47,21 @@ def test_onnxruntime_backend_matches_official(official_case, exported):
     match_official(result, official_case)
 
 
+def test_cpu_detector_fixed_at_one_frame_still_takes_any_batch(exported):
+    """The CPU session is specialised to the default one frame per call; other batch sizes give the same result."""
+    case = OfficialCase(OFFICIAL_CASES[0])
+    seg = runtime.load(exported(case))
+    assert seg.backend.fixed_batch == 1
+    one = runtime.segment(case.frames, seg)
+    # 3 frames a call, and a shorter last call when the frame count is not a multiple of 3
+    three = runtime.segment(case.frames, seg, batch_size=3)
+    assert len(case.frames) % 3
+    assert [i.label for i in three.instances] == [i.label for i in one.instances]
+    assert [i.score for i in three.instances] == pytest.approx([i.score for i in one.instances], abs=1e-6)
+    for a, b in zip(one.instances, three.instances):
+        assert all(np.array_equal(a.mask(t), b.mask(t)) for t in range(one.num_frames))
+
+
 def test_graph_inputs_outputs_and_dynamic_axes(exported):
     import onnx
 

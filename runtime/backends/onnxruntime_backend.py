@@ -60,6 +60,8 @@ CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 # session config keys (onnxruntime_session_options_config_keys.h)
 ENV_ALLOCATORS = "session.use_env_allocators"
 ALLOW_SPINNING = "session.intra_op.allow_spinning"
+# the detector graph's symbolic batch dimension (export/exporter.py names it)
+BATCH_DIM = "batch"
 
 
 def _session(path: Path, options: Any, providers: list[str]) -> Any:
@@ -127,31 +129,33 @@ class OnnxRuntimeBackend:
         providers: Optional[Sequence[str]] = None,
         threads: Optional[int] = None,
     ) -> None:
-        import onnxruntime as ort
-
         self.meta = meta
         self.config = ModelConfig.from_dict(meta["model_config"])
         self.providers = resolve_providers(device, providers)
         self.device = "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
         self.fixed_size = tuple(meta["preprocessing"]["fixed_size"] or ()) or None
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
         self.threads = threads or usable_cpus()  # the mask kernel's threads: ONNX Runtime's own default otherwise
-        self.fused_msda = False
-        self.flush_denormals, shared_arena = self.providers == ["CPUExecutionProvider"], False
+        self._intra_threads = threads
+        self.flush_denormals = self.providers == ["CPUExecutionProvider"]
+        self.fused_msda = self._shared_arena = False
         if self.flush_denormals:
             # the numpy mask head frees tens of MB per call: keep them mapped
             keep_freed_memory()
-            # masked attention's softmax over -inf keys ran several times slower on denormals
-            # (runtime/float_env.py): flushed on the pool threads here, on the calling thread around each call
-            options.add_session_config_entry(ORT_DENORMAL_AS_ZERO, "1")
-            # the deformable-attention nodes as one compiled kernel (else their standard-op function body)
-            self.fused_msda = onnxruntime_kernels.register(options)
-            shared_arena = share_cpu_arena(options)
+        options = self._options()
+        if self.flush_denormals:
+            self._shared_arena = share_cpu_arena(options)
         # the step graphs share the detector's arena where they can, else they run without one
-        step_options = _step_options(options, self.flush_denormals, shared_arena)
-        self.detector = _session(Path(export_dir) / DETECTOR_FILE, options, self.providers)
+        step_options = _step_options(options, self.flush_denormals, self._shared_arena)
+        self._detector_path = Path(export_dir) / DETECTOR_FILE
+        # The CPU runs one frame per detector call (base.default_batch_size): a session whose batch dimension is
+        # fixed at 1 plans its layouts and shapes once, at load (full-size R-50 at 360x640, 2-core Xeon, session 13,
+        # interleaved: 586 vs 602 ms a frame with the dynamic-size export, 567 vs 589 with a fixed-size one; the
+        # outputs equal bit for bit). Another batch size gets a session without the fixed batch when first asked for.
+        self.fixed_batch: Optional[int] = 1 if self.flush_denormals else None
+        if self.fixed_batch is not None:
+            options.add_free_dimension_override_by_name(BATCH_DIM, self.fixed_batch)
+        self.detector = _session(self._detector_path, options, self.providers)
+        self._any_batch_detector: Optional[Any] = None
         self.tokens: Optional[Any] = None
         self.steps: Optional[TokenSteps] = None
         files = token_step_files(Path(export_dir), meta)
@@ -161,9 +165,36 @@ class OnnxRuntimeBackend:
                 "so memory grows with the video's length (about 5 MB a frame at full size); export the model again "
                 "for memory that stays flat", export_dir,
             )
-            self.tokens = _session(Path(export_dir) / TOKENS_FILE, options, self.providers)
+            self.tokens = _session(Path(export_dir) / TOKENS_FILE, self._options(), self.providers)
         else:
             self.steps = TokenSteps.open(export_dir, files, meta["window"], lambda p: _session(p, step_options, self.providers))
+
+    def _options(self) -> Any:
+        """Session options for the detector (and an old export's single token graph): threads, and on the CPU
+        provider flushed denormals, the compiled deformable-attention operator and the shared arena once set up."""
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if self._intra_threads:
+            options.intra_op_num_threads = self._intra_threads
+        if self.flush_denormals:
+            # masked attention's softmax over -inf keys ran several times slower on denormals
+            # (runtime/float_env.py): flushed on the pool threads here, on the calling thread around each call
+            options.add_session_config_entry(ORT_DENORMAL_AS_ZERO, "1")
+            # the deformable-attention nodes as one compiled kernel (else their standard-op function body)
+            self.fused_msda = onnxruntime_kernels.register(options)
+            if self._shared_arena:
+                options.add_session_config_entry(ENV_ALLOCATORS, "1")
+        return options
+
+    def _detector_for(self, batch: int) -> Any:
+        """The detector session that takes ``batch`` frames: the fixed-batch one, else one built on first use."""
+        if self.fixed_batch is None or batch == self.fixed_batch:
+            return self.detector
+        if self._any_batch_detector is None:
+            log.info("building a detector session for batches of %d frames (the loaded one takes %d)", batch, self.fixed_batch)
+            self._any_batch_detector = _session(self._detector_path, self._options(), self.providers)
+        return self._any_batch_detector
 
     def _run_detector(self, frames: np.ndarray) -> list[np.ndarray]:
         if self.fixed_size and tuple(frames.shape[1:3]) != self.fixed_size:
@@ -173,7 +204,7 @@ class OnnxRuntimeBackend:
                 f"{frames.shape[1]}x{frames.shape[2]}"
             )
         with self._float_env():
-            return self.detector.run(None, {"frames": np.ascontiguousarray(frames)})
+            return self._detector_for(len(frames)).run(None, {"frames": np.ascontiguousarray(frames)})
 
     def _float_env(self) -> Any:
         """The calling thread's float settings for a graph call: denormals flushed on the CPU provider."""
