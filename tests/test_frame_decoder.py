@@ -38,13 +38,40 @@ def test_inference_attention_masks_equal_resized_full_masks():
     assert (fast.pred_logits[-1] - full.pred_logits[-1]).abs().max() <= 1e-5
 
 
+def test_projecting_the_resized_features_equals_projecting_the_full_map():
+    """The detector hands the decoder the pixel decoder's map before its 1x1 mask-feature convolution (inference
+    projects the resized maps): the same attention masks as projecting the full map first (the official order)."""
+    dec, features, pre = _decoder_and_inputs(2)
+    projection = torch.nn.Conv2d(64, 64, 1).eval()
+    torch.nn.init.normal_(projection.bias, std=0.5)  # a bias that matters: it must pass through the resize
+    with torch.no_grad():
+        projected = projection(pre)
+    official, official_seen = _observed(dec, features, projected, with_masks=True)
+    seen = []
+    hook = dec.attn_mask_threshold.register_forward_hook(lambda m, args, out: seen.append((args[0], out)))
+    with torch.no_grad():
+        fast = dec(features, pre, mask_projection=projection)
+        trained = dec(features, pre, with_masks=True, mask_projection=projection)
+    hook.remove()
+    fast_seen = seen[: dec.num_layers]
+    for (fast_logits, fast_mask), (logits, mask) in zip(fast_seen, official_seen):
+        assert (fast_logits - logits).abs().max() <= 1e-5 * logits.abs().max()
+        assert torch.equal(fast_mask, mask)
+    assert (fast.frame_queries[-1] - official.frame_queries[-1]).abs().max() <= 1e-5
+    # with masks (training), the full map is projected: the official computation exactly
+    assert all(torch.equal(a, b) for a, b in zip(trained.pred_masks, official.pred_masks))
+    # control: leaving the projection out changes the decisions
+    _, unprojected = _observed(dec, features, pre, with_masks=False)
+    assert any(not torch.equal(u[1], o[1]) for u, o in zip(unprojected, official_seen))
+
+
 def test_a_wrong_resize_is_caught():
     """Control: nearest instead of bilinear resizing of the features changes the attention masks."""
     dec, features, mask_features = _decoder_and_inputs(1)
     _, full_seen = _observed(dec, features, mask_features, with_masks=True)
     wrong = {s: torch.nn.functional.interpolate(mask_features, size=s, mode="nearest") for s in [(3, 5), (6, 9), (11, 17)]}
     original = dec._resize_features
-    dec._resize_features = lambda mf, sizes: wrong
+    dec._resize_features = lambda *args: wrong
     try:
         _, wrong_seen = _observed(dec, features, mask_features, with_masks=False)
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -96,14 +97,25 @@ class MaskedAttentionDecoder(nn.Module):
         return decoded, logits, masks, attn_mask
 
     @staticmethod
-    def _resize_features(mask_features: Tensor, sizes: list[tuple[int, int]]) -> dict[tuple[int, int], Tensor]:
-        """The mask features bilinearly resized to every attention size (inference's mask logits at that size)."""
+    def _resize_features(
+        mask_features: Tensor, sizes: list[tuple[int, int]], projection: Optional[nn.Module] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> dict[tuple[int, int], Tensor]:
+        """The mask features bilinearly resized to every attention size (inference's mask logits at that size),
+        then ``projection`` applied where given, in ``dtype`` where given."""
         # channels-last: the CPU resize kernel is an order of magnitude slower on NCHW
         x = mask_features.contiguous(memory_format=torch.channels_last)
-        return {size: F.interpolate(x, size=size, mode="bilinear", align_corners=False) for size in set(sizes)}
+        resized = {}
+        for size in set(sizes):
+            r = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            if projection is not None:
+                r = projection(r)
+            resized[size] = r if dtype is None else r.to(dtype)
+        return resized
 
     def forward(
-        self, features: list[Tensor], mask_features: Tensor, num_query_layers: int = 1, with_masks: bool = False
+        self, features: list[Tensor], mask_features: Tensor, num_query_layers: int = 1, with_masks: bool = False,
+        mask_projection: Optional[nn.Module] = None,
     ) -> FrameDecoderOutput:
         """features: [/32, /16, /8] (B, C, h, w); mask_features (B, D, H/4, W/4).
 
@@ -111,7 +123,16 @@ class MaskedAttentionDecoder(nn.Module):
         ``with_masks``: also return every prediction's masks (training). Inference computes no full-size
         masks: each attention mask comes from the mask features resized to that layer's size, which equals
         resizing the masks (both steps are linear) up to float rounding.
+        ``mask_projection``: the pixel decoder's 1x1 mask-feature convolution, when ``mask_features`` is its
+        input. Inference then projects the resized maps, 1/16 + 1/64 + 1/256 of the full map's work (a 1x1
+        convolution with a bias commutes with a bilinear resize, whose weights sum to 1); with masks, the
+        full map is projected first, as in the official code.
         """
+        fd = self.query_feat.weight.dtype
+        if mask_projection is not None and with_masks:
+            mask_features, mask_projection = mask_projection(mask_features), None
+        if mask_projection is None:
+            mask_features = mask_features.to(fd)
         srcs, poss, sizes = [], [], []
         for i, x in enumerate(features):
             sizes.append((x.shape[-2], x.shape[-1]))
@@ -122,7 +143,7 @@ class MaskedAttentionDecoder(nn.Module):
         output = self.query_feat.weight.unsqueeze(0).expand(b, -1, -1)
 
         queries, logits_all, masks_all = [], [], []
-        resized_features = {} if with_masks else self._resize_features(mask_features, sizes)
+        resized_features = {} if with_masks else self._resize_features(mask_features, sizes, mask_projection, fd)
         _, logits, masks, attn_mask = self._heads(output, mask_features, sizes[0], with_masks, resized_features)
         logits_all.append(logits)
         if with_masks:

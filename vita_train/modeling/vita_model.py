@@ -106,11 +106,11 @@ class VitaModel(nn.Module):
         x = self.normalize_and_pad(images)
         features = self.backbone(x)
         out4, multi_scale = self.pixel_decoder(features)
-        frame_mask_features = self.pixel_decoder.mask_features(out4)
         # each stage computes in its own weights' dtype (the reduced-precision policy may differ per stage)
         fd = next(self.frame_decoder.parameters()).dtype
-        decoded = self.frame_decoder([f.to(fd) for f in multi_scale], frame_mask_features.to(fd),
-                                     num_query_layers=num_query_layers)
+        # the frame decoder's mask features are needed only resized to its attention sizes: it projects there
+        decoded = self.frame_decoder([f.to(fd) for f in multi_scale], out4, num_query_layers=num_query_layers,
+                                     mask_projection=self.pixel_decoder.mask_features)
         return DetectorOutput(
             frame_queries=decoded.frame_queries[-1],
             frame_logits=decoded.pred_logits[-1],
