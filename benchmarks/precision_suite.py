@@ -1,7 +1,8 @@
 """``precision``: how far bf16 lands from fp32, beside how far fp32 lands from itself under a tiny change.
 
-For each model (the benchmark's checkpoint on its clip, and each official fixture's checkpoint on its frames
-where ``../shared`` is beside the repository) the torch backend segments the video in fp32, then:
+For each model (the benchmark's checkpoint on its clip, each official fixture's checkpoint on its frames
+where ``../shared`` is beside the repository, and the shipped demo model, trained, on generated clips) the torch
+backend segments the video in fp32, then:
 
 - in bf16 (where the CPU has it; CUDA autocast on a GPU): the precision policy's distance from fp32;
 - in fp32 with the backbone's weights scaled by ``1 + eps * N(0, 1)`` (eps 1e-5, and 1e-3, a little under the
@@ -32,17 +33,27 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures" / "official"
 PERTURBATIONS = (1e-5, 1e-3)
 SEEDS = (0, 1, 2)
+DEMO_CLIPS = ((24, 96, 128, 0), (36, 192, 256, 1))
 
 
 def _models(s: Settings, ws: Workspace) -> list[tuple[str, Path, Any]]:
-    """(label, checkpoint, video) for the benchmark's own model and clip, then every official fixture here."""
+    """(label, checkpoint, video) for the benchmark's own model and clip, then every official fixture here, then
+    the shipped demo model (the one trained model at hand) on generated clips."""
     clip = benchmark_clip(s, ws)
     weights = "its checkpoint" if ws.model_path else "random weights"
     models = [(f"{ws.config.name}, {weights}, {clip.description}", ws.checkpoint(), str(clip.video))]
-    if s.model is None and not s.quick and FIXTURES.is_dir():
-        for case in sorted(p for p in FIXTURES.iterdir() if (p / "model_final.pth").is_file()):
-            frames = np.load(case / "frames.npy")
-            models.append((f"official fixture {case.name}, its {len(frames)} frames", case / "model_final.pth", frames))
+    if s.model is None and not s.quick:
+        if FIXTURES.is_dir():
+            for case in sorted(p for p in FIXTURES.iterdir() if (p / "model_final.pth").is_file()):
+                frames = np.load(case / "frames.npy")
+                models.append((f"official fixture {case.name}, its {len(frames)} frames", case / "model_final.pth", frames))
+        from vita_train.data.synthetic import moving_shapes_clip
+        from vita_train.pretrained import demo_checkpoint
+
+        # the demo's own clip (python -m runtime --demo), and a longer one at twice the size
+        for t, h, w, seed in DEMO_CLIPS:
+            models.append((f"demo model (trained tiny VITA), generated clip {t} frames {h}x{w} seed {seed}",
+                           demo_checkpoint(), moving_shapes_clip(t, h, w, seed=seed)))
     return models
 
 
