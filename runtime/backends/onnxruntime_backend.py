@@ -137,7 +137,9 @@ class OnnxRuntimeBackend:
         self.threads = threads or usable_cpus()  # the mask kernel's threads: ONNX Runtime's own default otherwise
         self._intra_threads = threads
         self.flush_denormals = self.providers == ["CPUExecutionProvider"]
-        self.fused_msda = self._shared_arena = False
+        self._shared_arena = False
+        # the deformable-attention nodes run as one compiled kernel where the operator library is built
+        self.fused_msda = self.flush_denormals and onnxruntime_kernels.library() is not None
         if self.flush_denormals:
             # the numpy mask head frees tens of MB per call: keep them mapped
             keep_freed_memory()
@@ -182,7 +184,7 @@ class OnnxRuntimeBackend:
             # (runtime/float_env.py): flushed on the pool threads here, on the calling thread around each call
             options.add_session_config_entry(ORT_DENORMAL_AS_ZERO, "1")
             # the deformable-attention nodes as one compiled kernel (else their standard-op function body)
-            self.fused_msda = onnxruntime_kernels.register(options)
+            onnxruntime_kernels.register(options)
             if self._shared_arena:
                 options.add_session_config_entry(ENV_ALLOCATORS, "1")
         return options
