@@ -146,3 +146,59 @@ def test_residual_is_added_inside_the_call(dtype):
             layer(x, relu=True, residual=r)
     # a control: the residual of another input is told apart
     assert not ((layer(x, residual=r.roll(1, 1)).double() - exact).abs() <= step).all()
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_and_ffn_layers_on_the_packed_path_equal_their_plain_ops(dtype):
+    """The decoders' attention (q/k/v slices of one packed parameter, each packed on its own), FFN (ReLU and
+    residual inside the calls) and MLP in bf16 on the fast path, and in float32 on the plain ops, against the
+    same layers in float64."""
+    if dtype == torch.bfloat16 and not bf16_supported():
+        pytest.skip("this CPU has no bf16 instructions")
+    from vita_train.modeling.transformer_layers import MLP, CrossAttentionLayer, FFNLayer
+
+    torch.manual_seed(0)
+    layers = [CrossAttentionLayer(64, 8), FFNLayer(64, 256), MLP(64, 64, 32, 3)]
+    x, memory = torch.randn(2, 10, 64), torch.randn(2, 300, 64)
+    args = [(x, memory), (x,), (x,)]
+    tol = 2.0 ** -6 if dtype == torch.bfloat16 else 1e-5
+    for layer, a in zip(layers, args):
+        layer.eval()
+        fast = copy.deepcopy(layer).to(dtype)
+        with torch.no_grad():
+            got = fast(*(t.to(dtype) for t in a))
+            want = copy.deepcopy(fast).double()(*(t.double() for t in a))
+        assert got.dtype == dtype
+        packs = [m.pack for m in fast.modules() if isinstance(m, PackedLinear)]
+        packs += [p for m in fast.modules() for p in getattr(m, "packs", ())]
+        # bf16 takes the packed calls; float32 keeps the plain ops there (float32=False: no gain measured)
+        assert packs and all(p.packed == (dtype == torch.bfloat16) for p in packs), type(layer).__name__
+        err = (got.double() - want).abs().max().item() / want.abs().max().item()
+        assert err < tol, (type(layer).__name__, err)
+
+
+@needs_onednn
+def test_packed_attention_follows_changes_to_its_projection():
+    """Negative control for the slices' cache (bf16): an in-place change of the packed q/k/v parameter repacks."""
+    from vita_train.modeling.transformer_layers import MultiheadAttention
+
+    torch.manual_seed(0)
+    attn = MultiheadAttention(64, 8).eval().to(torch.bfloat16)
+    q, kv = torch.randn(1, 10, 64).to(torch.bfloat16), torch.randn(1, 50, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        before = attn(q, kv, kv)
+        attn.in_proj_weight[128:].mul_(2.0)  # v only
+        after = attn(q, kv, kv)
+        plain = copy.deepcopy(attn).double()(q.double(), kv.double(), kv.double())
+    assert all(p.packed for p in attn.packs) == bf16_supported()
+    assert not torch.allclose(before.double(), plain, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(after.double(), plain, rtol=0.02, atol=0.02)
+
+
+def test_autocast_keeps_the_plain_op():
+    """Under CPU autocast the plain op runs, in autocast's dtype (a packed fp32 call would bypass it)."""
+    layer = _layer(16, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(torch.randn(4, 16))
+    assert out.dtype == torch.bfloat16 and layer._packed is None

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .onednn import PackedLinear
 from .position_encoding import SinePositionCache
 from .transformer_layers import MLP, CrossAttentionLayer, FFNLayer, SelfAttentionLayer
 
@@ -71,7 +72,7 @@ class MaskedAttentionDecoder(nn.Module):
         self.query_feat = nn.Embedding(num_queries, hidden_dim)
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
         self.level_embed = nn.Embedding(num_levels, hidden_dim)
-        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.class_embed = PackedLinear(hidden_dim, num_classes + 1, float32=False)
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
         self.hidden_dim = hidden_dim
         self.attn_mask_threshold = AttentionMaskThreshold()

@@ -28,8 +28,8 @@ class MSDeformAttn(nn.Module):
         if dim % num_heads:
             raise ValueError(f"deformable attention width {dim} is not divisible by {num_heads} heads")
         self.num_levels, self.num_heads, self.num_points = num_levels, num_heads, num_points
-        self.sampling_offsets = nn.Linear(dim, num_heads * num_levels * num_points * 2)
-        self.attention_weights = nn.Linear(dim, num_heads * num_levels * num_points)
+        self.sampling_offsets = PackedLinear(dim, num_heads * num_levels * num_points * 2, float32=False)
+        self.attention_weights = PackedLinear(dim, num_heads * num_levels * num_points, float32=False)
         self.value_proj = PackedLinear(dim, dim)
         self.output_proj = PackedLinear(dim, dim)
         # swappable for export (e.g. a form that maps to TensorRT's deformable-attention plugin); the

@@ -33,53 +33,95 @@ def bf16_supported() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+class PackedWeight:
+    """One linear weight's oneDNN layout, packed on first use and again whenever the weight or bias changes.
+
+    ``PackedLinear`` holds one; layers whose weights are slices of a larger parameter (the packed q/k/v
+    projection of ``MultiheadAttention``) hold one per slice and call ``linear``. ``float32=False`` packs
+    bf16 weights only and leaves float32 to the plain op: for the decoders' smaller linears the packed fp32
+    call measured no faster, and its copy of the weights would add to the fp32 path's memory.
+    """
+
+    def __init__(self, float32: bool = True) -> None:
+        self.float32 = float32
+        self._packed: Optional[tuple[tuple, Tensor]] = None
+
+    def __getstate__(self) -> dict:
+        # a packed oneDNN weight has no storage: copies and pickles leave the cache behind
+        return {"float32": self.float32, "_packed": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.float32 = state.get("float32", True)
+        self._packed = None
+
+    @property
+    def packed(self) -> bool:
+        """True once a packed weight is held."""
+        return self._packed is not None
+
+    def usable(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+        """True where the packed call may replace ``F.linear(x, weight, bias)``: CPU inference, fp32 or native bf16."""
+        if needs_plain_ops(x, weight) or torch.is_autocast_enabled("cpu"):  # first: a tracer must not see the
+            return False  # shape tests below; under autocast the plain op takes autocast's dtype
+        dtypes = {x.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
+        return (x.device.type == "cpu" and torch.backends.mkldnn.is_available()
+                and ((dtypes == {torch.float32} and self.float32) or (dtypes == {torch.bfloat16} and bf16_supported()))
+                and x.dim() >= 2 and x.numel() > 0 and x.shape[-1] == weight.shape[1])
+
+    def linear(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], relu: bool = False,
+               residual: Optional[Tensor] = None) -> Tensor:
+        """linear(x, weight, bias), then ReLU when ``relu``, or plus ``residual``: the packed call where
+        ``usable``, else the plain ops."""
+        if relu and residual is not None:
+            raise ValueError("a packed linear fuses a ReLU or a residual add, not both")
+        if not self.usable(x, weight, bias):
+            out = F.linear(x, weight, bias)
+            if residual is not None:
+                return out.add_(residual)
+            return F.relu(out, inplace=True) if relu else out
+        params = (weight,) if bias is None else (weight, bias)
+        # a slice of a parameter is a new tensor per call: key on its storage, offset and the version
+        key = tuple((p.untyped_storage().data_ptr(), p.storage_offset(), p.shape, p.dtype, p._version) for p in params)
+        if self._packed is None or self._packed[0] != key:
+            rows = max(1, x.numel() // weight.shape[1])
+            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows))
+        packed = self._packed[1]
+        if residual is not None:
+            if (residual.dtype == x.dtype and residual.is_contiguous()
+                    and residual.shape == (*x.shape[:-1], weight.shape[0])):
+                # the add happens on each output tile while it is in cache: no second pass over the output
+                return torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed, bias, "add")
+            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "").add_(residual)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "relu" if relu else "none", [], "")
+
+
 class PackedLinear(nn.Linear):
     """nn.Linear (same parameters and state-dict keys) that runs float32 and bf16 CPU inference through oneDNN.
 
     On this path the weight is reordered once into oneDNN's layout (cached until it changes) and an
     optional ReLU is applied inside the same call; on the AVX2 EPYC the encoder's 5040x256x1024 matmuls
     ran 10-17% faster than MKL's addmm; in bf16 on the AMX Xeon the 256->1024 FFN matmul with its ReLU
-    took 2.0 ms instead of 4.7 (two frames). ``forward(x, relu=True)`` equals ``relu(linear(x))`` and
-    ``forward(x, residual=r)`` equals ``linear(x) + r`` (the add inside the same call where ``r`` allows).
-    bf16 runs here only where the CPU has bf16 instructions (else the plain op).
+    took 2.0 ms instead of 4.7 (two frames), and the frame decoder's and deformable attention's smaller
+    linears together 3-4% of the bf16 detector (aten's addmm first copies the bias into the output; those
+    layers pass ``float32=False``, see ``PackedWeight``).
+    ``forward(x, relu=True)`` equals ``relu(linear(x))`` and ``forward(x, residual=r)`` equals
+    ``linear(x) + r`` (the add inside the same call where ``r`` allows). bf16 runs here only where the CPU
+    has bf16 instructions (else the plain op).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, float32: bool = True) -> None:
         super().__init__(in_features, out_features, bias)
-        self._packed: Optional[tuple[tuple, Tensor]] = None
+        self.pack = PackedWeight(float32)
 
-    def __getstate__(self) -> dict:
-        # a packed oneDNN weight has no storage: copies and pickles leave the cache behind
-        state = self.__dict__.copy()
-        state["_packed"] = None
-        return state
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "pack" not in self.__dict__:  # pickled before the cache became its own object
+            self.pack = PackedWeight()
 
-    def _fast(self, x: Tensor) -> bool:
-        if needs_plain_ops(x, self.weight):  # first: a tracer must not see the shape tests below
-            return False
-        dtypes = {x.dtype, self.weight.dtype} | ({self.bias.dtype} if self.bias is not None else set())
-        return (x.device.type == "cpu" and torch.backends.mkldnn.is_available()
-                and (dtypes == {torch.float32} or (dtypes == {torch.bfloat16} and bf16_supported()))
-                and x.dim() >= 2 and x.numel() > 0 and x.shape[-1] == self.in_features)
+    @property
+    def _packed(self) -> Optional[tuple[tuple, Tensor]]:
+        return self.pack._packed
 
     def forward(self, x: Tensor, relu: bool = False, residual: Optional[Tensor] = None) -> Tensor:
         """linear(x), then ReLU when ``relu``, or plus ``residual`` (one or the other)."""
-        if relu and residual is not None:
-            raise ValueError("PackedLinear fuses a ReLU or a residual add, not both")
-        if not self._fast(x):
-            out = F.linear(x, self.weight, self.bias)
-            if residual is not None:
-                return out.add_(residual)
-            return F.relu(out, inplace=True) if relu else out
-        params = (self.weight,) if self.bias is None else (self.weight, self.bias)
-        key = tuple((id(p), p._version) for p in params)
-        if self._packed is None or self._packed[0] != key:
-            rows = max(1, x.numel() // self.in_features)
-            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), rows))
-        if residual is not None:
-            if (residual.dtype == x.dtype and residual.is_contiguous()
-                    and residual.shape == (*x.shape[:-1], self.out_features)):
-                # the add happens on each output tile while it is in cache: no second pass over the output
-                return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self._packed[1], self.bias, "add")
-            return torch.ops.mkldnn._linear_pointwise(x, self._packed[1], self.bias, "none", [], "").add_(residual)
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed[1], self.bias, "relu" if relu else "none", [], "")
+        return self.pack.linear(x, self.weight, self.bias, relu=relu, residual=residual)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .onednn import exporting
+from .onednn import PackedLinear, PackedWeight, exporting
 
 
 class MultiheadAttention(nn.Module):
@@ -25,8 +25,10 @@ class MultiheadAttention(nn.Module):
         self.num_heads = num_heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
-        self.out_proj = nn.Linear(dim, dim)
+        self.out_proj = PackedLinear(dim, dim, float32=False)
         nn.init.xavier_uniform_(self.in_proj_weight)
+        # the q, k and v slices of the packed projection, each in oneDNN's layout on the CPU fast path
+        self.packs = tuple(PackedWeight(float32=False) for _ in range(3))
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """query (N, Lq, C), key/value (N, Lk, C); mask broadcastable to (N, heads, Lq, Lk).
@@ -38,9 +40,10 @@ class MultiheadAttention(nn.Module):
         h = self.num_heads
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        q = F.linear(query, w_q, b_q).view(n, lq, h, c // h).transpose(1, 2)
-        k = F.linear(key, w_k, b_k).view(n, -1, h, c // h).transpose(1, 2)
-        v = F.linear(value, w_v, b_v).view(n, -1, h, c // h).transpose(1, 2)
+        pq, pk, pv = self.packs
+        q = pq.linear(query, w_q, b_q).view(n, lq, h, c // h).transpose(1, 2)
+        k = pk.linear(key, w_k, b_k).view(n, -1, h, c // h).transpose(1, 2)
+        v = pv.linear(value, w_v, b_v).view(n, -1, h, c // h).transpose(1, 2)
         if exporting():
             out = _exported_attention(q, k, v, mask)
         else:
@@ -116,15 +119,15 @@ class FFNLayer(nn.Module):
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.linear1 = nn.Linear(dim, hidden)
-        self.linear2 = nn.Linear(hidden, dim)
+        self.linear1 = PackedLinear(dim, hidden, float32=False)
+        self.linear2 = PackedLinear(hidden, dim, float32=False)
         self.norm = nn.LayerNorm(dim)
         xavier_init(self)
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., C)."""
-        # ReLU in place: the hidden is the layer's largest temporary (autograd keeps ReLU's output anyway)
-        return self.norm(x + self.linear2(F.relu_(self.linear1(x))))
+        # ReLU inside the first layer's call and the residual inside the second's (on the CPU fast path)
+        return self.norm(self.linear2(self.linear1(x, relu=True), residual=x))
 
 
 class MLP(nn.Module):
@@ -133,12 +136,11 @@ class MLP(nn.Module):
     def __init__(self, in_dim: int, hidden: int, out_dim: int, num_layers: int) -> None:
         super().__init__()
         dims = [in_dim] + [hidden] * (num_layers - 1) + [out_dim]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.layers = nn.ModuleList(PackedLinear(a, b, float32=False) for a, b in zip(dims[:-1], dims[1:]))
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., in_dim) -> (..., out_dim)."""
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = F.relu(x)
+            x = layer(x, relu=i < last)
         return x
