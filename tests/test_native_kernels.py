@@ -93,6 +93,22 @@ def test_bf16_is_the_reference_rounded_once():
     assert ((ours.double() - exact).abs() <= step).all()
 
 
+@pytest.mark.parametrize("d", [32, 16])  # 32: bf16 rows read two channels per 32-bit word; 16: the general path
+def test_bf16_is_exactly_the_fp32_kernel_on_the_same_values_rounded_once(d):
+    """Every bf16 input is exact in float32 and the kernel computes in float32: its bf16 result is the float32
+    kernel's on the upcast inputs, rounded to bf16, bit for bit (the same taps, multiply-adds and order)."""
+    _require_native()
+    value, refs, offsets, logits = _inputs(2, 39, d, False, seed=7, dtype=torch.bfloat16)
+    ours = native.ms_deform_attn_from_projections(value, SHAPES, refs, offsets, logits, LEVELS, POINTS)
+    fp32 = native.ms_deform_attn_from_projections(value.float(), SHAPES, refs, offsets.float(), logits.float(),
+                                                  LEVELS, POINTS)
+    assert torch.equal(ours, fp32.to(torch.bfloat16))
+    # a control: channels swapped pairwise within each head (even <-> odd) are told apart
+    swapped = value.view(*value.shape[:-1], d // 2, 2).flip(-1).reshape(value.shape)
+    other = native.ms_deform_attn_from_projections(swapped, SHAPES, refs, offsets, logits, LEVELS, POINTS)
+    assert not torch.equal(other, ours)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_module_fast_path_equals_its_reference_path(dtype, monkeypatch):
     """MSDeformAttn on the CPU: native, the torch-op form (VITA_NATIVE_KERNELS=0) and the reference path agree."""

@@ -56,6 +56,46 @@ inline void sample_head(float* __restrict acc, int64_t d_runtime, const scalar_t
   }
 }
 
+// sample_head for a bf16 value table (the one 16-bit type the front ends pass) with an even head width: each
+// 32-bit word of a row holds two channels, 2c in its low half and 2c + 1 in its high half, and a bf16 is the
+// top half of the float32 it stands for, so a shift and a mask give both floats, with no lane shuffles (the
+// per-channel conversion spent most of the loop on widening shuffles). Channels are accumulated as even and
+// odd planes and interleaved once per (query, head). The same multiply-adds per channel in the same order as
+// sample_head: bit-identical results.
+template <typename scalar_t, int64_t kD>
+inline void sample_head_bf16(const scalar_t* v_head, int64_t row, const float* cw, const int32_t* pixels,
+                             const float* inside, int64_t stride, int64_t count, scalar_t* dst) {
+  static_assert(sizeof(scalar_t) == 2 && kD > 0 && kD % 2 == 0, "bf16 rows with an even, fixed head width");
+  typedef uint32_t __attribute__((may_alias)) word_t;
+  constexpr int64_t kW = kD / 2;
+  float ev0[kW] = {}, ev1[kW] = {}, ev2[kW] = {}, ev3[kW] = {};
+  float od0[kW] = {}, od1[kW] = {}, od2[kW] = {}, od3[kW] = {};
+  for (int64_t i = 0; i < count; ++i) {
+    if (inside[i] == 0.f) continue;
+    const float c00 = cw[i], c01 = cw[stride + i], c10 = cw[2 * stride + i], c11 = cw[3 * stride + i];
+    const word_t* __restrict r00 = reinterpret_cast<const word_t*>(v_head + static_cast<int64_t>(pixels[i]) * row);
+    const word_t* __restrict r01 = reinterpret_cast<const word_t*>(v_head + static_cast<int64_t>(pixels[stride + i]) * row);
+    const word_t* __restrict r10 = reinterpret_cast<const word_t*>(v_head + static_cast<int64_t>(pixels[2 * stride + i]) * row);
+    const word_t* __restrict r11 = reinterpret_cast<const word_t*>(v_head + static_cast<int64_t>(pixels[3 * stride + i]) * row);
+#pragma omp simd
+    for (int64_t c = 0; c < kW; ++c) {
+      const uint32_t a = r00[c], b = r01[c], e = r10[c], f = r11[c];
+      ev0[c] += c00 * __builtin_bit_cast(float, a << 16);
+      od0[c] += c00 * __builtin_bit_cast(float, a & 0xFFFF0000u);
+      ev1[c] += c01 * __builtin_bit_cast(float, b << 16);
+      od1[c] += c01 * __builtin_bit_cast(float, b & 0xFFFF0000u);
+      ev2[c] += c10 * __builtin_bit_cast(float, e << 16);
+      od2[c] += c10 * __builtin_bit_cast(float, e & 0xFFFF0000u);
+      ev3[c] += c11 * __builtin_bit_cast(float, f << 16);
+      od3[c] += c11 * __builtin_bit_cast(float, f & 0xFFFF0000u);
+    }
+  }
+  for (int64_t c = 0; c < kW; ++c) {
+    dst[2 * c] = static_cast<scalar_t>((ev0[c] + ev1[c]) + (ev2[c] + ev3[c]));
+    dst[2 * c + 1] = static_cast<scalar_t>((od0[c] + od1[c]) + (od2[c] + od3[c]));
+  }
+}
+
 // For ``count`` samples: pixel positions (xs, ys), normalised attention weights ``a`` and each sample's level
 // (size fw x fh, first pixel ``start``) -> corner weights, corner pixels (< 2^31: the front ends check the value
 // length) and the inside flag. A corner outside its level reads a clamped pixel with weight 0 (no branch per
@@ -195,7 +235,9 @@ void run_range(const Problem& pr, const Levels& lv, const scalar_t* v, const flo
       scalar_t* dst = o + m * row + h * d;
       const scalar_t* v_head = v + n * pr.s_len * row + h * d;
       const int64_t first = h * lp;
-      if constexpr (kD > 0) {
+      if constexpr (kD > 0 && kD % 2 == 0 && sizeof(scalar_t) == 2) {
+        sample_head_bf16<scalar_t, kD>(v_head, row, cw + first, pixels + first, inside + first, samples, lp, dst);
+      } else if constexpr (kD > 0) {
         float acc4[4 * kD];  // a fixed size: the compiler keeps the four chains in registers
         sample_head<scalar_t, kD>(acc4, d, v_head, row, cw + first, pixels + first, inside + first, samples, lp, dst);
       } else {
