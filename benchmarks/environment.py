@@ -128,6 +128,40 @@ def git_info() -> dict[str, Any]:
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
+def matmul_rate(device: str = "cpu", dtype: str = "float32", size: int = 2048, repeats: int = 3) -> float:
+    """The best of ``repeats`` size^3 matmuls on ``device`` in FLOP/s: what the machine gives right now."""
+    import time
+
+    import torch
+
+    a = torch.randn(size, size, device=device).to(getattr(torch, dtype))
+    b = torch.randn(size, size, device=device).to(getattr(torch, dtype))
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    a @ b  # first call: library initialisation and weight layouts, not the rate
+    best = 0.0
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        a @ b
+        sync()
+        best = max(best, 2 * size**3 / (time.perf_counter() - start))
+    return best
+
+
+def machine_rates(device: str = "cpu") -> dict[str, float]:
+    """2048^3 matmul GFLOP/s in fp32 and in the reduced precision the device runs natively (bf16 on a CPU with
+    AVX-512-BF16 or AMX, fp16 on CUDA). Machines of one kind, and one machine from hour to hour, differ: a run
+    that records these beside its rows says whether it ran in a slow spell."""
+    from vita_train.modeling.onednn import bf16_supported
+
+    rates = {"fp32": matmul_rate(device) / 1e9}
+    if str(device).startswith("cuda"):
+        rates["fp16"] = matmul_rate(device, "float16") / 1e9
+    elif bf16_supported():
+        rates["bf16"] = matmul_rate(device, "bfloat16") / 1e9
+    return rates
+
+
 def capture(threads: int) -> dict[str, Any]:
     """Everything a reader needs to know about where the numbers come from."""
     return {

@@ -114,6 +114,7 @@ import torch
 from vita_train.modeling.vita_module import VitaModule
 from vita_train.presets import preset
 from benchmarks.kernels import counted_flops
+from benchmarks.environment import matmul_rate
 
 name, frames, device, token_dtype, threads, repeats = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
 if threads:
@@ -123,15 +124,10 @@ vita = VitaModule.from_config(cfg).to(device).eval()
 vita.token_dtype = getattr(torch, token_dtype)
 cuda = device.startswith("cuda")
 sync = torch.cuda.synchronize if cuda else (lambda: None)
-a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
 
 
 def floor():
-    best = 0.0
-    for _ in range(3):
-        sync(); t0 = time.perf_counter(); a @ b; sync()
-        best = max(best, 2 * 2048 ** 3 / (time.perf_counter() - t0))
-    return best
+    return matmul_rate(device)
 
 
 floors = [floor()]

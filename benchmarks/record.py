@@ -131,11 +131,21 @@ def environment_markdown(env: dict[str, Any]) -> str:
     gpu_text = f"{gpu.get('name')} (driver {gpu.get('driver')})" if gpu.get("name") else "none"
     git = env.get("git", {})
     commit = (git.get("commit") or "unknown")[:12] + (" (with uncommitted changes)" if git.get("dirty") else "")
-    return (
+    text = (
         f"Machine: {cpu.get('model', 'unknown CPU')}, {cpu.get('logical_cpus')} logical CPUs "
         f"({cpu.get('usable_cpus')} usable), {env.get('threads')} threads; bf16: {cpu.get('bf16')}, "
         f"AMX: {cpu.get('amx')}; GPU: {gpu_text}. Software: {versions}. Commit: {commit}."
     )
+    rates = env.get("matmul_gflops") or {}
+    if rates.get("before"):
+        def one(r: dict[str, float]) -> str:
+            return ", ".join(f"{k} {v:.0f}" for k, v in r.items())
+
+        after = f"; after: {one(rates['after'])}" if rates.get("after") else ""
+        text += (f" Machine state, 2048^3 matmul GFLOP/s with these threads, before this benchmark: "
+                 f"{one(rates['before'])}{after} (a slower rate than usual marks a slow spell: compare rows "
+                 f"within one run).")
+    return text
 
 
 def record_markdown(data: dict[str, Any], heading_level: int = 1) -> str:

@@ -42,11 +42,14 @@ def configure(s: Settings) -> None:
 def run_one(name: str, s: Settings, ws: Workspace, env: dict[str, Any]) -> Record:
     """Run benchmark ``name``; its files are written as it goes and marked complete / interrupted / failed."""
     module_name, title = BENCHMARKS[name]
-    rec = Record(name, title, s.out, env, s.to_dict())
+    # the machine's matmul rate just before and just after this benchmark: its own copy of the environment
+    rates = {"before": environment.machine_rates(s.device)}
+    rec = Record(name, title, s.out, {**env, "matmul_gflops": rates}, s.to_dict())
     rec.model = ws.model_info()
     rec.flush()
     try:
         importlib.import_module(module_name).run(s, ws, rec)
+        rates["after"] = environment.machine_rates(s.device)
         if s.compare is not None:
             from .compare import compare_record
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.record import Column, Record, format_number, load_record, stat
+from vita_train.modeling.onednn import bf16_supported
 from runtime.backends import onnxruntime_kernels
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,6 +85,11 @@ def test_quick_suite_writes_every_benchmark(quick_run: Path):
         env = data["environment"]
         assert env["cpu"]["model"] and env["threads"] == 2 and env["versions"]["torch"]
         assert env["git"]["commit"] and "bf16" in env["cpu"] and "amx" in env["cpu"]
+        # the machine's state around each benchmark: a slow spell shows in the file itself
+        rates = env["matmul_gflops"]
+        assert rates["before"]["fp32"] > 1 and rates["after"]["fp32"] > 1, name
+        assert ("bf16" in rates["before"]) == bf16_supported()
+        assert "Machine state, 2048^3 matmul GFLOP/s" in (quick_run / f"{name}.md").read_text()
         assert data["model"]["preset"] == "vita_tiny" and len(data["model"]["sha256"]) == 64
         assert "random init" in data["model"]["weights"]
         if name != "kernels":
