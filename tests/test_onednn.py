@@ -41,7 +41,7 @@ def test_packed_linear_equals_the_plain_linear(shape, relu, bias):
         want = _plain(layer, x, relu)
         plain32 = F.linear(x, layer.weight, layer.bias)
         plain32 = plain32.relu() if relu else plain32
-    assert layer._packed is not None, "the fast path did not run"
+    assert layer.pack.packed, "the fast path did not run"
     assert got.shape == want.shape and got.dtype == torch.float32
     scale = want.abs().max().item()
     fast_err = (got.double() - want).abs().max().item() / scale
@@ -76,10 +76,10 @@ def test_copies_and_pickles_drop_the_packed_weight():
     layer = _layer()
     with torch.no_grad():
         layer(torch.randn(8, 256))
-    assert layer._packed is not None
+    assert layer.pack.packed
     clone = copy.deepcopy(layer)
     restored = pickle.loads(pickle.dumps(layer))
-    assert clone._packed is None and restored._packed is None
+    assert not clone.pack.packed and not restored.pack.packed
     x = torch.randn(8, 256)
     with torch.no_grad():
         torch.testing.assert_close(clone(x), layer(x))
@@ -91,14 +91,14 @@ def test_gradients_mixed_dtypes_and_export_take_the_plain_op():
     x = torch.randn(4, 16, requires_grad=True)
     out = layer(x, relu=True)
     out.sum().backward()  # the plain op: differentiable
-    assert layer._packed is None and x.grad is not None
+    assert not layer.pack.packed and x.grad is not None
     assert needs_plain_ops(x) and not exporting()
     mixed = copy.deepcopy(layer)
     mixed.bias.data = mixed.bias.data.to(torch.bfloat16)
     with torch.no_grad():
         with pytest.raises(RuntimeError):  # what F.linear itself says of mixed dtypes: no packed call hides it
             mixed(torch.randn(4, 16))
-    assert mixed._packed is None
+    assert not mixed.pack.packed
     traced = torch.jit.trace(layer.requires_grad_(False), torch.randn(4, 16))
     assert "mkldnn" not in str(traced.graph)
 
@@ -116,9 +116,9 @@ def test_bf16_packed_linear_equals_the_plain_bf16_linear(relu):
         plain = plain.relu() if relu else plain
     assert got.dtype == torch.bfloat16
     if not bf16_supported():
-        assert layer._packed is None and torch.equal(got, plain)
+        assert not layer.pack.packed and torch.equal(got, plain)
         return
-    assert layer._packed is not None
+    assert layer.pack.packed
     exact = _plain(layer, x, relu)
     # both round to bf16 once from an fp32 accumulation: within a bf16 step or two of float64, like F.linear
     step = exact.abs().clamp_min(1.0) * 2.0 ** -7
@@ -201,4 +201,4 @@ def test_autocast_keeps_the_plain_op():
     layer = _layer(16, 8)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(torch.randn(4, 16))
-    assert out.dtype == torch.bfloat16 and layer._packed is None
+    assert out.dtype == torch.bfloat16 and not layer.pack.packed

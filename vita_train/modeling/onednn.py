@@ -118,10 +118,6 @@ class PackedLinear(nn.Linear):
         if "pack" not in self.__dict__:  # pickled before the cache became its own object
             self.pack = PackedWeight()
 
-    @property
-    def _packed(self) -> Optional[tuple[tuple, Tensor]]:
-        return self.pack._packed
-
     def forward(self, x: Tensor, relu: bool = False, residual: Optional[Tensor] = None) -> Tensor:
         """linear(x), then ReLU when ``relu``, or plus ``residual`` (one or the other)."""
         return self.pack.linear(x, self.weight, self.bias, relu=relu, residual=residual)
