@@ -113,3 +113,15 @@ def match_official(result, case: "OfficialCase", score_tol: float = PARITY_SCORE
     assert all(s <= cutoff for s in extra) and all(scores[j] <= cutoff for j in unmatched), (extra, unmatched)
     assert worst_iou >= min_iou, worst_iou
     return worst_score, worst_iou
+
+
+def flip_decisions_within(margin: float):
+    """A forward hook that flips every masked-attention decision whose logit is within ``margin`` of 0."""
+
+    def hook(module, inputs, output):
+        near = inputs[0].abs() < margin
+        hook.flipped += int(near.sum())
+        return output ^ near
+
+    hook.flipped = 0
+    return hook

@@ -20,7 +20,7 @@ from export.graphs import DetectorGraph
 from vita_train import load_model, save_checkpoint
 from vita_train.modeling.frame_decoder import AttentionMaskThreshold
 
-from .conftest import OFFICIAL_CASES, OfficialCase, match_official
+from .conftest import OFFICIAL_CASES, OfficialCase, flip_decisions_within, match_official
 
 _models: dict[str, tuple] = {}
 
@@ -165,18 +165,6 @@ def test_vita_json_records_what_was_compared(fixture_export, tmp_path):
     assert any(c.startswith("detector B=2") for c in v["cases"]) and "vita_tokens T=4 N=30" in " ".join(v["cases"])
 
 
-def _flip_near_threshold(margin: float):
-    """A forward hook that flips every masked-attention decision whose logit is within ``margin`` of 0."""
-
-    def hook(module, inputs, output):
-        near = inputs[0].abs() < margin
-        hook.flipped += int(near.sum())
-        return output ^ near
-
-    hook.flipped = 0
-    return hook
-
-
 @pytest.mark.parametrize("name", OFFICIAL_CASES)
 def test_official_parity_survives_any_backend_choice_at_the_threshold(name):
     """The fixtures' frames do hold decisions within float32 noise of the threshold, which any backend may take
@@ -185,7 +173,7 @@ def test_official_parity_survives_any_backend_choice_at_the_threshold(name):
     case = OfficialCase(name)
     seg = runtime.load(case.ckpt, backend="torch", device="cpu")
     threshold = next(m for m in seg.backend.model.modules() if isinstance(m, AttentionMaskThreshold))
-    hook = _flip_near_threshold(5e-5)  # about the largest fp32-vs-float64 logit error measured on them (3e-5, 6.5e-5)
+    hook = flip_decisions_within(5e-5)  # about the largest fp32-vs-float64 logit error measured on them (3e-5, 6.5e-5)
     handle = threshold.register_forward_hook(hook)
     try:
         result = runtime.segment(case.frames, seg)
@@ -194,7 +182,7 @@ def test_official_parity_survives_any_backend_choice_at_the_threshold(name):
     assert hook.flipped > 0  # the fixtures' frames do sit on the threshold
     match_official(result, case)
     # negative control: decisions flipped far from the threshold (a wrong backend) do fail the same check
-    handle = threshold.register_forward_hook(_flip_near_threshold(1.0))
+    handle = threshold.register_forward_hook(flip_decisions_within(1.0))
     try:
         result = runtime.segment(case.frames, seg)
     finally:
