@@ -31,13 +31,13 @@ def _version(names: tuple[str, ...]) -> Optional[str]:
     return None
 
 
-def _cpuinfo() -> tuple[str, set[str]]:
-    """(model name, flags) from /proc/cpuinfo; empty on systems without it."""
-    model, flags = "", set()
+def _cpuinfo() -> tuple[str, set[str], str]:
+    """(model name, flags, "family F model M") from /proc/cpuinfo; empty on systems without it."""
+    model, flags, fields = "", set(), {}
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return platform.processor() or platform.machine(), flags
+        return platform.processor() or platform.machine(), flags, ""
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip()
@@ -45,7 +45,10 @@ def _cpuinfo() -> tuple[str, set[str]]:
             model = value.strip()
         elif key == "flags" and not flags:
             flags = set(value.split())
-    return model or platform.processor() or platform.machine(), flags
+        elif key in ("cpu family", "model") and key not in fields:
+            fields[key] = value.strip()
+    family = f"family {fields['cpu family']} model {fields['model']}" if len(fields) == 2 else ""
+    return model or platform.processor() or platform.machine(), flags, family
 
 
 def _physical_cores() -> Optional[int]:
@@ -71,7 +74,7 @@ def _physical_cores() -> Optional[int]:
 
 def cpu_info() -> dict[str, Any]:
     """CPU model, core counts and the bf16 / AMX instructions the kernels and autocast can use."""
-    model, flags = _cpuinfo()
+    model, flags, family = _cpuinfo()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     amx = sorted(f for f in flags if f.startswith("amx"))
     bf16 = sorted(f for f in flags if "bf16" in f)
@@ -80,6 +83,8 @@ def cpu_info() -> dict[str, Any]:
         "logical_cpus": os.cpu_count(),
         "physical_cores": _physical_cores(),
         "usable_cpus": usable,
+        "family": family,  # the model name alone does not tell CPU generations apart in a VM ("AMD EPYC")
+        "vector": "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "older",
         "bf16": ", ".join(bf16) if bf16 else "no",
         "amx": ", ".join(amx) if amx else "no",
         "memory_gb": _memory_gb(),

@@ -131,10 +131,11 @@ def environment_markdown(env: dict[str, Any]) -> str:
     gpu_text = f"{gpu.get('name')} (driver {gpu.get('driver')})" if gpu.get("name") else "none"
     git = env.get("git", {})
     commit = (git.get("commit") or "unknown")[:12] + (" (with uncommitted changes)" if git.get("dirty") else "")
+    family = f" ({cpu['family']})" if cpu.get("family") else ""
     text = (
-        f"Machine: {cpu.get('model', 'unknown CPU')}, {cpu.get('logical_cpus')} logical CPUs "
-        f"({cpu.get('usable_cpus')} usable), {env.get('threads')} threads; bf16: {cpu.get('bf16')}, "
-        f"AMX: {cpu.get('amx')}; GPU: {gpu_text}. Software: {versions}. Commit: {commit}."
+        f"Machine: {cpu.get('model', 'unknown CPU')}{family}, {cpu.get('logical_cpus')} logical CPUs "
+        f"({cpu.get('usable_cpus')} usable), {env.get('threads')} threads; vector: {cpu.get('vector', 'unknown')}, "
+        f"bf16: {cpu.get('bf16')}, AMX: {cpu.get('amx')}; GPU: {gpu_text}. Software: {versions}. Commit: {commit}."
     )
     rates = env.get("matmul_gflops") or {}
     if rates.get("before"):

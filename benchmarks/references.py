@@ -14,23 +14,29 @@ E2E = [
 ]
 
 # The official code's end-to-end CPU time (2 threads, full-size R-50, 36 frames 360x640) per CPU kind: the
-# vendor in the model name and the instructions that decide its speed (a figure from an AVX-512 machine says
-# nothing about an AVX2-only one of the same vendor). Machines of one kind still differ: measure the official
-# code beside ours and pass its time with --official-s-per-frame where that matters.
+# vendor in the model name and what decides its speed — the bf16 / AMX instructions, else the vector width and
+# the CPU family (a figure from an AVX-512 machine says nothing about an AVX2-only one of the same vendor, nor
+# one Zen generation about another). Machines of one kind still differ: measure the official code beside ours
+# and pass its time with --official-s-per-frame where that matters.
 OFFICIAL_CPU_S_PER_FRAME = [
-    {"vendor": "Intel", "needs": "amx", "s_per_frame": 1.935,
+    {"vendor": "Intel", "needs": {"amx": "amx"}, "s_per_frame": 1.935,
      "text": "official code on an Intel Xeon with AMX, 1.87–2.00 s/frame (another run)"},
-    {"vendor": "AMD", "needs": "avx512_bf16", "s_per_frame": 2.79,
+    {"vendor": "AMD", "needs": {"bf16": "avx512_bf16"}, "s_per_frame": 2.79,
      "text": "official code on an AMD EPYC with AVX-512-BF16, 2.79 s/frame (another run)"},
+    {"vendor": "AMD", "needs": {"vector": "avx2", "family": "family 23 model 49"}, "s_per_frame": 2.156,
+     "text": "official code on an AMD EPYC Zen 2 (family 23 model 49, AVX2 only), 2.11–2.33 s/frame, median "
+             "of 3 runs with the same weights and clip (6 Dec 2026)"},
 ]
 
 
 def official_cpu_figure(cpu: dict) -> tuple[float, str] | None:
     """The official code's s/frame on a CPU of this kind (``environment.cpu_info()``'s dict), or None."""
     model = (cpu.get("model") or "").lower()
-    flags = f"{cpu.get('bf16', '')} {cpu.get('amx', '')}"
     for figure in OFFICIAL_CPU_S_PER_FRAME:
-        if figure["vendor"].lower() in model and figure["needs"] in flags:
+        if figure["vendor"].lower() in model and all(
+            (cpu.get(key) or "") == want if key in ("vector", "family") else want in (cpu.get(key) or "")
+            for key, want in figure["needs"].items()
+        ):
             return figure["s_per_frame"], figure["text"]
     return None
 
