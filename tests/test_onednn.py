@@ -9,9 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vita_train.modeling import onednn
 from vita_train.modeling.onednn import PackedLinear, bf16_supported, exporting, needs_plain_ops
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+
+
+@pytest.fixture(params=["matmul", "conv"])
+def fp32_form(request, monkeypatch) -> str:
+    """Each fp32 form of the packed call, whichever this CPU takes by default (``fp32_linear_as_conv``)."""
+    monkeypatch.setattr(onednn, "fp32_linear_as_conv", lambda: request.param == "conv")
+    return request.param
 
 
 def _layer(cin: int = 256, cout: int = 1024, bias: bool = True) -> PackedLinear:
@@ -32,7 +40,7 @@ def _plain(layer: PackedLinear, x: torch.Tensor, relu: bool) -> torch.Tensor:
 @pytest.mark.parametrize("shape", [(5040, 256), (1, 977, 256), (2, 33, 256), (1, 256)])
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-def test_packed_linear_equals_the_plain_linear(shape, relu, bias):
+def test_packed_linear_equals_the_plain_linear(shape, relu, bias, fp32_form):
     layer = _layer(bias=bias)
     x = torch.randn(*shape)
     with torch.no_grad():
@@ -41,7 +49,7 @@ def test_packed_linear_equals_the_plain_linear(shape, relu, bias):
         want = _plain(layer, x, relu)
         plain32 = F.linear(x, layer.weight, layer.bias)
         plain32 = plain32.relu() if relu else plain32
-    assert layer.pack.packed, "the fast path did not run"
+    assert layer.pack.form == fp32_form, "the fast path did not run"
     assert got.shape == want.shape and got.dtype == torch.float32
     scale = want.abs().max().item()
     fast_err = (got.double() - want).abs().max().item() / scale
@@ -50,7 +58,7 @@ def test_packed_linear_equals_the_plain_linear(shape, relu, bias):
 
 
 @needs_onednn
-def test_packed_linear_takes_strided_input_and_follows_weight_changes():
+def test_packed_linear_takes_strided_input_and_follows_weight_changes(fp32_form):
     layer = _layer()
     x = torch.randn(256, 40).t()  # not contiguous
     with torch.no_grad():
@@ -128,7 +136,7 @@ def test_bf16_packed_linear_equals_the_plain_bf16_linear(relu):
 
 @needs_onednn
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_residual_is_added_inside_the_call(dtype):
+def test_residual_is_added_inside_the_call(dtype, fp32_form):
     """forward(x, residual=r) == linear(x) + r, fused or not (a strided residual takes the separate add)."""
     if dtype == torch.bfloat16 and not bf16_supported():
         pytest.skip("this CPU has no bf16 instructions")
@@ -202,3 +210,19 @@ def test_autocast_keeps_the_plain_op():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(torch.randn(4, 16))
     assert out.dtype == torch.bfloat16 and not layer.pack.packed
+
+
+@needs_onednn
+def test_fp32_forms_agree_and_the_conv_form_is_the_avx2_default(monkeypatch):
+    """The 1x1-convolution form runs where the CPU's widest vectors are AVX2 (faster there), the matmul form
+    elsewhere; on the encoder's shapes the two agree to float32 rounding."""
+    assert onednn.fp32_linear_as_conv() == (torch.backends.cpu.get_cpu_capability() == "AVX2")
+    layer, x, r = _layer(1024, 256), torch.randn(1, 4760, 1024), torch.randn(1, 4760, 256)
+    got = {}
+    with torch.no_grad():
+        for form in ("matmul", "conv"):
+            monkeypatch.setattr(onednn, "fp32_linear_as_conv", lambda f=form: f == "conv")
+            got[form] = (layer(x), layer(x, relu=True), layer(x, residual=r))
+            assert layer.pack.form == form  # switching forms repacks
+    for a, b in zip(got["matmul"], got["conv"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

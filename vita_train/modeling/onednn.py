@@ -33,6 +33,17 @@ def bf16_supported() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+@functools.lru_cache(maxsize=1)
+def fp32_linear_as_conv() -> bool:
+    """True where float32 linears run fastest as oneDNN 1x1 convolutions: CPUs whose widest vectors are AVX2.
+
+    There oneDNN's 1x1-convolution kernels (brgconv_1x1) ran the encoder's linears (4760 rows of 256 -> 1024,
+    1024 -> 256, 256 -> 256 and 256 -> 96) at 186-199 GFLOP/s, its matmul kernels and MKL's at 138-150 (AMD
+    EPYC Zen 2, 2 threads). On AVX-512 and AMX machines the matmul path was measured and is kept.
+    """
+    return torch.backends.cpu.get_cpu_capability() == "AVX2"
+
+
 class PackedWeight:
     """One linear weight's oneDNN layout, packed on first use and again whenever the weight or bias changes.
 
@@ -59,6 +70,11 @@ class PackedWeight:
         """True once a packed weight is held."""
         return self._packed is not None
 
+    @property
+    def form(self) -> Optional[str]:
+        """The oneDNN call of the packed weight held: "conv" (a 1x1 convolution), "matmul", or None."""
+        return None if self._packed is None else "conv" if self._packed[0][-1] == "conv" else "matmul"
+
     def usable(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
         """True where the packed call may replace ``F.linear(x, weight, bias)``: CPU inference, fp32 or native bf16."""
         if needs_plain_ops(x, weight) or torch.is_autocast_enabled("cpu"):  # first: a tracer must not see the
@@ -82,6 +98,8 @@ class PackedWeight:
         params = (weight,) if bias is None else (weight, bias)
         # a slice of a parameter is a new tensor per call: key on its storage, offset and the version
         key = tuple((p.untyped_storage().data_ptr(), p.storage_offset(), p.shape, p.dtype, p._version) for p in params)
+        if x.dtype == torch.float32 and fp32_linear_as_conv():
+            return self._as_conv((*key, "conv"), x, weight, bias, relu, residual)
         if self._packed is None or self._packed[0] != key:
             rows = max(1, x.numel() // weight.shape[1])
             self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows))
@@ -93,6 +111,29 @@ class PackedWeight:
                 return torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed, bias, "add")
             return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "").add_(residual)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "relu" if relu else "none", [], "")
+
+    def _as_conv(self, key: tuple, x: Tensor, weight: Tensor, bias: Optional[Tensor], relu: bool,
+                 residual: Optional[Tensor]) -> Tensor:
+        """``linear`` as a 1x1 convolution (``fp32_linear_as_conv``): rows of ``x`` are the pixels of a
+        channels-last (1, in, rows, 1) image, so neither input nor output is copied."""
+        rows, cin, cout = x.numel() // x.shape[-1], x.shape[-1], weight.shape[0]
+        image = x.contiguous().view(1, rows, 1, cin).permute(0, 3, 1, 2)
+        if self._packed is None or self._packed[0] != key:
+            kernel = weight.detach().view(cout, cin, 1, 1).contiguous(memory_format=torch.channels_last)
+            self._packed = (key, torch.ops.mkldnn._reorder_convolution_weight(
+                kernel, [0, 0], [1, 1], [1, 1], 1, list(image.shape)))
+        packed, zeros, ones = self._packed[1], [0, 0], [1, 1]
+        if (residual is not None and residual.dtype == x.dtype and residual.is_contiguous()
+                and residual.shape == (*x.shape[:-1], cout)):
+            out = torch.ops.mkldnn._convolution_pointwise.binary(
+                image, residual.view(1, rows, 1, cout).permute(0, 3, 1, 2), packed, bias, zeros, ones, ones, 1,
+                "add", 1.0, None, [], None)
+            residual = None
+        else:
+            out = torch.ops.mkldnn._convolution_pointwise(
+                image, packed, bias, zeros, ones, ones, 1, "relu" if relu else "none", [], "")
+        out = out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], cout)
+        return out if residual is None else out.add_(residual)
 
 
 class PackedLinear(nn.Linear):
