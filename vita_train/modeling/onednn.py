@@ -9,7 +9,7 @@ tests hold the fast path to.
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -100,10 +100,8 @@ class PackedWeight:
         key = tuple((p.untyped_storage().data_ptr(), p.storage_offset(), p.shape, p.dtype, p._version) for p in params)
         if x.dtype == torch.float32 and fp32_linear_as_conv():
             return self._as_conv((*key, "conv"), x, weight, bias, relu, residual)
-        if self._packed is None or self._packed[0] != key:
-            rows = max(1, x.numel() // weight.shape[1])
-            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows))
-        packed = self._packed[1]
+        rows = max(1, x.numel() // weight.shape[1])
+        packed = self._cached(key, lambda: torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows))
         if residual is not None:
             if (residual.dtype == x.dtype and residual.is_contiguous()
                     and residual.shape == (*x.shape[:-1], weight.shape[0])):
@@ -112,17 +110,22 @@ class PackedWeight:
             return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "").add_(residual)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "relu" if relu else "none", [], "")
 
+    def _cached(self, key: tuple, pack: Callable[[], Tensor]) -> Tensor:
+        """The packed weight held for ``key``, packed anew by ``pack()`` when the key changed."""
+        if self._packed is None or self._packed[0] != key:
+            self._packed = (key, pack())
+        return self._packed[1]
+
     def _as_conv(self, key: tuple, x: Tensor, weight: Tensor, bias: Optional[Tensor], relu: bool,
                  residual: Optional[Tensor]) -> Tensor:
         """``linear`` as a 1x1 convolution (``fp32_linear_as_conv``): rows of ``x`` are the pixels of a
         channels-last (1, in, rows, 1) image, so neither input nor output is copied."""
         rows, cin, cout = x.numel() // x.shape[-1], x.shape[-1], weight.shape[0]
         image = x.contiguous().view(1, rows, 1, cin).permute(0, 3, 1, 2)
-        if self._packed is None or self._packed[0] != key:
-            kernel = weight.detach().view(cout, cin, 1, 1).contiguous(memory_format=torch.channels_last)
-            self._packed = (key, torch.ops.mkldnn._reorder_convolution_weight(
-                kernel, [0, 0], [1, 1], [1, 1], 1, list(image.shape)))
-        packed, zeros, ones = self._packed[1], [0, 0], [1, 1]
+        zeros, ones = [0, 0], [1, 1]
+        packed = self._cached(key, lambda: torch.ops.mkldnn._reorder_convolution_weight(
+            weight.detach().reshape(cout, cin, 1, 1).contiguous(memory_format=torch.channels_last),
+            zeros, ones, ones, 1, list(image.shape)))
         if (residual is not None and residual.dtype == x.dtype and residual.is_contiguous()
                 and residual.shape == (*x.shape[:-1], cout)):
             out = torch.ops.mkldnn._convolution_pointwise.binary(
