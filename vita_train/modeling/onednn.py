@@ -44,6 +44,12 @@ def fp32_linear_as_conv() -> bool:
     return torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 
+def _fusable(residual: Tensor, x: Tensor, out_features: int) -> bool:
+    """True where oneDNN can add ``residual`` inside the packed call: the output's dtype, shape and layout."""
+    return (residual.dtype == x.dtype and residual.is_contiguous()
+            and residual.shape == (*x.shape[:-1], out_features))
+
+
 class PackedWeight:
     """One linear weight's oneDNN layout, packed on first use and again whenever the weight or bias changes.
 
@@ -103,8 +109,7 @@ class PackedWeight:
         rows = max(1, x.numel() // weight.shape[1])
         packed = self._cached(key, lambda: torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows))
         if residual is not None:
-            if (residual.dtype == x.dtype and residual.is_contiguous()
-                    and residual.shape == (*x.shape[:-1], weight.shape[0])):
+            if _fusable(residual, x, weight.shape[0]):
                 # the add happens on each output tile while it is in cache: no second pass over the output
                 return torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed, bias, "add")
             return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "").add_(residual)
@@ -126,8 +131,7 @@ class PackedWeight:
         packed = self._cached(key, lambda: torch.ops.mkldnn._reorder_convolution_weight(
             weight.detach().reshape(cout, cin, 1, 1).contiguous(memory_format=torch.channels_last),
             zeros, ones, ones, 1, list(image.shape)))
-        if (residual is not None and residual.dtype == x.dtype and residual.is_contiguous()
-                and residual.shape == (*x.shape[:-1], cout)):
+        if residual is not None and _fusable(residual, x, cout):
             out = torch.ops.mkldnn._convolution_pointwise.binary(
                 image, residual.view(1, rows, 1, cout).permute(0, 3, 1, 2), packed, bias, zeros, ones, ones, 1,
                 "add", 1.0, None, [], None)
