@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -20,7 +21,7 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCE = _CSRC / "ms_deform_attn_cpu.cpp"
+_SOURCES = (_CSRC / "ms_deform_attn_cpu.cpp", _CSRC / "winograd_cpu.cpp")
 _HEADERS = (_CSRC / "ms_deform_attn_core.h", _CSRC / "fast_math.h")
 # instruction sets by torch's own CPU capability: never -march=native, which would tie a cached build to
 # instructions (AMX, AVX-512-BF16) another CPU sharing the cache directory may lack
@@ -44,7 +45,7 @@ def _library() -> bool:
             cpp_extension.load(
                 # the header's hash in the name: torch rebuilds on a changed source file, not on a changed header
                 name=f"vita_kernels_cpu_{capability.lower()}_{_header_digest()}",
-                sources=[str(_SOURCE)],
+                sources=[str(x) for x in _SOURCES],
                 # no trapping math, as the torch-free builds (runtime/native_build.BASE_FLAGS): the tap positions'
                 # floor and integer conversions vectorise; values are unchanged
                 extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math", *_ISA_FLAGS.get(capability, [])],
@@ -98,3 +99,20 @@ def ms_deform_attn_from_projections(
     flat = [int(s) for hw in shapes for s in hw]
     refs = reference_points.to(torch.float32).contiguous()
     return torch.ops.vita_kernels.msda_fused(value.contiguous(), flat, refs, offsets, logits, levels, points)
+
+
+def winograd_input(x: Tensor, tile: int) -> Tensor:
+    """Channels-last float32 (N, C, H, W) -> (tiles, (tile+2)^2, C): every tile x tile output block's 3x3-conv
+    input window (padding 1) in the Winograd domain, B^T d B."""
+    if not available():
+        raise RuntimeError("the native CPU kernels are not available here; check kernels.native.available() first")
+    return torch.ops.vita_kernels.winograd_input(x, tile)
+
+
+def winograd_output(products: Tensor, bias: Optional[Tensor], relu: bool, size: tuple[int, int, int], tile: int) -> Tensor:
+    """(tiles, (tile+2)^2, C) Winograd-domain products -> channels-last (N, C, H, W) for ``size`` = (N, H, W):
+    A^T m A per tile, plus ``bias``, then ReLU when ``relu``."""
+    if not available():
+        raise RuntimeError("the native CPU kernels are not available here; check kernels.native.available() first")
+    n, h, w = size
+    return torch.ops.vita_kernels.winograd_output(products, bias, relu, n, h, w, tile)

@@ -11,6 +11,8 @@ from .onednn import PackedLinear
 from .position_encoding import SinePositionCache
 from .precision import pixel_decoder_reduced
 from .transformer_layers import xavier_init
+from .winograd import WinogradWeight
+from .winograd import usable as winograd_usable
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -76,10 +78,29 @@ class ConvGN(nn.Module):
         self.norm = nn.GroupNorm(groups, cout)
         self.padding = kernel // 2
         self.relu = relu
+        # a 3x3 may run as Winograd (vita_train/modeling/winograd.py) unless kernels == "reference"
+        self.kernels = "auto"
+        self._winograd = WinogradWeight()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_winograd"] = WinogradWeight()  # the packed weight has no storage to copy
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # pickled before the Winograd path existed
+        self.__dict__.setdefault("kernels", "auto")
+        self.__dict__.setdefault("_winograd", WinogradWeight())
 
     def forward(self, x: Tensor) -> Tensor:
         """Conv, GroupNorm, optional ReLU."""
-        x = self.norm(F.conv2d(x, self.weight, None, 1, self.padding))
+        if winograd_usable(x, self.weight, 1, self.padding, self.kernels):
+            key = (id(self.weight), self.weight._version, self.weight.device)
+            x = self._winograd.conv(x, key, lambda: (self.weight, None))
+        else:
+            x = F.conv2d(x, self.weight, None, 1, self.padding)
+        x = self.norm(x)
         return F.relu(x) if self.relu else x
 
 

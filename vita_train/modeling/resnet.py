@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .onednn import needs_plain_ops
+from .winograd import WinogradWeight
+from .winograd import usable as winograd_usable
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -43,12 +45,22 @@ class ConvNorm(nn.Module):
         # inference the weight is held only in oneDNN's packed layout (one copy beside the parameters)
         self._folded: Optional[tuple[tuple, Tensor, Optional[Tensor]]] = None
         self._packed: Optional[tuple[tuple, Tensor, Optional[Tensor]]] = None
+        # a stride-1 3x3 may run as Winograd (vita_train/modeling/winograd.py) unless kernels == "reference"
+        self.kernels = "auto"
+        self._winograd = WinogradWeight()
 
     def __getstate__(self) -> dict:
         # copies and pickles leave the caches behind: a packed oneDNN weight has no storage to copy
         state = self.__dict__.copy()
         state["_folded"] = state["_packed"] = None
+        state["_winograd"] = WinogradWeight()
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # pickled before the Winograd path existed
+        self.__dict__.setdefault("kernels", "auto")
+        self.__dict__.setdefault("_winograd", WinogradWeight())
 
     def _key(self, dtype: torch.dtype) -> tuple:
         n = self.norm
@@ -96,8 +108,10 @@ class ConvNorm(nn.Module):
             out = self(x)
             out = out if residual is None else out.add_(residual)
             return F.relu_(out) if relu else out
-        pad, stride = [self.padding] * 2, [self.stride] * 2
         key = self._key(x.dtype)
+        if residual is None and winograd_usable(x, self.weight, self.stride, self.padding, self.kernels):
+            return self._winograd.conv(x, key, lambda: self._fold(x.dtype), relu)
+        pad, stride = [self.padding] * 2, [self.stride] * 2
         if self._packed is None or self._packed[0] != key:
             weight, bias = self._fold(x.dtype)
             packed = torch.ops.mkldnn._reorder_convolution_weight(weight, pad, stride, [1, 1], 1, list(x.shape))

@@ -14,9 +14,9 @@ from kernels import check_mode
 from ..config import ModelConfig
 from .frame_decoder import MaskedAttentionDecoder
 from .ms_deform_attn import MSDeformAttn
-from .pixel_decoder import MSDeformAttnPixelDecoder
+from .pixel_decoder import ConvGN, MSDeformAttnPixelDecoder
 from .precision import detector_dtype
-from .resnet import ResNet
+from .resnet import ConvNorm, ResNet
 from .swin import SwinTransformer
 from .vita_module import VitaModule, VitaOutput
 
@@ -83,9 +83,10 @@ class VitaModel(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(inp.pixel_std).view(1, -1, 1, 1), persistent=False)
 
     def set_kernels(self, mode: str) -> None:
-        """Run every attention that has a fused form with kernels ``mode``: "auto" | "reference" | "triton"."""
+        """Run every attention and convolution that has a fast form with kernels ``mode``: "auto" | "reference" |
+        "triton" ("reference": the plain PyTorch ops, e.g. direct instead of Winograd convolutions)."""
         for module in self.modules():
-            if isinstance(module, (MSDeformAttn, VitaModule)):
+            if isinstance(module, (MSDeformAttn, VitaModule, ConvNorm, ConvGN)):
                 module.kernels = check_mode(mode)
 
     def normalize_and_pad(self, images: Tensor) -> Tensor:

@@ -1,0 +1,198 @@
+// Winograd transforms for 3x3, stride-1, padding-1 convolutions on the CPU, as torch operators
+// (``torch.ops.vita_kernels.winograd_input`` / ``winograd_output``). The Python side
+// (vita_train/modeling/winograd.py) multiplies the transformed tiles by the transformed weights with one
+// grouped 1x1 oneDNN convolution in between. F(2x2,3x3) and F(4x4,3x3), Lavin & Gray's matrices
+// (interpolation points 0, +-1, +-2 and infinity). Float32, channels-last, no autograd.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+namespace {
+
+// channels handled per step: two AVX2 (one AVX-512) vectors, the loops below vectorise over them
+constexpr int64_t kBlock = 16;
+
+// B^T applied along one axis of the (m + 2)-point input window; d and r step by ds and rs floats
+template <int M>
+inline void input_axis(const float* d, int64_t ds, float* r, int64_t rs);
+
+template <>
+inline void input_axis<2>(const float* d, int64_t ds, float* r, int64_t rs) {
+#pragma omp simd
+  for (int64_t c = 0; c < kBlock; ++c) {
+    const float d0 = d[c], d1 = d[ds + c], d2 = d[2 * ds + c], d3 = d[3 * ds + c];
+    r[c] = d0 - d2;
+    r[rs + c] = d1 + d2;
+    r[2 * rs + c] = d2 - d1;
+    r[3 * rs + c] = d1 - d3;
+  }
+}
+
+template <>
+inline void input_axis<4>(const float* d, int64_t ds, float* r, int64_t rs) {
+#pragma omp simd
+  for (int64_t c = 0; c < kBlock; ++c) {
+    const float d0 = d[c], d1 = d[ds + c], d2 = d[2 * ds + c];
+    const float d3 = d[3 * ds + c], d4 = d[4 * ds + c], d5 = d[5 * ds + c];
+    r[c] = 4.f * d0 - 5.f * d2 + d4;
+    r[rs + c] = -4.f * (d1 + d2) + d3 + d4;
+    r[2 * rs + c] = 4.f * (d1 - d2) - d3 + d4;
+    r[3 * rs + c] = 2.f * (d3 - d1) - d2 + d4;
+    r[4 * rs + c] = 2.f * (d1 - d3) - d2 + d4;
+    r[5 * rs + c] = 4.f * d1 - 5.f * d3 + d5;
+  }
+}
+
+// A^T applied along one axis: (m + 2) products -> m outputs
+template <int M>
+inline void output_axis(const float* p, int64_t ps, float* o, int64_t os);
+
+template <>
+inline void output_axis<2>(const float* p, int64_t ps, float* o, int64_t os) {
+#pragma omp simd
+  for (int64_t c = 0; c < kBlock; ++c) {
+    const float p0 = p[c], p1 = p[ps + c], p2 = p[2 * ps + c], p3 = p[3 * ps + c];
+    o[c] = p0 + p1 + p2;
+    o[os + c] = p1 - p2 - p3;
+  }
+}
+
+template <>
+inline void output_axis<4>(const float* p, int64_t ps, float* o, int64_t os) {
+#pragma omp simd
+  for (int64_t c = 0; c < kBlock; ++c) {
+    const float p0 = p[c], p1 = p[ps + c], p2 = p[2 * ps + c];
+    const float p3 = p[3 * ps + c], p4 = p[4 * ps + c], p5 = p[5 * ps + c];
+    const float s12 = p1 + p2, d12 = p1 - p2, s34 = p3 + p4, d34 = p3 - p4;
+    o[c] = p0 + s12 + s34;
+    o[os + c] = d12 + 2.f * d34;
+    o[2 * os + c] = s12 + 4.f * s34;
+    o[3 * os + c] = d12 + 8.f * d34 + p5;
+  }
+}
+
+// x (N, H, W, C) -> v (tiles, (m+2)^2, C): each m x m output tile's input window (zero outside the image)
+template <int M>
+void transform_input(const float* x, int64_t n, int64_t h, int64_t w, int64_t c, float* v) {
+  constexpr int K = M + 2, P = K * K;
+  const int64_t th = (h + M - 1) / M, tw = (w + M - 1) / M;
+  at::parallel_for(0, n * th * tw, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float window[P * kBlock];
+    alignas(64) float rows[P * kBlock];
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t b = tile / (th * tw), ty = (tile / tw) % th, tx = tile % tw;
+      const int64_t y0 = ty * M - 1, x0 = tx * M - 1;
+      float* out = v + tile * P * c;
+      for (int64_t cb = 0; cb < c; cb += kBlock) {
+        for (int i = 0; i < K; ++i) {
+          const int64_t yy = y0 + i;
+          for (int j = 0; j < K; ++j) {
+            const int64_t xx = x0 + j;
+            float* dst = window + (i * K + j) * kBlock;
+            if (yy >= 0 && yy < h && xx >= 0 && xx < w) {
+              const float* src = x + ((b * h + yy) * w + xx) * c + cb;
+#pragma omp simd
+              for (int64_t k = 0; k < kBlock; ++k) dst[k] = src[k];
+            } else {
+#pragma omp simd
+              for (int64_t k = 0; k < kBlock; ++k) dst[k] = 0.f;
+            }
+          }
+        }
+        for (int j = 0; j < K; ++j) input_axis<M>(window + j * kBlock, K * kBlock, rows + j * kBlock, K * kBlock);
+        for (int i = 0; i < K; ++i) input_axis<M>(rows + i * K * kBlock, kBlock, out + i * K * c + cb, c);
+      }
+    }
+  });
+}
+
+// p (tiles, (m+2)^2, C) -> y (N, H, W, C): A^T p A per tile, plus bias, then ReLU when asked
+template <int M>
+void transform_output(const float* p, const float* bias, bool relu, int64_t n, int64_t h, int64_t w, int64_t c,
+                      float* y) {
+  constexpr int K = M + 2, P = K * K;
+  const int64_t th = (h + M - 1) / M, tw = (w + M - 1) / M;
+  const float floor = relu ? 0.f : -std::numeric_limits<float>::infinity();
+  at::parallel_for(0, n * th * tw, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float cols[M * K * kBlock];
+    alignas(64) float tile_out[M * M * kBlock];
+    alignas(64) float zeros[kBlock] = {};
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t b = tile / (th * tw), ty = (tile / tw) % th, tx = tile % tw;
+      const float* src = p + tile * P * c;
+      for (int64_t cb = 0; cb < c; cb += kBlock) {
+        for (int j = 0; j < K; ++j) output_axis<M>(src + j * c + cb, K * c, cols + j * kBlock, K * kBlock);
+        for (int i = 0; i < M; ++i) output_axis<M>(cols + i * K * kBlock, kBlock, tile_out + i * M * kBlock, kBlock);
+        const float* bb = bias ? bias + cb : zeros;
+        for (int i = 0; i < M && ty * M + i < h; ++i) {
+          for (int j = 0; j < M && tx * M + j < w; ++j) {
+            float* dst = y + ((b * h + ty * M + i) * w + tx * M + j) * c + cb;
+            const float* o = tile_out + (i * M + j) * kBlock;
+#pragma omp simd
+            for (int64_t k = 0; k < kBlock; ++k) dst[k] = std::max(o[k] + bb[k], floor);
+          }
+        }
+      }
+    }
+  });
+}
+
+void check_tile(int64_t tile) {
+  TORCH_CHECK(tile == 2 || tile == 4, "the Winograd tile must be 2 or 4 (F(2x2,3x3) or F(4x4,3x3)), got ", tile);
+}
+
+at::Tensor winograd_input(const at::Tensor& x, int64_t tile) {
+  check_tile(tile);
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "winograd_input takes a channels-last float32 (N, C, H, W) tensor");
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  TORCH_CHECK(c % kBlock == 0, "winograd_input needs a multiple of 16 channels, got ", c);
+  const int64_t tiles = n * ((h + tile - 1) / tile) * ((w + tile - 1) / tile);
+  at::Tensor v = at::empty({tiles, (tile + 2) * (tile + 2), c}, x.options());
+  if (tile == 2) {
+    transform_input<2>(x.data_ptr<float>(), n, h, w, c, v.data_ptr<float>());
+  } else {
+    transform_input<4>(x.data_ptr<float>(), n, h, w, c, v.data_ptr<float>());
+  }
+  return v;
+}
+
+at::Tensor winograd_output(const at::Tensor& p, const c10::optional<at::Tensor>& bias, bool relu, int64_t n,
+                           int64_t h, int64_t w, int64_t tile) {
+  check_tile(tile);
+  TORCH_CHECK(p.dim() == 3 && p.scalar_type() == at::kFloat && p.is_contiguous(),
+              "winograd_output takes a contiguous float32 (tiles, points, C) tensor");
+  const int64_t c = p.size(2);
+  TORCH_CHECK(p.size(0) == n * ((h + tile - 1) / tile) * ((w + tile - 1) / tile) && p.size(1) == (tile + 2) * (tile + 2),
+              "winograd_output: the products' shape does not match the output size and tile");
+  TORCH_CHECK(c % kBlock == 0, "winograd_output needs a multiple of 16 channels, got ", c);
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == c && bias->scalar_type() == at::kFloat, "winograd_output: float32 bias of C values");
+    b = bias->contiguous();
+  }
+  at::Tensor y = at::empty({n, c, h, w}, p.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  if (tile == 2) {
+    transform_output<2>(p.data_ptr<float>(), bp, relu, n, h, w, c, y.data_ptr<float>());
+  } else {
+    transform_output<4>(p.data_ptr<float>(), bp, relu, n, h, w, c, y.data_ptr<float>());
+  }
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(vita_kernels, m) {
+  m.def("winograd_input(Tensor x, int tile) -> Tensor");
+  m.def("winograd_output(Tensor products, Tensor? bias, bool relu, int n, int h, int w, int tile) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(vita_kernels, CPU, m) {
+  m.impl("winograd_input", &winograd_input);
+  m.impl("winograd_output", &winograd_output);
+}

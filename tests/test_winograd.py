@@ -1,0 +1,185 @@
+"""Winograd 3x3 convolutions (vita_train/modeling/winograd.py) equal the direct convolution they replace."""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import native
+from vita_train.modeling import winograd
+from vita_train.modeling.pixel_decoder import ConvGN
+from vita_train.modeling.resnet import ConvNorm
+
+SHAPES = [(2, 16, 7, 9), (1, 64, 13, 5), (1, 32, 8, 8), (1, 16, 1, 1)]
+
+
+def _require_native():
+    if not native.available():
+        if os.environ.get("CI") == "true":
+            pytest.fail("the native CPU kernels did not build under CI (a C++ compiler is expected there)")
+        pytest.skip("the native CPU kernels could not be built here (no C++ compiler?)")
+
+
+@pytest.fixture
+def winograd_here(monkeypatch):
+    """The Winograd path taken wherever it applies, on every CPU kind (by default only AVX2-only CPUs take it)."""
+    _require_native()
+    monkeypatch.setattr(winograd, "winograd_cpu", lambda: True)
+
+
+def _case(shape, cout: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
+    weight = torch.randn(cout, c, 3, 3, generator=g, dtype=torch.float64) / (3 * c**0.5)
+    bias = torch.randn(cout, generator=g, dtype=torch.float64)
+    return x, weight, bias
+
+
+def _errors(got: torch.Tensor, x, weight, bias, relu: bool) -> tuple[float, float]:
+    """(got's, the direct float32 convolution's) largest error against float64, relative to the output's scale."""
+    want = F.conv2d(x, weight, bias, padding=1)
+    direct = F.conv2d(x.float(), weight.float(), bias.float(), padding=1).double()
+    if relu:
+        want, direct = want.relu(), direct.relu()
+    scale = want.abs().max().item()
+    return (got.double() - want).abs().max().item() / scale, (direct - want).abs().max().item() / scale
+
+
+@pytest.mark.parametrize("tile", [2, 4])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_reference_transforms_are_exact_in_float64(tile, shape):
+    x, weight, bias = _case(shape, 32)
+    got = winograd.reference_conv(x, weight, bias, tile)
+    torch.testing.assert_close(got, F.conv2d(x, weight, bias, padding=1), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("tile", [2, 4])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("relu", [False, True])
+def test_the_kernels_are_as_accurate_as_the_direct_convolution(tile, shape, relu, monkeypatch):
+    """Against float64: F(2x2) within 2x the direct float32 convolution's error (or 1e-6 of the output's scale),
+    F(4x4) within 10x (or 1e-5: its larger transform coefficients cost about one decimal digit)."""
+    _require_native()
+    monkeypatch.setattr(winograd, "tile_for", lambda cin, cout: tile)
+    x, weight, bias = _case(shape, 48)
+    conv = winograd.WinogradWeight()
+    with torch.no_grad():
+        got = conv.conv(x.float().contiguous(memory_format=torch.channels_last), ("k",),
+                        lambda: (weight.float(), bias.float()), relu=relu)
+    assert conv.tile == tile
+    assert got.shape == (shape[0], 48, *shape[2:]) and got.dtype == torch.float32
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    err, direct_err = _errors(got, x, weight, bias, relu)
+    factor, floor = {2: (2, 1e-6), 4: (10, 1e-5)}[tile]
+    assert err <= max(factor * direct_err, floor), (err, direct_err)
+    # and the kernels are the reference's transforms: float32 reference within float32 noise of them
+    ref = winograd.reference_conv(x.float(), weight.float(), bias.float(), tile)
+    torch.testing.assert_close(got, ref.relu() if relu else ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_wrong_transform_is_caught(monkeypatch):
+    """Negative control: the accuracy bound above fails for one Winograd point's weights 0.1% off."""
+    _require_native()
+    real = winograd.transform_weight
+
+    def off(weight, tile):
+        u = real(weight, tile).clone()
+        n = u.shape[0] // (tile + 2) ** 2
+        u[5 * n : 6 * n] *= 1.001
+        return u
+
+    monkeypatch.setattr(winograd, "transform_weight", off)
+    x, weight, bias = _case((1, 32, 12, 12), 32)
+    with torch.no_grad():
+        got = winograd.WinogradWeight().conv(x.float().contiguous(memory_format=torch.channels_last), ("k",),
+                                              lambda: (weight.float(), bias.float()))
+    err, direct_err = _errors(got, x, weight, bias, False)
+    assert err > max(10 * direct_err, 1e-5), (err, direct_err)
+
+
+def _conv_norm(cin: int = 64, cout: int = 64, stride: int = 1, kernel: int = 3) -> ConvNorm:
+    torch.manual_seed(0)
+    conv = ConvNorm(cin, cout, kernel, stride, kernel // 2).eval()
+    n = conv.norm
+    n.weight.uniform_(0.5, 1.5), n.bias.normal_(), n.running_mean.normal_(), n.running_var.uniform_(0.5, 2)
+    return conv
+
+
+def test_resnet_convolutions_take_it_and_follow_weight_changes(winograd_here):
+    conv = _conv_norm()
+    x = torch.randn(1, 64, 20, 30).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = F.relu(conv(x))  # the plain folded convolution
+        got = conv.forward_fused(x)
+        assert conv._winograd.tile == 4, "the Winograd path did not run"
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        conv.norm.weight.mul_(2)  # a changed statistic must repack
+        torch.testing.assert_close(conv.forward_fused(x), F.relu(conv(x)), rtol=1e-4, atol=1e-4)
+
+
+def test_reference_kernels_gradients_and_other_shapes_keep_the_direct_convolution(winograd_here):
+    x = torch.randn(1, 64, 12, 12).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for conv in (_conv_norm(stride=2), _conv_norm(kernel=1), _conv_norm(cin=24, cout=24)):
+            conv.forward_fused(x[:, : conv.weight.shape[1]])
+            assert conv._winograd.tile is None, conv.weight.shape
+        ref = _conv_norm()
+        ref.kernels = "reference"
+        ref.forward_fused(x)
+        assert ref._winograd.tile is None
+        assert not winograd.usable(x.to(torch.bfloat16), ref.weight.to(torch.bfloat16), 1, 1, "auto")
+    trained = _conv_norm().train()
+    trained.forward_fused(x.requires_grad_()).sum().backward()
+    assert trained._winograd.tile is None and x.grad is not None
+
+
+def test_the_pixel_decoder_convolution_takes_it_and_set_kernels_turns_it_off(winograd_here):
+    from vita_train.modeling.vita_model import VitaModel  # noqa: F401  (set_kernels is VitaModel's)
+
+    torch.manual_seed(0)
+    layer = ConvGN(32, 32, 3, 8, relu=True).eval()
+    x = torch.randn(2, 32, 17, 11).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got = layer(x)
+        assert layer._winograd.tile == 4
+        want = F.relu(layer.norm(F.conv2d(x, layer.weight, None, 1, 1)))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        layer.kernels = "reference"
+        torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
+
+
+def test_copies_and_pickles_leave_the_packed_weight_behind(winograd_here):
+    conv = _conv_norm()
+    x = torch.randn(1, 64, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = conv.forward_fused(x)
+        for other in (copy.deepcopy(conv), pickle.loads(pickle.dumps(conv))):
+            assert other._winograd.tile is None
+            torch.testing.assert_close(other.forward_fused(x), want, rtol=0, atol=0)
+
+
+def test_the_detector_follows_the_plain_convolutions(winograd_here):
+    """A whole R-50 detector: Winograd against kernels="reference" (direct convolutions), mask features and
+    frame logits within float32 noise."""
+    from vita_train.config import ModelConfig
+    from vita_train.modeling.vita_model import VitaModel
+
+    cfg = ModelConfig()
+    cfg.backbone = "resnet"
+    torch.manual_seed(0)
+    model = VitaModel(cfg).eval()
+    images = torch.randint(0, 256, (1, 3, 128, 160), dtype=torch.uint8)
+    with torch.no_grad():
+        fast = model.detect(images)
+        tiles = {m._winograd.tile for m in model.modules() if isinstance(m, (ConvNorm, ConvGN))}
+        model.set_kernels("reference")
+        plain = model.detect(images)
+    assert {2, 4} <= tiles, tiles
+    torch.testing.assert_close(fast.mask_features, plain.mask_features, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast.frame_logits, plain.frame_logits, rtol=1e-3, atol=1e-3)

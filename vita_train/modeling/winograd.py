@@ -1,0 +1,142 @@
+"""3x3 convolutions (stride 1, padding 1) by Winograd's minimal filtering, for float32 CPU inference.
+
+F(m x m, 3x3) computes each m x m output tile from its (m+2) x (m+2) input window as
+``A^T [(G g G^T) * (B^T d B)] A``: the channel sums become (m+2)^2 independent matrix products of the
+transformed tiles by the transformed weights, 4x (m = 4) or 2.25x (m = 2) fewer multiplications than the
+direct convolution. The transforms are compiled kernels (``kernels/csrc/winograd_cpu.cpp``), the products one
+grouped 1x1 oneDNN convolution with the transformed weights packed once.
+
+The result equals the direct convolution up to float rounding. Against a float64 convolution, F(2x2) was
+more accurate than oneDNN's direct float32 convolution and F(4x4) about twice as far off (the detector's mask
+features: 5.0e-6 and 1.3e-5 against 6.6e-6, full-size R-50 at 360x640); ``tests/test_winograd.py`` holds the
+bounds. ``kernels="reference"`` (``VitaModel.set_kernels``) turns it off with the other fast kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+import kernels as kernels_lib
+
+from .onednn import needs_plain_ops
+
+# the weight transforms G (Lavin & Gray; interpolation points 0, +-1, +-2 and infinity), applied in float64
+_G = {
+    2: ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0)),
+    4: ((1 / 4, 0.0, 0.0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+        (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0.0, 0.0, 1.0)),
+}
+# the input transforms B^T and output transforms A^T, for the torch-op reference (the kernels hard-code them)
+_BT = {
+    2: ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+    4: ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
+        (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)),
+}
+_AT = {
+    2: ((1, 1, 1, 0), (0, 1, -1, -1)),
+    4: ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1)),
+}
+# F(4x4) while its transformed weight stays small: at 512 channels (res5) it would hold 36 MB per convolution
+# against F(2x2)'s 16 and measured no faster (3.2 ms either way, against 6.9 direct)
+_LARGE_TILE_MAX_WEIGHTS = 256 * 256
+
+
+@functools.lru_cache(maxsize=1)
+def winograd_cpu() -> bool:
+    """True where float32 3x3 convolutions run as Winograd: CPUs whose widest vectors are AVX2.
+
+    There (AMD EPYC Zen 2, 2 threads) oneDNN's direct convolution ran at ~200 GFLOP/s and the pixel decoder's
+    256-channel 3x3 at 1/4 scale took 89 ms, as Winograd 48; ResNet's stride-1 3x3s went 5.7-6.9 -> 2.1-4.3 ms.
+    AVX-512 and AMX machines keep the direct convolution (not measured there with these kernels).
+    """
+    return torch.backends.cpu.get_cpu_capability() == "AVX2"
+
+
+def tile_for(cin: int, cout: int) -> int:
+    """The output tile m of F(m x m, 3x3) used for a cin -> cout convolution."""
+    return 4 if cin * cout <= _LARGE_TILE_MAX_WEIGHTS else 2
+
+
+def usable(x: Tensor, weight: Tensor, stride: int, padding: int, kernels: str) -> bool:
+    """True where ``conv2d(x, weight, stride=stride, padding=padding)`` may run as Winograd here."""
+    if kernels == "reference" or needs_plain_ops(x, weight) or torch.is_autocast_enabled("cpu"):
+        return False
+    return (weight.shape[-2:] == (3, 3) and stride == 1 and padding == 1 and x.dim() == 4
+            and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.shape[1] % 16 == 0 and weight.shape[0] % 16 == 0 and x.shape[1] == weight.shape[1]
+            and x.numel() > 0 and winograd_cpu() and torch.backends.mkldnn.is_available()
+            and kernels_lib.native.available())
+
+
+def transform_weight(weight: Tensor, tile: int) -> Tensor:
+    """(Cout, Cin, 3, 3) -> ((tile+2)^2 * Cout, Cin, 1, 1): G g G^T per filter, grouped by Winograd point."""
+    g = torch.tensor(_G[tile], dtype=torch.float64, device=weight.device)
+    u = torch.einsum("pk,ockl,ql->pqoc", g, weight.detach().double(), g)
+    return u.reshape(-1, weight.shape[1], 1, 1).to(weight.dtype)
+
+
+def reference_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], tile: int) -> Tensor:
+    """Winograd F(tile x tile, 3x3) written with torch ops, in ``x``'s dtype: the kernels' plain reference."""
+    n, c, h, w = x.shape
+    k = tile + 2
+    th, tw = -(-h // tile), -(-w // tile)
+    bt = torch.tensor(_BT[tile], dtype=x.dtype, device=x.device)
+    at = torch.tensor(_AT[tile], dtype=x.dtype, device=x.device)
+    padded = torch.nn.functional.pad(x, (1, tw * tile + 1 - w, 1, th * tile + 1 - h))
+    windows = padded.unfold(2, k, tile).unfold(3, k, tile)  # (N, C, th, tw, k, k)
+    v = torch.einsum("ai,ncyxij,bj->nyxabc", bt, windows, bt)
+    u = transform_weight(weight, tile).to(x.dtype).view(k, k, weight.shape[0], c)
+    m = torch.einsum("nyxabc,aboc->nyxabo", v, u)
+    y = torch.einsum("ia,nyxabo,jb->noyixj", at, m, at).reshape(n, -1, th * tile, tw * tile)[..., :h, :w]
+    return y if bias is None else y + bias.view(1, -1, 1, 1)
+
+
+class WinogradWeight:
+    """One 3x3 convolution's weight in the Winograd domain, packed for oneDNN on first use and again when it changes."""
+
+    def __init__(self) -> None:
+        # (key, tile, output channels, packed transformed weight, bias)
+        self._packed: Optional[tuple[tuple, int, int, Tensor, Optional[Tensor]]] = None
+
+    def __getstate__(self) -> dict:
+        # a packed oneDNN weight has no storage: copies and pickles leave the cache behind
+        return {"_packed": None}
+
+    @property
+    def tile(self) -> Optional[int]:
+        """The tile of the packed weight held (2 or 4), or None."""
+        return None if self._packed is None else self._packed[1]
+
+    def conv(self, x: Tensor, key: tuple, weights: Callable[[], tuple[Tensor, Optional[Tensor]]],
+             relu: bool = False) -> Tensor:
+        """conv2d(x, weight, bias, padding=1), then ReLU when ``relu``, where ``usable``; channels-last out.
+
+        ``weights()`` gives (weight, bias) and is called only when ``key`` differs from the packed one's.
+        """
+        n, cin, h, w = x.shape
+        if self._packed is None or self._packed[0] != key:
+            weight, bias = weights()
+            tile, cout = tile_for(cin, weight.shape[0]), weight.shape[0]
+            points = (tile + 2) ** 2
+            u = transform_weight(weight, tile).contiguous(memory_format=torch.channels_last)
+            # packed for this input's tile count: with a made-up shape oneDNN picked a layout it then
+            # reordered on every call (3-30x slower); other sizes run with this layout at full speed
+            tiles = n * -(-h // tile) * -(-w // tile)
+            packed = torch.ops.mkldnn._reorder_convolution_weight(
+                u, [0, 0], [1, 1], [1, 1], points, [1, points * cin, tiles, 1])
+            self._packed = (key, tile, cout, packed, None if bias is None else bias.detach().float().contiguous())
+        _, tile, cout, packed, bias = self._packed
+        points = (tile + 2) ** 2
+        v = kernels_lib.native.winograd_input(x.contiguous(memory_format=torch.channels_last), tile)
+        tiles = v.shape[0]
+        # the tiles are the pixels of a channels-last (1, points * Cin, tiles, 1) image: one grouped 1x1
+        # convolution, a group per Winograd point, multiplies them all without a copy
+        image = v.view(1, tiles, 1, points * cin).permute(0, 3, 1, 2)
+        products = torch.ops.mkldnn._convolution_pointwise(
+            image, packed, None, [0, 0], [1, 1], [1, 1], points, "none", [], "")
+        products = products.permute(0, 2, 3, 1).reshape(tiles, points, cout)
+        return kernels_lib.native.winograd_output(products, bias, relu, (n, h, w), tile)
