@@ -101,18 +101,18 @@ def ms_deform_attn_from_projections(
     return torch.ops.vita_kernels.msda_fused(value.contiguous(), flat, refs, offsets, logits, levels, points)
 
 
-def winograd_input(x: Tensor, tile: int) -> Tensor:
-    """Channels-last float32 (N, C, H, W) -> (tiles, (tile+2)^2, C): every tile x tile output block's 3x3-conv
-    input window (padding 1) in the Winograd domain, B^T d B."""
+def winograd_input(x: Tensor, tile: int, rows: tuple[int, int]) -> Tensor:
+    """Channels-last float32 (N, C, H, W) -> (tiles, (tile+2)^2, C): the 3x3-conv input window (padding 1) of
+    every tile x tile block of output rows [rows[0], rows[1]), in the Winograd domain (B^T d B)."""
     if not available():
         raise RuntimeError("the native CPU kernels are not available here; check kernels.native.available() first")
-    return torch.ops.vita_kernels.winograd_input(x, tile)
+    return torch.ops.vita_kernels.winograd_input(x, tile, rows[0], rows[1])
 
 
-def winograd_output(products: Tensor, bias: Optional[Tensor], relu: bool, size: tuple[int, int, int], tile: int) -> Tensor:
-    """(tiles, (tile+2)^2, C) Winograd-domain products -> channels-last (N, C, H, W) for ``size`` = (N, H, W):
-    A^T m A per tile, plus ``bias``, then ReLU when ``relu``."""
+def winograd_output(products: Tensor, bias: Optional[Tensor], relu: bool, out: Tensor, rows: tuple[int, int],
+                    tile: int) -> None:
+    """Winograd-domain products (tiles, (tile+2)^2, C) -> output rows [rows[0], rows[1]) of the channels-last
+    ``out`` (N, C, H, W), written in place: A^T m A per tile, plus ``bias``, then ReLU when ``relu``."""
     if not available():
         raise RuntimeError("the native CPU kernels are not available here; check kernels.native.available() first")
-    n, h, w = size
-    return torch.ops.vita_kernels.winograd_output(products, bias, relu, n, h, w, tile)
+    torch.ops.vita_kernels.winograd_output(products, bias, relu, out, rows[0], rows[1], tile)

@@ -62,11 +62,13 @@ def test_the_reference_transforms_are_exact_in_float64(tile, shape):
 @pytest.mark.parametrize("tile", [2, 4])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("relu", [False, True])
-def test_the_kernels_are_as_accurate_as_the_direct_convolution(tile, shape, relu, monkeypatch):
+@pytest.mark.parametrize("band_bytes", [1, 1 << 30], ids=["row-bands", "whole"])
+def test_the_kernels_are_as_accurate_as_the_direct_convolution(tile, shape, relu, band_bytes, monkeypatch):
     """Against float64: F(2x2) within 2x the direct float32 convolution's error (or 1e-6 of the output's scale),
     F(4x4) within 10x (or 1e-5: its larger transform coefficients cost about one decimal digit)."""
     _require_native()
     monkeypatch.setattr(winograd, "tile_for", lambda cin, cout: tile)
+    monkeypatch.setattr(winograd, "_BAND_BYTES", band_bytes)  # 1: a band per row of tiles
     x, weight, bias = _case(shape, 48)
     conv = winograd.WinogradWeight()
     with torch.no_grad():

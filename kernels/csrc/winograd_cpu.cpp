@@ -75,17 +75,19 @@ inline void output_axis<4>(const float* p, int64_t ps, float* o, int64_t os) {
   }
 }
 
-// x (N, H, W, C) -> v (tiles, (m+2)^2, C): each m x m output tile's input window (zero outside the image)
+// x (N, H, W, C) -> v (tiles, (m+2)^2, C): the input window of each m x m tile of output rows [row0, row1)
+// (zero outside the image)
 template <int M>
-void transform_input(const float* x, int64_t n, int64_t h, int64_t w, int64_t c, float* v) {
+void transform_input(const float* x, int64_t n, int64_t h, int64_t w, int64_t c, int64_t row0, int64_t row1,
+                     float* v) {
   constexpr int K = M + 2, P = K * K;
-  const int64_t th = (h + M - 1) / M, tw = (w + M - 1) / M;
+  const int64_t th = (row1 - row0 + M - 1) / M, tw = (w + M - 1) / M;
   at::parallel_for(0, n * th * tw, 1, [&](int64_t begin, int64_t end) {
     alignas(64) float window[P * kBlock];
     alignas(64) float rows[P * kBlock];
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t b = tile / (th * tw), ty = (tile / tw) % th, tx = tile % tw;
-      const int64_t y0 = ty * M - 1, x0 = tx * M - 1;
+      const int64_t y0 = row0 + ty * M - 1, x0 = tx * M - 1;
       float* out = v + tile * P * c;
       for (int64_t cb = 0; cb < c; cb += kBlock) {
         for (int i = 0; i < K; ++i) {
@@ -110,12 +112,13 @@ void transform_input(const float* x, int64_t n, int64_t h, int64_t w, int64_t c,
   });
 }
 
-// p (tiles, (m+2)^2, C) -> y (N, H, W, C): A^T p A per tile, plus bias, then ReLU when asked
+// p (tiles, (m+2)^2, C) -> rows [row0, row1) of y (N, H, W, C): A^T p A per tile, plus bias, then ReLU when
+// asked
 template <int M>
 void transform_output(const float* p, const float* bias, bool relu, int64_t n, int64_t h, int64_t w, int64_t c,
-                      float* y) {
+                      int64_t row0, int64_t row1, float* y) {
   constexpr int K = M + 2, P = K * K;
-  const int64_t th = (h + M - 1) / M, tw = (w + M - 1) / M;
+  const int64_t th = (row1 - row0 + M - 1) / M, tw = (w + M - 1) / M;
   const float floor = relu ? 0.f : -std::numeric_limits<float>::infinity();
   at::parallel_for(0, n * th * tw, 1, [&](int64_t begin, int64_t end) {
     alignas(64) float cols[M * K * kBlock];
@@ -128,9 +131,9 @@ void transform_output(const float* p, const float* bias, bool relu, int64_t n, i
         for (int j = 0; j < K; ++j) output_axis<M>(src + j * c + cb, K * c, cols + j * kBlock, K * kBlock);
         for (int i = 0; i < M; ++i) output_axis<M>(cols + i * K * kBlock, kBlock, tile_out + i * M * kBlock, kBlock);
         const float* bb = bias ? bias + cb : zeros;
-        for (int i = 0; i < M && ty * M + i < h; ++i) {
+        for (int i = 0; i < M && row0 + ty * M + i < row1; ++i) {
           for (int j = 0; j < M && tx * M + j < w; ++j) {
-            float* dst = y + ((b * h + ty * M + i) * w + tx * M + j) * c + cb;
+            float* dst = y + ((b * h + row0 + ty * M + i) * w + tx * M + j) * c + cb;
             const float* o = tile_out + (i * M + j) * kBlock;
 #pragma omp simd
             for (int64_t k = 0; k < kBlock; ++k) dst[k] = std::max(o[k] + bb[k], floor);
@@ -141,55 +144,61 @@ void transform_output(const float* p, const float* bias, bool relu, int64_t n, i
   });
 }
 
-void check_tile(int64_t tile) {
+void check_band(int64_t tile, int64_t h, int64_t row0, int64_t row1) {
   TORCH_CHECK(tile == 2 || tile == 4, "the Winograd tile must be 2 or 4 (F(2x2,3x3) or F(4x4,3x3)), got ", tile);
+  TORCH_CHECK(0 <= row0 && row0 < row1 && row1 <= h && row0 % tile == 0,
+              "Winograd rows [", row0, ", ", row1, ") must lie in [0, ", h, ") and start on a tile row");
 }
 
-at::Tensor winograd_input(const at::Tensor& x, int64_t tile) {
-  check_tile(tile);
+int64_t band_tiles(int64_t n, int64_t w, int64_t row0, int64_t row1, int64_t tile) {
+  return n * ((row1 - row0 + tile - 1) / tile) * ((w + tile - 1) / tile);
+}
+
+at::Tensor winograd_input(const at::Tensor& x, int64_t tile, int64_t row0, int64_t row1) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "winograd_input takes a channels-last float32 (N, C, H, W) tensor");
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  check_band(tile, h, row0, row1);
   TORCH_CHECK(c % kBlock == 0, "winograd_input needs a multiple of 16 channels, got ", c);
-  const int64_t tiles = n * ((h + tile - 1) / tile) * ((w + tile - 1) / tile);
-  at::Tensor v = at::empty({tiles, (tile + 2) * (tile + 2), c}, x.options());
+  at::Tensor v = at::empty({band_tiles(n, w, row0, row1, tile), (tile + 2) * (tile + 2), c}, x.options());
   if (tile == 2) {
-    transform_input<2>(x.data_ptr<float>(), n, h, w, c, v.data_ptr<float>());
+    transform_input<2>(x.data_ptr<float>(), n, h, w, c, row0, row1, v.data_ptr<float>());
   } else {
-    transform_input<4>(x.data_ptr<float>(), n, h, w, c, v.data_ptr<float>());
+    transform_input<4>(x.data_ptr<float>(), n, h, w, c, row0, row1, v.data_ptr<float>());
   }
   return v;
 }
 
-at::Tensor winograd_output(const at::Tensor& p, const c10::optional<at::Tensor>& bias, bool relu, int64_t n,
-                           int64_t h, int64_t w, int64_t tile) {
-  check_tile(tile);
+void winograd_output(const at::Tensor& p, const c10::optional<at::Tensor>& bias, bool relu, at::Tensor& out,
+                     int64_t row0, int64_t row1, int64_t tile) {
+  TORCH_CHECK(out.dim() == 4 && out.scalar_type() == at::kFloat && out.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "winograd_output writes into a channels-last float32 (N, C, H, W) tensor");
+  const int64_t n = out.size(0), c = out.size(1), h = out.size(2), w = out.size(3);
+  check_band(tile, h, row0, row1);
   TORCH_CHECK(p.dim() == 3 && p.scalar_type() == at::kFloat && p.is_contiguous(),
               "winograd_output takes a contiguous float32 (tiles, points, C) tensor");
-  const int64_t c = p.size(2);
-  TORCH_CHECK(p.size(0) == n * ((h + tile - 1) / tile) * ((w + tile - 1) / tile) && p.size(1) == (tile + 2) * (tile + 2),
-              "winograd_output: the products' shape does not match the output size and tile");
+  TORCH_CHECK(p.size(0) == band_tiles(n, w, row0, row1, tile) && p.size(1) == (tile + 2) * (tile + 2) && p.size(2) == c,
+              "winograd_output: the products' shape does not match the output rows and tile");
   TORCH_CHECK(c % kBlock == 0, "winograd_output needs a multiple of 16 channels, got ", c);
   at::Tensor b;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == c && bias->scalar_type() == at::kFloat, "winograd_output: float32 bias of C values");
     b = bias->contiguous();
   }
-  at::Tensor y = at::empty({n, c, h, w}, p.options().memory_format(at::MemoryFormat::ChannelsLast));
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   if (tile == 2) {
-    transform_output<2>(p.data_ptr<float>(), bp, relu, n, h, w, c, y.data_ptr<float>());
+    transform_output<2>(p.data_ptr<float>(), bp, relu, n, h, w, c, row0, row1, out.data_ptr<float>());
   } else {
-    transform_output<4>(p.data_ptr<float>(), bp, relu, n, h, w, c, y.data_ptr<float>());
+    transform_output<4>(p.data_ptr<float>(), bp, relu, n, h, w, c, row0, row1, out.data_ptr<float>());
   }
-  return y;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(vita_kernels, m) {
-  m.def("winograd_input(Tensor x, int tile) -> Tensor");
-  m.def("winograd_output(Tensor products, Tensor? bias, bool relu, int n, int h, int w, int tile) -> Tensor");
+  m.def("winograd_input(Tensor x, int tile, int row_begin, int row_end) -> Tensor");
+  m.def("winograd_output(Tensor products, Tensor? bias, bool relu, Tensor(a!) out, int row_begin, int row_end, "
+        "int tile) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(vita_kernels, CPU, m) {
