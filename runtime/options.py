@@ -25,7 +25,7 @@ class SegmentOptions:
     queue_size: int = 8  # decoded frames buffered by the background reader
     progress: bool = False  # tqdm progress bars
     # torch backend, applied when the model is loaded (runtime.load); None = the model config's
-    kernels: Optional[str] = None  # attention kernels: auto | reference | triton
+    kernels: Optional[str] = None  # fast kernels (attention, Winograd convolutions): auto | reference | triton
     token_dtype: Optional[str] = None  # tokens stored between stages: float32 | float16 | bfloat16
     compile: bool = False  # compile the detector with torch.compile (minutes once, cached on disk; then faster)
 

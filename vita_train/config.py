@@ -122,7 +122,7 @@ class ModelConfig:
     vita: VitaConfig = field(default_factory=VitaConfig)
     input: InputConfig = field(default_factory=InputConfig)
     test: TestConfig = field(default_factory=TestConfig)
-    kernels: str = "auto"  # attention kernels: auto | reference | triton (see the kernels package)
+    kernels: str = "auto"  # fast kernels (attention, Winograd convolutions): auto | reference | triton (see the kernels package)
 
     def __post_init__(self) -> None:
         self.validate()

@@ -45,9 +45,10 @@ _AT = {
 _LARGE_TILE_MAX_WEIGHTS = 256 * 256
 # the Winograd-domain tiles of one band of output rows: transformed, multiplied and transformed back while
 # they sit in the caches. AMD EPYC Zen 2, 2 threads, with runtime.load's allocator settings, in ms for the whole
-# map at once / 16 MB bands / direct: 256 channels at 180x320 174 / 141 / 337, 64 at 180x320 20.2 / 20.4 / 21.2,
-# 256 at 96x160 36.5 / 38.8 / 89 (4 MB bands: 137, 13.4 and 40.9: smaller bands pay on large maps only)
-_BAND_BYTES = 16 << 20
+# map at once / 4 MB bands / direct: 256 channels at 180x320 174 / 137 / 337, 64 at 180x320 20.2 / 13.4 / 21.2,
+# 256 at 96x160 36.5 / 40.9 / 89. Peak memory decides between 4 and 16 MB (16: 36.5 -> 38.8 at 96x160, but the
+# 36-frame 360x640 clip's peak RSS 1.40 -> 1.49 GB, against 1.30 with direct convolutions)
+_BAND_BYTES = 4 << 20
 
 
 @functools.lru_cache(maxsize=1)
