@@ -38,6 +38,16 @@ def require_shared(*parts: str) -> Path:
     return path
 
 
+def require_native_kernels() -> None:
+    """Skip where the compiled CPU kernels (kernels/native.py) cannot be built; fail under CI=true, which has a compiler."""
+    from kernels import native
+
+    if not native.available():
+        if os.environ.get("CI") == "true":
+            pytest.fail("the native CPU kernels did not build under CI (a C++ compiler is expected there)")
+        pytest.skip("the native CPU kernels could not be built here (no C++ compiler?)")
+
+
 @pytest.fixture(autouse=True)
 def _two_threads():
     # the fixtures were produced with 2 threads; fp32 results are bit-stable only at a fixed count

@@ -11,19 +11,13 @@ import pytest
 import torch
 
 from kernels import native, reference
+from tests.conftest import require_native_kernels
 from vita_train.modeling.ms_deform_attn import MSDeformAttn
 from vita_train.modeling.pixel_decoder import reference_points
 
 SHAPES = [(6, 5), (3, 3), (2, 1)]
 HEADS, LEVELS, POINTS = 8, 3, 4
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _require_native():
-    if not native.available():
-        if os.environ.get("CI") == "true":
-            pytest.fail("the native CPU kernels did not build under CI (a C++ compiler is expected there)")
-        pytest.skip("the native CPU kernels could not be built here (no C++ compiler?)")
 
 
 def _inputs(n: int, lq: int, d: int, shared_refs: bool, seed: int, dtype=torch.float32, scale: float = 2.0):
@@ -49,7 +43,7 @@ def _both(value, refs, offsets, logits):
 @pytest.mark.parametrize("shared_refs", [True, False])
 @pytest.mark.parametrize("lq", [1, 39])
 def test_fp32_matches_the_reference_as_closely_as_the_reference_itself(d, shared_refs, lq):
-    _require_native()
+    require_native_kernels()
     value, refs, offsets, logits = _inputs(2, lq, d, shared_refs, seed=lq * 10 + d)
     ours, exact = _both(value, refs, offsets, logits)
     plain = reference.ms_deform_attn_from_projections(value, SHAPES, refs, offsets, logits, LEVELS, POINTS)
@@ -62,7 +56,7 @@ def test_fp32_matches_the_reference_as_closely_as_the_reference_itself(d, shared
 
 
 def test_far_outside_positions_read_zeros_and_nan_positions_are_skipped():
-    _require_native()
+    require_native_kernels()
     value, refs, offsets, logits = _inputs(1, 20, 32, True, seed=3)
     for shift in (50.0, 1e30, float("inf"), float("-inf")):  # positions are clamped before integer conversion
         far = native.ms_deform_attn_from_projections(value, SHAPES, refs + shift, offsets, logits, LEVELS, POINTS)
@@ -75,7 +69,7 @@ def test_far_outside_positions_read_zeros_and_nan_positions_are_skipped():
 
 def test_a_level_too_wide_for_the_position_math_is_refused():
     """Level sides must be exact as floats (< 2^24): a wider one is an error that says so, not wrong taps."""
-    _require_native()
+    require_native_kernels()
     side = 2**24 + 1
     value = torch.zeros(1, side, 1, 1)
     args = (torch.rand(1, 1, 2), torch.zeros(1, 1, 2), torch.zeros(1, 1, 1), 1, 1)
@@ -84,7 +78,7 @@ def test_a_level_too_wide_for_the_position_math_is_refused():
 
 
 def test_bf16_is_the_reference_rounded_once():
-    _require_native()
+    require_native_kernels()
     value, refs, offsets, logits = _inputs(2, 39, 32, False, seed=4, dtype=torch.bfloat16)
     ours, exact = _both(value, refs, offsets, logits)
     assert ours.dtype == torch.bfloat16
@@ -97,7 +91,7 @@ def test_bf16_is_the_reference_rounded_once():
 def test_bf16_is_exactly_the_fp32_kernel_on_the_same_values_rounded_once(d):
     """Every bf16 input is exact in float32 and the kernel computes in float32: its bf16 result is the float32
     kernel's on the upcast inputs, rounded to bf16, bit for bit (the same taps, multiply-adds and order)."""
-    _require_native()
+    require_native_kernels()
     value, refs, offsets, logits = _inputs(2, 39, d, False, seed=7, dtype=torch.bfloat16)
     ours = native.ms_deform_attn_from_projections(value, SHAPES, refs, offsets, logits, LEVELS, POINTS)
     fp32 = native.ms_deform_attn_from_projections(value.float(), SHAPES, refs, offsets.float(), logits.float(),
@@ -112,7 +106,7 @@ def test_bf16_is_exactly_the_fp32_kernel_on_the_same_values_rounded_once(d):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_module_fast_path_equals_its_reference_path(dtype, monkeypatch):
     """MSDeformAttn on the CPU: native, the torch-op form (VITA_NATIVE_KERNELS=0) and the reference path agree."""
-    _require_native()
+    require_native_kernels()
     torch.manual_seed(0)
     attn = MSDeformAttn(HEADS * 32, num_levels=LEVELS, num_heads=HEADS, num_points=POINTS).eval()
     for p in attn.parameters():  # away from the init, where every offset is a whole pixel
@@ -133,7 +127,7 @@ def test_module_fast_path_equals_its_reference_path(dtype, monkeypatch):
 
 
 def test_gradients_take_the_differentiable_path():
-    _require_native()
+    require_native_kernels()
     torch.manual_seed(1)
     attn = MSDeformAttn(HEADS * 32, num_levels=LEVELS, num_heads=HEADS, num_points=POINTS)
     s = sum(h * w for h, w in SHAPES)

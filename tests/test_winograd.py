@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import copy
-import os
 import pickle
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import native
+from tests.conftest import require_native_kernels
 from vita_train.modeling import winograd
 from vita_train.modeling.pixel_decoder import ConvGN
 from vita_train.modeling.resnet import ConvNorm
@@ -18,17 +17,10 @@ from vita_train.modeling.resnet import ConvNorm
 SHAPES = [(2, 16, 7, 9), (1, 64, 13, 5), (1, 32, 8, 8), (1, 16, 1, 1)]
 
 
-def _require_native():
-    if not native.available():
-        if os.environ.get("CI") == "true":
-            pytest.fail("the native CPU kernels did not build under CI (a C++ compiler is expected there)")
-        pytest.skip("the native CPU kernels could not be built here (no C++ compiler?)")
-
-
 @pytest.fixture
 def winograd_here(monkeypatch):
     """The Winograd path taken wherever it applies, on every CPU kind (by default only AVX2-only CPUs take it)."""
-    _require_native()
+    require_native_kernels()
     monkeypatch.setattr(winograd, "winograd_cpu", lambda: True)
 
 
@@ -66,7 +58,7 @@ def test_the_reference_transforms_are_exact_in_float64(tile, shape):
 def test_the_kernels_are_as_accurate_as_the_direct_convolution(tile, shape, relu, band_bytes, monkeypatch):
     """Against float64: F(2x2) within 2x the direct float32 convolution's error (or 1e-6 of the output's scale),
     F(4x4) within 10x (or 1e-5: its larger transform coefficients cost about one decimal digit)."""
-    _require_native()
+    require_native_kernels()
     monkeypatch.setattr(winograd, "tile_for", lambda cin, cout: tile)
     monkeypatch.setattr(winograd, "_BAND_BYTES", band_bytes)  # 1: a band per row of tiles
     x, weight, bias = _case(shape, 48)
@@ -87,7 +79,7 @@ def test_the_kernels_are_as_accurate_as_the_direct_convolution(tile, shape, relu
 
 def test_a_wrong_transform_is_caught(monkeypatch):
     """Negative control: the accuracy bound above fails for one Winograd point's weights 0.1% off."""
-    _require_native()
+    require_native_kernels()
     real = winograd.transform_weight
 
     def off(weight, tile):
