@@ -56,7 +56,7 @@ def winograd_cpu() -> bool:
     """True where float32 3x3 convolutions run as Winograd: CPUs whose widest vectors are AVX2.
 
     There (AMD EPYC Zen 2, 2 threads) oneDNN's direct convolution ran at ~200 GFLOP/s and the pixel decoder's
-    256-channel 3x3 at 1/4 scale took 89 ms, as Winograd 48; ResNet's stride-1 3x3s went 5.7-6.9 -> 2.1-4.3 ms.
+    256-channel 3x3 at 1/4 scale took 89 ms, as Winograd 37-41; ResNet's stride-1 3x3s went 5.7-6.9 -> 2.1-4.3 ms.
     AVX-512 and AMX machines keep the direct convolution (not measured there with these kernels).
     """
     return torch.backends.cpu.get_cpu_capability() == "AVX2"
