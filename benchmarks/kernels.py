@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 import kernels
 from kernels import reference
@@ -105,6 +106,36 @@ def measure(quick: bool = False, device: str = "cpu") -> list[dict]:
     if impl == "cpu":
         row["kernel"] = "cpu (auto runs the reference when grad is needed)"
     rows.append(row)
+    if device == "cpu" and kernels.native.available():
+        rows += _winograd_rows(quick, repeats)
+    return rows
+
+
+def _winograd_rows(quick: bool, repeats: int) -> list[dict]:
+    """The Winograd 3x3 convolution against the direct one on the full-size R-50 detector's stride-1 3x3 shapes
+    at 360x640, measured on every CPU (the detector takes it only where ``winograd_cpu()``; these rows say
+    whether it would pay on another CPU kind)."""
+    from runtime.host_memory import keep_freed_memory
+    from vita_train.modeling import winograd
+
+    keep_freed_memory()  # the runtime's malloc settings: without them each buffer's pages fault in anew
+    default = "on by default here" if winograd.winograd_cpu() else "off by default on this CPU"
+    shapes = [(256, 96, 160), (64, 96, 160)] if quick else [(256, 96, 160), (64, 96, 160), (128, 48, 80),
+                                                             (256, 24, 40), (512, 12, 20)]
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for c, h, w in shapes:
+        x = torch.randn(1, c, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+        weight = (torch.randn(c, c, 3, 3, generator=g) / (3 * c**0.5)).contiguous(memory_format=torch.channels_last)
+        bias = torch.randn(c, generator=g)
+        conv = winograd.WinogradWeight()
+        with torch.no_grad():
+            row = _compare("conv3x3 (Winograd)", f"{c}->{c} channels {h}x{w} (R-50 at 360x640)",
+                           lambda: F.conv2d(x, weight, bias, padding=1),
+                           lambda: conv.conv(x, ("bench",), lambda: (weight, bias)), "cpu", repeats)
+        tile = conv.tile
+        row["kernel"] = f"cpu F({tile}x{tile},3x3), {default}"
+        rows.append(row)
     return rows
 
 

@@ -100,6 +100,19 @@ def test_quick_suite_writes_every_benchmark(quick_run: Path):
         assert load_record(quick_run / f"{name}.json")["title"] in report
 
 
+def test_the_kernel_benchmark_times_winograd_against_the_direct_convolution(quick_run: Path):
+    from kernels import native
+
+    if not native.available():
+        pytest.skip("the compiled CPU kernels are not built here")
+    rows = [r for t in json.loads((quick_run / "kernels.json").read_text())["tables"] for r in t["rows"]]
+    winograd = [r for r in rows if r["name"] == "conv3x3 (Winograd)"]
+    assert len(winograd) == 2 and all(r["kernel_s"] > 0 and r["reference_s"] > 0 for r in winograd)
+    # against the direct float32 convolution: within F(4x4)'s ~1e-5 of outputs of scale ~5
+    assert all(r["max_abs_error"] < 5e-4 for r in winograd), winograd
+    assert all("F(4x4,3x3)" in r["kernel"] and "by default" in r["kernel"] for r in winograd)
+
+
 def test_markdown_shows_the_json_and_figures_are_sane(quick_run: Path):
     for name in SUITE:
         data = json.loads((quick_run / f"{name}.json").read_text())
