@@ -149,13 +149,15 @@ def test_the_pixel_decoder_convolution_takes_it_and_set_kernels_turns_it_off(win
 
 
 def test_copies_and_pickles_leave_the_packed_weight_behind(winograd_here):
-    conv = _conv_norm()
+    torch.manual_seed(0)
     x = torch.randn(1, 64, 8, 8).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        want = conv.forward_fused(x)
-        for other in (copy.deepcopy(conv), pickle.loads(pickle.dumps(conv))):
-            assert other._winograd.tile is None
-            torch.testing.assert_close(other.forward_fused(x), want, rtol=0, atol=0)
+    for module, run in ((_conv_norm(), ConvNorm.forward_fused), (ConvGN(64, 64, 3, 8, relu=True).eval(), ConvGN.forward)):
+        with torch.no_grad():
+            want = run(module, x)
+            assert module._winograd.tile == 4
+            for other in (copy.deepcopy(module), pickle.loads(pickle.dumps(module))):
+                assert other._winograd.tile is None
+                torch.testing.assert_close(run(other, x), want, rtol=0, atol=0)
 
 
 def test_the_detector_follows_the_plain_convolutions(winograd_here):

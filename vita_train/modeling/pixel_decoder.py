@@ -82,11 +82,6 @@ class ConvGN(nn.Module):
         self.kernels = "auto"
         self._winograd = WinogradWeight()
 
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_winograd"] = WinogradWeight()  # the packed weight has no storage to copy
-        return state
-
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         # pickled before the Winograd path existed

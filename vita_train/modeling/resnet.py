@@ -52,8 +52,7 @@ class ConvNorm(nn.Module):
     def __getstate__(self) -> dict:
         # copies and pickles leave the caches behind: a packed oneDNN weight has no storage to copy
         state = self.__dict__.copy()
-        state["_folded"] = state["_packed"] = None
-        state["_winograd"] = WinogradWeight()
+        state["_folded"] = state["_packed"] = None  # (WinogradWeight drops its own packed weight)
         return state
 
     def __setstate__(self, state: dict) -> None:
