@@ -62,6 +62,32 @@ def test_cpu_detector_fixed_at_one_frame_still_takes_any_batch(exported):
         assert all(np.array_equal(a.mask(t), b.mask(t)) for t in range(one.num_frames))
 
 
+def test_winograd_detector_session_matches_the_plain_graph(exported, monkeypatch):
+    """On any CPU: the detector session with its 3x3 convolutions rewritten (what AVX2-only CPUs run) gives the
+    plain graph's outputs up to Winograd's rounding, and leaves the file on disk unchanged."""
+    from runtime.backends import onnxruntime_winograd
+    from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    import onnx
+
+    export_dir = exported(OfficialCase(OFFICIAL_CASES[0]))
+    meta = json.loads((export_dir / "vita.json").read_text())
+    before = (export_dir / "detector.onnx").read_bytes()
+    assert onnxruntime_winograd.rewrite(onnx.load(export_dir / "detector.onnx")) == 14  # ResNet-50's 13 stride-1 3x3s and layer_1
+    backends = {}
+    for on in (True, False):
+        monkeypatch.setattr(onnxruntime_winograd, "applies", lambda on=on: on)
+        backends[on] = OnnxRuntimeBackend(export_dir, meta, threads=2)
+        assert backends[on].winograd is on
+    assert (export_dir / "detector.onnx").read_bytes() == before
+    case = OfficialCase(OFFICIAL_CASES[0])
+    frames = np.stack([np.asarray(f) for f in case.frames[:2]])[..., ::-1]  # any two frames, as RGB
+    fast, plain = (backends[on]._run_detector(np.ascontiguousarray(frames[:1])) for on in (True, False))
+    for a, b in zip(fast, plain):
+        assert a.shape == b.shape
+        assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+
+
 def test_graph_inputs_outputs_and_dynamic_axes(exported):
     import onnx
 

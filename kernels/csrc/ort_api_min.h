@@ -7,6 +7,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
+#include <vector>
 
 extern "C" {
 
@@ -94,6 +96,9 @@ class Api {
   OrtStatus* GetTensorTypeAndShape(const OrtValue* value, OrtTensorTypeAndShapeInfo** out) const {
     return fn<OrtStatus* (*)(const OrtValue*, OrtTensorTypeAndShapeInfo**)>(65)(value, out);
   }
+  OrtStatus* KernelInfoGetAttribute_int64(const OrtKernelInfo* info, const char* name, int64_t* out) const {
+    return fn<OrtStatus* (*)(const OrtKernelInfo*, const char*, int64_t*)>(86)(info, name, out);
+  }
   OrtStatus* KernelContext_GetInputCount(const OrtKernelContext* context, size_t* out) const {
     return fn<OrtStatus* (*)(const OrtKernelContext*, size_t*)>(88)(context, out);
   }
@@ -119,5 +124,26 @@ class Api {
   F fn(size_t position) const { return reinterpret_cast<F>(t_[position]); }
   void* const* t_;
 };
+
+// One input's element type and dimensions (an error status when it cannot be read).
+inline OrtStatus* describe(const Api& api, const OrtValue* value, int* type, std::vector<int64_t>* dims) {
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  if (OrtStatus* s = api.GetTensorTypeAndShape(value, &info)) return s;
+  size_t count = 0;
+  OrtStatus* s = api.GetTensorElementType(info, type);
+  if (!s) s = api.GetDimensionsCount(info, &count);
+  if (!s) {
+    dims->assign(count, 0);
+    s = api.GetDimensions(info, dims->data(), count);
+  }
+  api.ReleaseTensorTypeAndShapeInfo(info);
+  return s;
+}
+
+inline std::string dims_text(const std::vector<int64_t>& dims) {
+  std::string out = "(";
+  for (size_t i = 0; i < dims.size(); ++i) out += (i ? ", " : "") + std::to_string(dims[i]);
+  return out + ")";
+}
 
 }  // namespace vita_ort

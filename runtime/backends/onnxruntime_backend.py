@@ -21,7 +21,7 @@ from vita_train.token_steps import TokenSteps
 from ..float_env import ORT_DENORMAL_AS_ZERO, denormals_flushed
 from ..host_memory import keep_freed_memory
 from ..native_build import usable_cpus
-from . import numpy_ops, onnxruntime_kernels
+from . import numpy_ops, onnxruntime_kernels, onnxruntime_winograd
 from .base import Detection, Selection
 
 log = logging.getLogger(__name__)
@@ -64,15 +64,29 @@ ALLOW_SPINNING = "session.intra_op.allow_spinning"
 BATCH_DIM = "batch"
 
 
-def _session(path: Path, options: Any, providers: list[str]) -> Any:
+def _unloadable(path: Path, e: Exception) -> ValueError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return ValueError(f"{path} is not a loadable ONNX graph ({first}); export the model again")
+
+
+def _session(path: Path, options: Any, providers: list[str], winograd: bool = False) -> Any:
+    """A session over the graph at ``path``; with ``winograd``, over a copy whose 3x3 convolutions are rewritten
+    (onnxruntime_winograd; the file is not changed)."""
     import onnxruntime as ort
 
     disabled = list(CPU_DISABLED_OPTIMIZERS) if providers == ["CPUExecutionProvider"] else None
     try:
-        return ort.InferenceSession(str(path), options, providers=providers, disabled_optimizers=disabled)
-    except Exception as e:  # onnxruntime raises its own exception types for unreadable models
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} is not a loadable ONNX graph ({first}); export the model again") from None
+        graph: Any = str(path)
+        if winograd:
+            import onnx  # onnxruntime_winograd.wanted() checked it is installed
+
+            model = onnx.load(str(path))
+            if onnxruntime_winograd.rewrite(model):
+                graph = model.SerializeToString()
+            del model
+        return ort.InferenceSession(graph, options, providers=providers, disabled_optimizers=disabled)
+    except Exception as e:  # onnx and onnxruntime raise their own exception types for unreadable models
+        raise _unloadable(path, e) from None
 
 
 def share_cpu_arena(options: Any) -> bool:
@@ -140,6 +154,8 @@ class OnnxRuntimeBackend:
         self._shared_arena = False
         # the deformable-attention nodes run as one compiled kernel where the operator library is built
         self.fused_msda = self.flush_denormals and onnxruntime_kernels.library() is not None
+        # and, on AVX2-only CPUs, the detector's stride-1 3x3 convolutions as Winograd transforms (same library)
+        self.winograd = self.fused_msda and onnxruntime_winograd.wanted()
         if self.flush_denormals:
             # the numpy mask head frees tens of MB per call: keep them mapped
             keep_freed_memory()
@@ -156,7 +172,7 @@ class OnnxRuntimeBackend:
         self.fixed_batch: Optional[int] = 1 if self.flush_denormals else None
         if self.fixed_batch is not None:
             options.add_free_dimension_override_by_name(BATCH_DIM, self.fixed_batch)
-        self.detector = _session(self._detector_path, options, self.providers)
+        self.detector = _session(self._detector_path, options, self.providers, self.winograd)
         self._any_batch_detector: Optional[Any] = None
         self.tokens: Optional[Any] = None
         self.steps: Optional[TokenSteps] = None
@@ -195,7 +211,7 @@ class OnnxRuntimeBackend:
             return self.detector
         if self._any_batch_detector is None:
             log.info("building a detector session for batches of %d frames (the loaded one takes %d)", batch, self.fixed_batch)
-            self._any_batch_detector = _session(self._detector_path, self._options(), self.providers)
+            self._any_batch_detector = _session(self._detector_path, self._options(), self.providers, self.winograd)
         return self._any_batch_detector
 
     def _run_detector(self, frames: np.ndarray) -> list[np.ndarray]:

@@ -22,27 +22,9 @@ from torch import Tensor
 
 import kernels as kernels_lib
 
+from ..winograd_transforms import AT, BT, G, tile_for
 from .onednn import needs_plain_ops
 
-# the weight transforms G (Lavin & Gray; interpolation points 0, +-1, +-2 and infinity), applied in float64
-_G = {
-    2: ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0)),
-    4: ((1 / 4, 0.0, 0.0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
-        (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0.0, 0.0, 1.0)),
-}
-# the input transforms B^T and output transforms A^T, for the torch-op reference (the kernels hard-code them)
-_BT = {
-    2: ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
-    4: ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
-        (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)),
-}
-_AT = {
-    2: ((1, 1, 1, 0), (0, 1, -1, -1)),
-    4: ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1)),
-}
-# F(4x4) while its transformed weight stays small: at 512 channels (res5) it would hold 36 MB per convolution
-# against F(2x2)'s 16 and measured no faster (3.2 ms either way, against 6.9 direct)
-_LARGE_TILE_MAX_WEIGHTS = 256 * 256
 # the Winograd-domain tiles of one band of output rows: transformed, multiplied and transformed back while
 # they sit in the caches. AMD EPYC Zen 2, 2 threads, with runtime.load's allocator settings, in ms for the whole
 # map at once / 4 MB bands / direct: 256 channels at 180x320 174 / 137 / 337, 64 at 180x320 20.2 / 13.4 / 21.2,
@@ -60,11 +42,6 @@ def winograd_cpu() -> bool:
     AVX-512 and AMX machines keep the direct convolution (not measured there with these kernels).
     """
     return torch.backends.cpu.get_cpu_capability() == "AVX2"
-
-
-def tile_for(cin: int, cout: int) -> int:
-    """The output tile m of F(m x m, 3x3) used for a cin -> cout convolution."""
-    return 4 if cin * cout <= _LARGE_TILE_MAX_WEIGHTS else 2
 
 
 def band_rows(n: int, w: int, channels: int, tile: int) -> int:
@@ -86,8 +63,9 @@ def usable(x: Tensor, weight: Tensor, stride: int, padding: int, kernels: str) -
 
 
 def transform_weight(weight: Tensor, tile: int) -> Tensor:
-    """(Cout, Cin, 3, 3) -> ((tile+2)^2 * Cout, Cin, 1, 1): G g G^T per filter, grouped by Winograd point."""
-    g = torch.tensor(_G[tile], dtype=torch.float64, device=weight.device)
+    """(Cout, Cin, 3, 3) -> ((tile+2)^2 * Cout, Cin, 1, 1): G g G^T per filter, grouped by Winograd point (in torch,
+    on the weight's device: ``vita_train.winograd_transforms.transform_weight`` in torch ops)."""
+    g = torch.tensor(G[tile], dtype=torch.float64, device=weight.device)
     u = torch.einsum("pk,ockl,ql->pqoc", g, weight.detach().double(), g)
     return u.reshape(-1, weight.shape[1], 1, 1).to(weight.dtype)
 
@@ -97,8 +75,8 @@ def reference_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], tile: int)
     n, c, h, w = x.shape
     k = tile + 2
     th, tw = -(-h // tile), -(-w // tile)
-    bt = torch.tensor(_BT[tile], dtype=x.dtype, device=x.device)
-    at = torch.tensor(_AT[tile], dtype=x.dtype, device=x.device)
+    bt = torch.tensor(BT[tile], dtype=x.dtype, device=x.device)
+    at = torch.tensor(AT[tile], dtype=x.dtype, device=x.device)
     padded = torch.nn.functional.pad(x, (1, tw * tile + 1 - w, 1, th * tile + 1 - h))
     windows = padded.unfold(2, k, tile).unfold(3, k, tile)  # (N, C, th, tw, k, k)
     v = torch.einsum("ai,ncyxij,bj->nyxabc", bt, windows, bt)

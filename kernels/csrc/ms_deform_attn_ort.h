@@ -6,8 +6,9 @@
 // output   (N, Lq, heads*D)
 // The points per level P is logits' last size / (heads * L). Semantics of
 // kernels.reference.ms_deform_attn_from_projections; the computation is ms_deform_attn_core.h, split over
-// ONNX Runtime's own intra-op threads. Loaded by ``SessionOptions.register_custom_ops_library``, which calls
-// RegisterCustomOps below.
+// ONNX Runtime's own intra-op threads. Registered by ort_ops.cpp.
+#pragma once
+
 #include <algorithm>
 #include <cstdint>
 #include <string>
@@ -16,9 +17,11 @@
 #include "ms_deform_attn_core.h"
 #include "ort_api_min.h"
 
-namespace {
+namespace vita_msda_ort {
 
-constexpr const char* kDomain = "vita.ops";
+using vita_ort::describe;
+using vita_ort::dims_text;
+
 constexpr const char* kOpName = "MSDeformAttn";
 constexpr int64_t kRowsPerTask = 16;
 
@@ -39,27 +42,6 @@ void run_task(void* data, size_t task) {
   const int64_t begin = static_cast<int64_t>(task) * kRowsPerTask;
   const int64_t end = std::min(begin + kRowsPerTask, job.rows);
   vita_msda::run_range_any_d<float>(*job.pr, *job.lv, job.v, job.r, job.off, job.att, job.o, begin, end);
-}
-
-// One input's element type and dimensions (an error status when it cannot be read).
-OrtStatus* describe(const vita_ort::Api& api, const OrtValue* value, int* type, std::vector<int64_t>* dims) {
-  OrtTensorTypeAndShapeInfo* info = nullptr;
-  if (OrtStatus* s = api.GetTensorTypeAndShape(value, &info)) return s;
-  size_t count = 0;
-  OrtStatus* s = api.GetTensorElementType(info, type);
-  if (!s) s = api.GetDimensionsCount(info, &count);
-  if (!s) {
-    dims->assign(count, 0);
-    s = api.GetDimensions(info, dims->data(), count);
-  }
-  api.ReleaseTensorTypeAndShapeInfo(info);
-  return s;
-}
-
-std::string dims_text(const std::vector<int64_t>& dims) {
-  std::string out = "(";
-  for (size_t i = 0; i < dims.size(); ++i) out += (i ? ", " : "") + std::to_string(dims[i]);
-  return out + ")";
 }
 
 OrtStatus* compute(void* op_kernel, OrtKernelContext* context) {
@@ -163,17 +145,10 @@ OrtCustomOp make_op() {
   return op;
 }
 
-const OrtCustomOp kOp = make_op();
+}  // namespace vita_msda_ort
 
-}  // namespace
-
-extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
-                                                                                const OrtApiBase* base) {
-  const OrtApi* table = base->GetApi(vita_ort::kApiVersion);
-  if (table == nullptr) return nullptr;  // an onnxruntime older than 1.17: nothing registered, the caller checks
-  const vita_ort::Api api(table);
-  OrtCustomOpDomain* domain = nullptr;  // lives as long as the process: sessions keep pointing at it
-  if (OrtStatus* s = api.CreateCustomOpDomain(kDomain, &domain)) return s;
-  if (OrtStatus* s = api.CustomOpDomain_Add(domain, &kOp)) return s;
-  return api.AddCustomOpDomain(options, domain);
+// The operator's description, built once.
+inline const OrtCustomOp* msda_op() {
+  static const OrtCustomOp op = vita_msda_ort::make_op();
+  return &op;
 }
