@@ -229,6 +229,8 @@ class ArraySpool:
             self._queue.put(_STOP)
             self._writer.join()
             self._writer = None
-        self.file.close()
+        # closing the (already unlinked) file frees its blocks: 0.25 s for a full-size 36-frame clip's 566 MB
+        # (AMD EPYC Zen 2, overlayfs), off the caller's path
+        threading.Thread(target=self.file.close, name="vita-spool-release", daemon=True).start()
         self._write_staging.close()
         self._read_staging.close()
