@@ -45,10 +45,7 @@ def read_checkpoint(path: Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} is not a file")
     try:
-        # a zip checkpoint is memory-mapped: its tensors are read in place as the model copies them, not into
-        # heap blocks that the runtime's malloc settings keep (full-size R-50, 36 frames 360x640, AMD EPYC Zen 2:
-        # peak RSS 1.443 -> 1.398 GB); the legacy format cannot be mapped
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         msg = str(e)
         if "Weights only load failed" in msg or "weights_only" in msg:
