@@ -136,6 +136,50 @@ def _winograd_rows(quick: bool, repeats: int) -> list[dict]:
         tile = conv.tile
         row["kernel"] = f"cpu F({tile}x{tile},3x3), {default}"
         rows.append(row)
+    return rows + _onnxruntime_winograd_rows(shapes, repeats)
+
+
+def _onnxruntime_winograd_rows(shapes: list[tuple[int, int, int]], repeats: int) -> list[dict]:
+    """The same shapes in ONNX Runtime (2 threads here as everywhere in the benchmarks' settings): a Conv graph
+    against its Winograd rewrite (runtime/backends/onnxruntime_winograd.py); none where onnx, onnxruntime or
+    the operator library is missing."""
+    try:
+        import numpy as np
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+
+        from runtime.backends import onnxruntime_kernels, onnxruntime_winograd
+    except ImportError:
+        return []
+    library = onnxruntime_kernels.library()
+    if library is None:
+        return []
+    default = "on by default here" if onnxruntime_winograd.applies() else "off by default on this CPU"
+    rng = np.random.default_rng(0)
+    rows = []
+    for c, h, w in shapes:
+        weight = (rng.standard_normal((c, c, 3, 3)) / (3 * c**0.5)).astype(np.float32)
+        graph = helper.make_graph(
+            [helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1], kernel_shape=[3, 3])], "conv3x3",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, h, w])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(rng.standard_normal(c).astype(np.float32), "b")])
+        plain = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        rewritten = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        onnxruntime_winograd.rewrite(rewritten)
+        sessions = []
+        for model in (plain, rewritten):
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            options.register_custom_ops_library(str(library))
+            sessions.append(ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]))
+        feed = {"x": rng.standard_normal((1, c, h, w)).astype(np.float32)}
+        row = _compare("conv3x3 (ONNX Runtime Winograd)", f"{c}->{c} channels {h}x{w} (R-50 at 360x640)",
+                       lambda: torch.from_numpy(sessions[0].run(None, feed)[0]),
+                       lambda: torch.from_numpy(sessions[1].run(None, feed)[0]), "cpu", repeats)
+        tile = onnxruntime_winograd.tile_for(c, c)
+        row["kernel"] = f"onnxruntime F({tile}x{tile},3x3), {default}"
+        rows.append(row)
     return rows
 
 

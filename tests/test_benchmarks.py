@@ -111,6 +111,11 @@ def test_the_kernel_benchmark_times_winograd_against_the_direct_convolution(quic
     # against the direct float32 convolution: within F(4x4)'s ~1e-5 of outputs of scale ~5
     assert all(r["max_abs_error"] < 5e-4 for r in winograd), winograd
     assert all("F(4x4,3x3)" in r["kernel"] and "by default" in r["kernel"] for r in winograd)
+    # and the same shapes in ONNX Runtime: its Conv against the rewritten graph
+    ort_rows = [r for r in rows if r["name"] == "conv3x3 (ONNX Runtime Winograd)"]
+    assert [r["shape"] for r in ort_rows] == [r["shape"] for r in winograd]
+    assert all(r["kernel_s"] > 0 and r["max_abs_error"] < 5e-4 and r["kernel"].startswith("onnxruntime F(4x4,3x3)")
+               for r in ort_rows), ort_rows
 
 
 def test_markdown_shows_the_json_and_figures_are_sane(quick_run: Path):
