@@ -119,29 +119,13 @@ OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi* table, const OrtKerne
 }
 
 OrtCustomOp make_op() {
-  OrtCustomOp op{};
-  op.version = vita_ort::kApiVersion;
-  op.CreateKernel = nullptr;  // ONNX Runtime >= 1.16 uses the V2 forms (returning a status) where they are set
+  OrtCustomOp op = vita_ort::cpu_op_base();
   op.GetName = [](const OrtCustomOp*) { return kOpName; };
-  op.GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return "CPUExecutionProvider"; };
   op.GetInputType = [](const OrtCustomOp*, size_t i) { return i == 1 ? static_cast<int>(kOrtInt64) : static_cast<int>(kOrtFloat); };
   op.GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 5; };
-  op.GetOutputType = [](const OrtCustomOp*, size_t) { return static_cast<int>(kOrtFloat); };
-  op.GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
-  op.KernelCompute = nullptr;
-  op.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
-  op.GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return 0; };
-  op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return 0; };
-  op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return 0; };
-  op.GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
-  op.GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };
-  op.GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
-  op.GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 1; };
   op.CreateKernelV2 = create_kernel;
   op.KernelComputeV2 = compute;
-  op.InferOutputShapeFn = nullptr;
-  op.GetStartVersion = [](const OrtCustomOp*) { return 1; };
-  op.GetEndVersion = [](const OrtCustomOp*) { return 2147483647; };
+  op.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
   return op;
 }
 

@@ -126,6 +126,30 @@ class Api {
 };
 
 // One input's element type and dimensions (an error status when it cannot be read).
+// The parts of an operator description every operator here shares: CPU provider, float32 output(s), every
+// input and output required, the V2 entry points (returning a status) for ONNX Runtime >= 1.16, all opset
+// versions. The caller sets the name, input types and counts, and the kernel's create, compute and destroy.
+inline OrtCustomOp cpu_op_base() {
+  OrtCustomOp op{};
+  op.version = kApiVersion;
+  op.CreateKernel = nullptr;
+  op.KernelCompute = nullptr;
+  op.GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return "CPUExecutionProvider"; };
+  op.GetOutputType = [](const OrtCustomOp*, size_t) { return static_cast<int>(kOrtFloat); };
+  op.GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
+  op.GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return 0; };
+  op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return 0; };
+  op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return 0; };
+  op.GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 1; };
+  op.InferOutputShapeFn = nullptr;
+  op.GetStartVersion = [](const OrtCustomOp*) { return 1; };
+  op.GetEndVersion = [](const OrtCustomOp*) { return 2147483647; };
+  return op;
+}
+
 inline OrtStatus* describe(const Api& api, const OrtValue* value, int* type, std::vector<int64_t>* dims) {
   OrtTensorTypeAndShapeInfo* info = nullptr;
   if (OrtStatus* s = api.GetTensorTypeAndShape(value, &info)) return s;

@@ -243,31 +243,15 @@ inline OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* table, cons
 
 template <bool Output>
 OrtCustomOp make_op() {
-  OrtCustomOp op{};
-  op.version = vita_ort::kApiVersion;
-  op.CreateKernel = nullptr;  // the V2 forms (returning a status) are used where set
+  OrtCustomOp op = vita_ort::cpu_op_base();
   op.GetName = [](const OrtCustomOp*) { return Output ? kOutputName : kInputName; };
-  op.GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return "CPUExecutionProvider"; };
   op.GetInputType = [](const OrtCustomOp*, size_t i) {
     return Output && i == 1 ? static_cast<int>(kOrtInt64) : static_cast<int>(kOrtFloat);
   };
   op.GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return Output ? 3 : 1; };
-  op.GetOutputType = [](const OrtCustomOp*, size_t) { return static_cast<int>(kOrtFloat); };
-  op.GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
-  op.KernelCompute = nullptr;
-  op.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
-  op.GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return 0; };
-  op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return 0; };
-  op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return 0; };
-  op.GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
-  op.GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };
-  op.GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
-  op.GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 1; };
   op.CreateKernelV2 = create_kernel;
   op.KernelComputeV2 = Output ? compute_output : compute_input;
-  op.InferOutputShapeFn = nullptr;
-  op.GetStartVersion = [](const OrtCustomOp*) { return 1; };
-  op.GetEndVersion = [](const OrtCustomOp*) { return 2147483647; };
+  op.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
   return op;
 }
 
