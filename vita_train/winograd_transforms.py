@@ -36,8 +36,9 @@ def tile_for(cin: int, cout: int) -> int:
     return 4 if cin * cout <= LARGE_TILE_MAX_WEIGHTS else 2
 
 
-def transform_weight(weight: np.ndarray, tile: int) -> np.ndarray:
-    """(Cout, Cin, 3, 3) -> ((tile+2)^2, Cout, Cin) float32: G g G^T per filter (in float64), by Winograd point."""
+def transform_weight(weight: np.ndarray, tile: int, dtype: type = np.float32) -> np.ndarray:
+    """(Cout, Cin, 3, 3) -> ((tile+2)^2, Cout, Cin) in ``dtype``: G g G^T per filter (computed in float64), by
+    Winograd point."""
     g = np.asarray(G[tile], dtype=np.float64)
     u = np.einsum("pk,ockl,ql->pqoc", g, np.asarray(weight, dtype=np.float64), g)
-    return np.ascontiguousarray(u.reshape(-1, weight.shape[0], weight.shape[1]), dtype=np.float32)
+    return np.ascontiguousarray(u.reshape(-1, weight.shape[0], weight.shape[1]), dtype=dtype)

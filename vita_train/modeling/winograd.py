@@ -17,12 +17,14 @@ from __future__ import annotations
 import functools
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
 import kernels as kernels_lib
 
-from ..winograd_transforms import AT, BT, G, tile_for
+from .. import winograd_transforms
+from ..winograd_transforms import AT, BT, tile_for
 from .onednn import needs_plain_ops
 
 # the Winograd-domain tiles of one band of output rows: transformed, multiplied and transformed back while
@@ -63,11 +65,11 @@ def usable(x: Tensor, weight: Tensor, stride: int, padding: int, kernels: str) -
 
 
 def transform_weight(weight: Tensor, tile: int) -> Tensor:
-    """(Cout, Cin, 3, 3) -> ((tile+2)^2 * Cout, Cin, 1, 1): G g G^T per filter, grouped by Winograd point (in torch,
-    on the weight's device: ``vita_train.winograd_transforms.transform_weight`` in torch ops)."""
-    g = torch.tensor(G[tile], dtype=torch.float64, device=weight.device)
-    u = torch.einsum("pk,ockl,ql->pqoc", g, weight.detach().double(), g)
-    return u.reshape(-1, weight.shape[1], 1, 1).to(weight.dtype)
+    """(Cout, Cin, 3, 3) -> ((tile+2)^2 * Cout, Cin, 1, 1): G g G^T per filter, grouped by Winograd point, in the
+    weight's dtype and device (``vita_train.winograd_transforms.transform_weight``, which ONNX Runtime's rewrite
+    uses too)."""
+    u = winograd_transforms.transform_weight(weight.detach().cpu().double().numpy(), tile, np.float64)
+    return torch.from_numpy(u).reshape(-1, weight.shape[1], 1, 1).to(weight.device, weight.dtype)
 
 
 def reference_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], tile: int) -> Tensor:
