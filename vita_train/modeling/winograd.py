@@ -15,6 +15,7 @@ bounds. ``kernels="reference"`` (``VitaModel.set_kernels``) turns it off with th
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Callable, Optional
 
 import numpy as np
@@ -46,10 +47,10 @@ def winograd_cpu() -> bool:
     return torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 
-def band_rows(n: int, w: int, channels: int, tile: int) -> int:
-    """Output rows transformed and multiplied at a time: the widest band whose Winograd-domain tiles stay
-    within ``_BAND_BYTES`` (at least one row of tiles)."""
-    per_tile_row = n * -(-w // tile) * (tile + 2) ** 2 * channels * 4
+def band_rows(w: int, channels: int, tile: int) -> int:
+    """Output rows of one image transformed and multiplied at a time: the widest band whose Winograd-domain
+    tiles stay within ``_BAND_BYTES`` (at least one row of tiles)."""
+    per_tile_row = -(-w // tile) * (tile + 2) ** 2 * channels * 4
     return tile * max(1, _BAND_BYTES // per_tile_row)
 
 
@@ -116,9 +117,10 @@ class WinogradWeight:
             tile, cout = tile_for(cin, weight.shape[0]), weight.shape[0]
             points = (tile + 2) ** 2
             u = transform_weight(weight, tile).contiguous(memory_format=torch.channels_last)
-            # packed for this input's tile count: with a made-up shape oneDNN picked a layout it then
-            # reordered on every call (3-30x slower); other sizes run with this layout at full speed
-            tiles = n * -(-min(band_rows(n, w, max(cin, cout), tile), h) // tile) * -(-w // tile)
+            # packed for one image's band of tiles: with a made-up shape oneDNN picked a layout it then
+            # reordered on every call (3-30x slower); smaller bands run with this layout at full speed, but a
+            # batch's larger ones did not (a batch of 2 ran ResNet's res4 10x slower): images go one at a time
+            tiles = -(-min(band_rows(w, max(cin, cout), tile), h) // tile) * -(-w // tile)
             packed = torch.ops.mkldnn._reorder_convolution_weight(
                 u, [0, 0], [1, 1], [1, 1], points, [1, points * cin, tiles, 1])
             self._packed = (key, tile, cout, packed, None if bias is None else bias.detach().float().contiguous())
@@ -126,10 +128,10 @@ class WinogradWeight:
         points = (tile + 2) ** 2
         x = x.contiguous(memory_format=torch.channels_last)
         out = torch.empty((n, cout, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-        band = band_rows(n, w, max(cin, cout), tile)
-        for r0 in range(0, h, band):
+        band = band_rows(w, max(cin, cout), tile)
+        for i, r0 in itertools.product(range(n), range(0, h, band)):
             rows = (r0, min(r0 + band, h))
-            v = kernels_lib.native.winograd_input(x, tile, rows)
+            v = kernels_lib.native.winograd_input(x[i : i + 1], tile, rows)
             tiles = v.shape[0]
             # the tiles are the pixels of a channels-last (1, points * Cin, tiles, 1) image: one grouped 1x1
             # convolution, a group per Winograd point, multiplies them all without a copy
@@ -137,5 +139,5 @@ class WinogradWeight:
             products = torch.ops.mkldnn._convolution_pointwise(
                 image, packed, None, [0, 0], [1, 1], [1, 1], points, "none", [], "")
             kernels_lib.native.winograd_output(products.permute(0, 2, 3, 1).reshape(tiles, points, cout), bias,
-                                               relu, out, rows, tile)
+                                               relu, out[i : i + 1], rows, tile)
         return out
