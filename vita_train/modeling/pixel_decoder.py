@@ -96,7 +96,8 @@ class ConvGN(nn.Module):
         else:
             x = F.conv2d(x, self.weight, None, 1, self.padding)
         x = self.norm(x)
-        return F.relu(x) if self.relu else x
+        # in place: the norm's output is fresh, and a full-size map less at the detector's peak
+        return F.relu_(x) if self.relu else x
 
 
 class MSDeformAttnPixelDecoder(nn.Module):
@@ -164,5 +165,6 @@ class MSDeformAttnPixelDecoder(nn.Module):
         # a fresh channels-last copy (small): on the strided view the CPU resize kernel is ten times slower,
         # even where the view counts as channels-last contiguous (a batch of one)
         finest = outs[-1].clone(memory_format=torch.channels_last)
-        y = lateral + F.interpolate(finest, size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+        # into the lateral (the adapter norm's fresh output): one full-size map less at the detector's peak
+        y = lateral.add_(F.interpolate(finest, size=lateral.shape[-2:], mode="bilinear", align_corners=False))
         return self.layer_1(y), outs
