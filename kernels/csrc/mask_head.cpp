@@ -81,12 +81,14 @@ constexpr float kSurelyInside = 1e-6f;
 // sum of sigmoid(x) and count of pixels where sigmoid(x) > 0.5 (the twin: 1 / (exp(-max(x, 0)) + 1) > 0.5);
 // ``soft`` is scratch of n floats
 void mask_quality_sums(const float* __restrict x, float* __restrict soft, size_t n, double& soft_sum, double& count) {
-  // the pixels surely inside, with the fast exponential (0 elsewhere)
-#pragma omp simd
+  // the pixels surely inside, with the fast exponential (0 elsewhere), counting those at the threshold itself
+  int64_t at_threshold = 0;
+#pragma omp simd reduction(+ : at_threshold)
   for (size_t i = 0; i < n; ++i) {
     const float v = x[i];
     const float s = 1.0f / (vita_math::exp_nonpositive(v > 0.0f ? -v : 0.0f) + 1.0f);
     soft[i] = v > kSurelyInside ? s : 0.0f;
+    at_threshold += (v > 0.0f) & !(v > kSurelyInside) ? 1 : 0;
   }
   // `omp simd` allows the lane-wise (reordered) sums
   double acc = 0.0;
@@ -96,7 +98,9 @@ void mask_quality_sums(const float* __restrict x, float* __restrict soft, size_t
     acc += soft[i];
     cnt += soft[i] > 0.0f ? 1 : 0;
   }
-  for (size_t i = 0; i < n; ++i) {  // the rare pixels at the threshold itself
+  // the rare pixels at the threshold itself; the scan only where there are some: its sign test mispredicts
+  // along every mask edge (1.2 ms of 1.5 for a 360x640 map)
+  for (size_t i = 0; at_threshold > 0 && i < n; ++i) {
     const float v = x[i];
     if (v > 0.0f && !(v > kSurelyInside)) {
       const float s = 1.0f / (std::exp(-v) + 1.0f);
