@@ -30,27 +30,31 @@ def _pad_batch(images: Tensor, size: int) -> Tensor:
 class CompiledDetector:
     """``model.detect`` compiled on first use, for one image size and batch size."""
 
-    def __init__(self, model: VitaModel) -> None:
+    def __init__(self, model: VitaModel, project_mask_features: bool = True) -> None:
         self.model = model
+        self.project_mask_features = project_mask_features
         self._fn: Optional[Callable[[Tensor], DetectorOutput]] = None
         self._batch: Optional[int] = None
         self.failed: Optional[str] = None
 
+    def _eager(self, images: Tensor) -> DetectorOutput:
+        return self.model.detect(images, project_mask_features=self.project_mask_features)
+
     def __call__(self, images: Tensor) -> DetectorOutput:
         """Detector outputs of ``images`` (B, 3, H, W), as ``model.detect`` gives them."""
         if self.failed is not None:
-            return self.model.detect(images)
+            return self._eager(images)
         b = images.shape[0]
         if self._batch is None or b > self._batch:
             self._batch = b
-            self._fn = torch.compile(self.model.detect, dynamic=False, options={"freezing": True})
+            self._fn = torch.compile(self._eager, dynamic=False, options={"freezing": True})
         padded = images if b == self._batch else _pad_batch(images, self._batch)
         try:
             out = self._fn(padded)
         except Exception as e:  # noqa: BLE001 - any compiler failure falls back to the same eager model
             self.failed = f"{type(e).__name__}: {e}".splitlines()[0][:300]
             log.warning("torch.compile of the detector failed (%s); running it eagerly", self.failed)
-            return self.model.detect(images)
+            return self._eager(images)
         if b == self._batch:
             return out
         return DetectorOutput(out.frame_queries[:b], out.frame_logits[:b], out.mask_features[:b])

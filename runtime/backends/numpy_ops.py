@@ -166,8 +166,11 @@ class MaskHead:
         padded_size: tuple[int, int],
         orig_size: tuple[int, int],
         threads: int = 1,
+        bias: Optional[np.ndarray] = None,
     ) -> None:
+        """``bias`` (k,): added to each query's logits (a projection folded into ``mask_embed``)."""
         self.mask_embed = np.asarray(mask_embed, dtype=np.float32)  # (k, D) of the selected queries
+        self.bias = None if bias is None else np.asarray(bias, dtype=np.float32)
         self.resized_size = (int(resized_size[0]), int(resized_size[1]))
         self.padded_size = (int(padded_size[0]), int(padded_size[1]))
         self.orig_size = (int(orig_size[0]), int(orig_size[1]))
@@ -183,6 +186,8 @@ class MaskHead:
         # a GEMM per frame on the features as they lie (tensordot would first copy them all into (D, t*h*w)),
         # then the small (t, k, h*w) logits reordered to (k, t, h, w)
         logits = np.matmul(self.mask_embed, np.ascontiguousarray(feats).reshape(t, d, h * w))
+        if self.bias is not None:
+            logits += self.bias[:, None]
         return self.masks_from_logits(logits.transpose(1, 0, 2).reshape(len(self.mask_embed), t, h, w))
 
     def masks_from_logits(self, logits: np.ndarray) -> np.ndarray:

@@ -11,18 +11,19 @@ import contextlib
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from vita_train.config import ModelConfig
 from vita_train.export_format import DETECTOR_FILE, TOKENS_FILE, token_step_files
+from vita_train.mask_projection import fold_mask_projection
 from vita_train.token_steps import TokenSteps
 
 from ..float_env import ORT_DENORMAL_AS_ZERO, denormals_flushed
 from ..host_memory import keep_freed_memory
 from ..native_build import usable_cpus
-from . import numpy_ops, onnxruntime_kernels, onnxruntime_winograd
+from . import numpy_ops, onnxruntime_kernels, onnxruntime_mask_projection, onnxruntime_winograd
 from .base import Detection, Selection
 
 log = logging.getLogger(__name__)
@@ -70,18 +71,18 @@ def _unloadable(path: Path, e: Exception) -> ValueError:
     return ValueError(f"{path} is not a loadable ONNX graph ({first}); export the model again")
 
 
-def _session(path: Path, options: Any, providers: list[str], winograd: bool = False) -> Any:
-    """A session over the graph at ``path``; with ``winograd``, over a copy whose 3x3 convolutions are rewritten
-    (onnxruntime_winograd; the file is not changed)."""
+def _session(path: Path, options: Any, providers: list[str], rewrite: Optional[Callable[[Any], bool]] = None) -> Any:
+    """A session over the graph at ``path``; with ``rewrite``, over an in-memory copy that ``rewrite(model)``
+    changes (returning True where it did; the file is not changed). ``rewrite`` needs the onnx package."""
     import onnxruntime as ort
 
     disabled = list(CPU_DISABLED_OPTIMIZERS) if providers == ["CPUExecutionProvider"] else None
     try:
-        if winograd:
-            import onnx  # onnxruntime_winograd.wanted() checked it is installed
+        if rewrite is not None:
+            import onnx
 
             model = onnx.load(str(path))
-            if onnxruntime_winograd.rewrite(model):
+            if rewrite(model):
                 # through a temporary file whose weights are written out one by one: serialised whole beside its
                 # proto, the graph took the full-size R-50's 36-frame clip to a 1.08 GB peak RSS, this way 0.74
                 with tempfile.TemporaryDirectory(prefix="vita-graph-") as tmp:
@@ -164,6 +165,10 @@ class OnnxRuntimeBackend:
         self.fused_msda = self.flush_denormals and onnxruntime_kernels.library() is not None
         # and, on AVX2-only CPUs, the detector's stride-1 3x3 convolutions as Winograd transforms (same library)
         self.winograd = self.fused_msda and onnxruntime_winograd.wanted()
+        # on the CPU provider VITA's mask-feature projection leaves the graph for the mask head's fold (as the
+        # torch backend's CPU path): its (weight, bias) once the detector session has split it off
+        self.split_projection = self.flush_denormals and onnxruntime_mask_projection.available()
+        self.projection: Optional[tuple[np.ndarray, np.ndarray]] = None
         if self.flush_denormals:
             # the numpy mask head frees tens of MB per call: keep them mapped
             keep_freed_memory()
@@ -180,7 +185,7 @@ class OnnxRuntimeBackend:
         self.fixed_batch: Optional[int] = 1 if self.flush_denormals else None
         if self.fixed_batch is not None:
             options.add_free_dimension_override_by_name(BATCH_DIM, self.fixed_batch)
-        self.detector = _session(self._detector_path, options, self.providers, self.winograd)
+        self.detector = _session(self._detector_path, options, self.providers, self._detector_rewrite())
         self._any_batch_detector: Optional[Any] = None
         self.tokens: Optional[Any] = None
         self.steps: Optional[TokenSteps] = None
@@ -213,13 +218,30 @@ class OnnxRuntimeBackend:
                 options.add_session_config_entry(ENV_ALLOCATORS, "1")
         return options
 
+    def _detector_rewrite(self) -> Optional[Callable[[Any], bool]]:
+        """What changes the detector graph in memory before its session is made: Winograd convolutions, the
+        projection split off (None: the graph as exported)."""
+        if not (self.winograd or self.split_projection):
+            return None
+
+        def rewrite(model: Any) -> bool:
+            changed = bool(self.winograd and onnxruntime_winograd.rewrite(model))
+            if self.split_projection:
+                projection = onnxruntime_mask_projection.split(model)
+                if projection is not None:
+                    self.projection, changed = projection, True
+            return changed
+
+        return rewrite
+
     def _detector_for(self, batch: int) -> Any:
         """The detector session that takes ``batch`` frames: the fixed-batch one, else one built on first use."""
         if self.fixed_batch is None or batch == self.fixed_batch:
             return self.detector
         if self._any_batch_detector is None:
             log.info("building a detector session for batches of %d frames (the loaded one takes %d)", batch, self.fixed_batch)
-            self._any_batch_detector = _session(self._detector_path, self._options(), self.providers, self.winograd)
+            self._any_batch_detector = _session(self._detector_path, self._options(), self.providers,
+                                                self._detector_rewrite())
         return self._any_batch_detector
 
     def _run_detector(self, frames: np.ndarray) -> list[np.ndarray]:
@@ -264,7 +286,10 @@ class OnnxRuntimeBackend:
         return Selection(*numpy_ops.select_topk(logits, k))
 
     def mask_head(self, mask_embed, selection: Selection, resized, padded, orig) -> numpy_ops.MaskHead:
-        return numpy_ops.MaskHead(mask_embed[selection.query_index], resized, padded, orig, threads=self.threads)
+        embed, bias = mask_embed[selection.query_index], None
+        if self.projection is not None:  # the features are the unprojected maps (onnxruntime_mask_projection)
+            embed, bias = fold_mask_projection(embed, *self.projection)
+        return numpy_ops.MaskHead(embed, resized, padded, orig, threads=self.threads, bias=bias)
 
     def concat(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         return np.concatenate(list(arrays))

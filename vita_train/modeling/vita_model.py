@@ -27,7 +27,9 @@ class DetectorOutput:
 
     frame_queries: Tensor  # (B, Nf, C) last decoder layer, after decoder_norm
     frame_logits: Tensor  # (B, Nf, K+1), no-object in the last column
-    mask_features: Tensor  # (B, D, Hp/4, Wp/4), VITA's mask features (vita_mask_features applied)
+    # (B, D, Hp/4, Wp/4): VITA's mask features (vita_mask_features applied), or with project_mask_features=False
+    # the pixel decoder's /4 map it applies to (VitaModule.fold_mask_projection then folds it into the embeddings)
+    mask_features: Tensor
 
 
 def build_backbone(config: ModelConfig) -> nn.Module:
@@ -102,11 +104,12 @@ class VitaModel(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def detect(self, images: Tensor, num_query_layers: int = 1) -> DetectorOutput:
-        """Frames already resized (B, 3, Hr, Wr) -> frame queries, frame logits and mask features."""
+    def detect(self, images: Tensor, num_query_layers: int = 1, project_mask_features: bool = True) -> DetectorOutput:
+        """Frames already resized (B, 3, Hr, Wr) -> frame queries, frame logits and mask features.
+
+        ``project_mask_features=False`` leaves VITA's 1x1 mask-feature convolution out (see DetectorOutput)."""
         x = self.normalize_and_pad(images)
-        features = self.backbone(x)
-        out4, multi_scale = self.pixel_decoder(features)
+        out4, multi_scale = self.pixel_decoder(self.backbone(x))
         # each stage computes in its own weights' dtype (the reduced-precision policy may differ per stage)
         fd = next(self.frame_decoder.parameters()).dtype
         # the frame decoder's mask features are needed only resized to its attention sizes: it projects there
@@ -115,7 +118,7 @@ class VitaModel(nn.Module):
         return DetectorOutput(
             frame_queries=decoded.frame_queries[-1],
             frame_logits=decoded.pred_logits[-1],
-            mask_features=self.vita.vita_mask_features(out4.to(self.vita.vita_mask_features.weight.dtype)),
+            mask_features=self.vita.project_mask_features(out4) if project_mask_features else out4,
         )
 
     def batch_clips(self, clips: list[Tensor]) -> Tensor:
@@ -174,10 +177,12 @@ class VitaModel(nn.Module):
         vita_outputs["pred_cq_embed"] = None if cq is None else cq.view(nl, b, *cq.shape[1:])
         return frame_outputs, vita_outputs
 
-    def mask_features(self, images: Tensor) -> Tensor:
-        """VITA's mask features only (B, D, Hp/4, Wp/4): the frame decoder is skipped (second-pass recompute)."""
+    def mask_features(self, images: Tensor, project: bool = True) -> Tensor:
+        """VITA's mask features only (B, D, Hp/4, Wp/4): the frame decoder is skipped (second-pass recompute).
+
+        ``project=False``: the map before VITA's mask-feature convolution, as ``detect`` gives it then."""
         out4, _ = self.pixel_decoder(self.backbone(self.normalize_and_pad(images)))
-        return self.vita.vita_mask_features(out4)
+        return self.vita.project_mask_features(out4) if project else out4
 
     def track(
         self,

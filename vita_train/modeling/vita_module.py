@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from kernels import attention_with_lse, check_mode, window_attention
 from kernels.cpu import MklPackedLinear
 
+from ..mask_projection import fold_mask_projection
 from .transformer_layers import MLP, CrossAttentionLayer, FFNLayer, SelfAttentionLayer
 
 if TYPE_CHECKING:
@@ -147,6 +148,18 @@ class VitaModule(nn.Module):
             kernels=config.kernels,
             token_dtype=getattr(torch, config.test.token_dtype),
         )
+
+    def project_mask_features(self, features: Tensor) -> Tensor:
+        """The pixel decoder's /4 map (B, C, h, w) -> VITA's mask features (B, D, h, w), in the projection's dtype."""
+        return self.vita_mask_features(features.to(self.vita_mask_features.weight.dtype))
+
+    def fold_mask_projection(self, mask_embed: Tensor) -> tuple[Tensor, Tensor]:
+        """Mask embeddings e (k, D) -> (e W (k, C), e b (k,)) float32: mask logits straight from the unprojected
+        /4 map (vita_train/mask_projection.py)."""
+        conv = self.vita_mask_features
+        bias = conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.weight.shape[0])
+        embed, folded_bias = fold_mask_projection(*(t.detach().float().cpu().numpy() for t in (mask_embed, conv.weight, bias)))
+        return torch.from_numpy(embed).to(mask_embed.device), torch.from_numpy(folded_bias).to(mask_embed.device)
 
     # ----- Object Encoder -------------------------------------------------------------------------
     def _dtypes(self) -> tuple[torch.dtype, torch.dtype]:
