@@ -92,6 +92,51 @@ def test_fused_conv_equals_conv_norm_add_relu(relu, with_residual):
     assert not torch.allclose(fused, plain(x, residual), rtol=1e-3, atol=1e-3)
 
 
+def test_fused_conv_into_the_residual_equals_a_new_output():
+    """``into_residual``: oneDNN's in-place sum writes the result into the residual (given up by the caller) and
+    equals the plain ops; without it the residual is left as it was. (With a residual the ReLU follows, as in
+    every bottleneck.)"""
+    relu = True
+    conv = _conv_norm_with_random_statistics(1)
+    x = torch.randn(2, 16, 33, 47).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = torch.nn.functional.conv2d(x, conv.weight, None, 2, 1)
+        plain = conv.norm(out) + (residual := torch.randn(out.shape).contiguous(memory_format=torch.channels_last))
+        plain = plain.relu() if relu else plain
+        kept = residual.clone()
+        separate = conv.forward_fused(x, relu=relu, residual=kept)
+        assert torch.equal(kept, residual)
+        given = residual.clone()
+        inplace = conv.forward_fused(x, relu=relu, residual=given, into_residual=True)
+    torch.testing.assert_close(inplace, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(inplace, separate, rtol=1e-6, atol=1e-6)
+    assert inplace.data_ptr() == given.data_ptr()
+
+
+def test_resnet_stages_leave_their_input_and_outputs_alone():
+    """Blocks after a stage's first write their sums into their input; the backbone's input and the features
+    it returns are not overwritten, and equal the plain ops'."""
+    from vita_train.modeling.resnet import ResNet
+
+    net = ResNet(stage_blocks=(2, 2, 2, 2), stem_out_channels=16, res2_out_channels=32, bottleneck_channels=16).eval()
+    for m in net.modules():
+        if hasattr(m, "running_var"):
+            with torch.no_grad():
+                m.running_var.uniform_(0.5, 2.0)
+                m.running_mean.normal_()
+    x = torch.randn(1, 3, 64, 96).contiguous(memory_format=torch.channels_last)
+    before = x.clone()
+    with torch.no_grad():
+        fast = net(x)
+        net.zero_grad()
+        for p in net.parameters():
+            p.requires_grad_(True)
+    plain = net(x.requires_grad_(False))  # with gradients: the plain ops throughout
+    assert torch.equal(x, before)
+    for name in fast:
+        torch.testing.assert_close(fast[name], plain[name].detach(), rtol=1e-4, atol=1e-4)
+
+
 def test_float16_on_cpu_is_refused_with_what_to_use():
     model = VitaModel(preset("vita_tiny"))
     with pytest.raises(ValueError, match="float16 needs a CUDA device"):

