@@ -154,6 +154,15 @@ def test_residual_is_added_inside_the_call(dtype, fp32_form):
             layer(x, relu=True, residual=r)
     # a control: the residual of another input is told apart
     assert not ((layer(x, residual=r.roll(1, 1)).double() - exact).abs() <= step).all()
+    # into_residual: the same sum, written into the residual given up where the path can (fp32 1x1 conv form)
+    with torch.no_grad():
+        given = r.clone()
+        got = layer(x, residual=given, into_residual=True)
+    assert got.dtype == dtype and ((got.double() - exact).abs() <= step).all()
+    if layer.pack.form == "conv":
+        assert got.data_ptr() == given.data_ptr()
+    else:
+        assert torch.equal(given, r)
 
 
 @needs_onednn
@@ -226,3 +235,24 @@ def test_fp32_forms_agree_and_the_conv_form_is_the_avx2_default(monkeypatch):
             assert layer.pack.form == form  # switching forms repacks
     for a, b in zip(got["matmul"], got["conv"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_layer_leaves_its_input_alone_unless_given_up():
+    """The deformable encoder layer writes its attention sum into ``src`` only with ``consume_input``; either
+    way the output is the same."""
+    from vita_train.modeling.pixel_decoder import DeformableEncoderLayer, reference_points
+
+    torch.manual_seed(0)
+    layer = DeformableEncoderLayer(32, 64, num_levels=2, num_heads=4, num_points=2).eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.2)
+    shapes = [(4, 6), (2, 3)]
+    src, pos = torch.randn(1, 30, 32), torch.randn(1, 30, 32)
+    refs = reference_points(shapes, src.device)
+    before = src.clone()
+    with torch.no_grad():
+        kept = layer(src, pos, refs, shapes)
+        assert torch.equal(src, before)
+        given = layer(src.clone(), pos, refs, shapes, consume_input=True)
+    torch.testing.assert_close(given, kept, rtol=1e-6, atol=1e-6)

@@ -58,16 +58,17 @@ class MSDeformAttn(nn.Module):
             nn.init.zeros_(proj.bias)
 
     def forward(self, query: Tensor, reference_points: Tensor, value: Tensor, shapes: list[tuple[int, int]],
-                residual: Optional[Tensor] = None) -> Tensor:
+                residual: Optional[Tensor] = None, into_residual: bool = False) -> Tensor:
         """query (N, Lq, C), reference_points (N or 1, Lq, 2) as (x, y) in [0, 1], value (N, S, C); plus
-        ``residual`` (N, Lq, C) when given (added inside the output projection)."""
+        ``residual`` (N, Lq, C) when given (added inside the output projection; ``into_residual``: the caller
+        gives it up, and the fast path writes the result into it, see ``PackedLinear``)."""
         n, lq, c = query.shape
         heads, levels, points = self.num_heads, self.num_levels, self.num_points
         v = self.value_proj(value).view(n, value.shape[1], heads, c // heads)
         if self.from_projections_fn is not None:
             out = self.from_projections_fn(v, shapes, reference_points, self.sampling_offsets(query),
                                            self.attention_weights(query), levels, points)
-            return self.output_proj(out, residual=residual)
+            return self.output_proj(out, residual=residual, into_residual=into_residual)
         fast = self.sample_fn is ms_deform_attn_sample and self.kernels != "reference" and not exporting()
         if fast and kernels_lib.resolve(self.kernels, query.device.type) == "cpu":
             params = (self.sampling_offsets.weight, self.attention_weights.weight)
@@ -76,9 +77,9 @@ class MSDeformAttn(nn.Module):
                 out = kernels_lib.native.ms_deform_attn_from_projections(
                     v, shapes, reference_points, self.sampling_offsets(query), self.attention_weights(query),
                     levels, points)
-                return self.output_proj(out, residual=residual)
+                return self.output_proj(out, residual=residual, into_residual=into_residual)
             locations, weights = self._query_minor(query, reference_points, shapes)
-            return self.output_proj(kernels_lib.ms_deform_attn(v, shapes, locations, weights, mode=self.kernels), residual=residual)
+            return self.output_proj(kernels_lib.ms_deform_attn(v, shapes, locations, weights, mode=self.kernels), residual=residual, into_residual=into_residual)
         # positions in the reference points' dtype (at least fp32): bf16 cannot tell pixels apart at 1/160
         offsets = self.sampling_offsets(query).view(n, lq, heads, levels, points, 2).to(reference_points.dtype)
         weights = self.attention_weights(query).view(n, lq, heads, levels * points).softmax(-1)
@@ -94,10 +95,10 @@ class MSDeformAttn(nn.Module):
             scaled = offsets / self._sizes(shapes, offsets).view(1, 1, 1, levels, 1, 2)
         locations = reference_points[:, :, None, None, None, :] + scaled
         if fast:
-            return self.output_proj(kernels_lib.ms_deform_attn(v, shapes, locations, weights, mode=self.kernels), residual=residual)
+            return self.output_proj(kernels_lib.ms_deform_attn(v, shapes, locations, weights, mode=self.kernels), residual=residual, into_residual=into_residual)
         # the plain path samples in the positions' dtype (grid_sample takes one dtype), then back to v's
         sampled = self.sample_fn(v.to(locations.dtype), shapes, locations, weights.to(locations.dtype))
-        return self.output_proj(sampled.to(v.dtype), residual=residual)
+        return self.output_proj(sampled.to(v.dtype), residual=residual, into_residual=into_residual)
 
     @staticmethod
     def _sizes(shapes: list[tuple[int, int]], like: Tensor) -> Tensor:
