@@ -256,3 +256,15 @@ def test_encoder_layer_leaves_its_input_alone_unless_given_up():
         assert torch.equal(src, before)
         given = layer(src.clone(), pos, refs, shapes, consume_input=True)
     torch.testing.assert_close(given, kept, rtol=1e-6, atol=1e-6)
+
+
+@needs_onednn
+def test_float32_conv_packs_only_where_the_conv_form_runs(fp32_form):
+    """``float32="conv"`` (the deformable attention's offsets and weights): packed float32 as a 1x1 convolution
+    where that form runs (AVX2), the plain op elsewhere; the same values either way."""
+    layer = PackedLinear(256, 96, float32="conv").eval()
+    x = torch.randn(1, 977, 256)
+    with torch.no_grad():
+        got = layer(x)
+    assert layer.pack.form == ("conv" if fp32_form == "conv" else None)
+    torch.testing.assert_close(got, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@ tests hold the fast path to.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -56,10 +56,11 @@ class PackedWeight:
     ``PackedLinear`` holds one; layers whose weights are slices of a larger parameter (the packed q/k/v
     projection of ``MultiheadAttention``) hold one per slice and call ``linear``. ``float32=False`` packs
     bf16 weights only and leaves float32 to the plain op: for the decoders' smaller linears the packed fp32
-    call measured no faster, and its copy of the weights would add to the fp32 path's memory.
+    call measured no faster, and its copy of the weights would add to the fp32 path's memory. ``float32="conv"``
+    packs float32 only where it runs as a 1x1 convolution (``fp32_linear_as_conv``).
     """
 
-    def __init__(self, float32: bool = True) -> None:
+    def __init__(self, float32: Union[bool, str] = True) -> None:
         self.float32 = float32
         self._packed: Optional[tuple[tuple, Tensor]] = None
 
@@ -87,8 +88,11 @@ class PackedWeight:
             return False  # shape tests below; under autocast the plain op takes autocast's dtype
         dtypes = {x.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
         return (x.device.type == "cpu" and torch.backends.mkldnn.is_available()
-                and ((dtypes == {torch.float32} and self.float32) or (dtypes == {torch.bfloat16} and bf16_supported()))
+                and ((dtypes == {torch.float32} and self._packs_float32()) or (dtypes == {torch.bfloat16} and bf16_supported()))
                 and x.dim() >= 2 and x.numel() > 0 and x.shape[-1] == weight.shape[1])
+
+    def _packs_float32(self) -> bool:
+        return self.float32 is True or (self.float32 == "conv" and fp32_linear_as_conv())
 
     def linear(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], relu: bool = False,
                residual: Optional[Tensor] = None, into_residual: bool = False) -> Tensor:
@@ -164,7 +168,7 @@ class PackedLinear(nn.Linear):
     has bf16 instructions (else the plain op).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, float32: bool = True) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, float32: Union[bool, str] = True) -> None:
         super().__init__(in_features, out_features, bias)
         self.pack = PackedWeight(float32)
 
