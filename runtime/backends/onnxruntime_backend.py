@@ -23,7 +23,7 @@ from vita_train.token_steps import TokenSteps
 from ..float_env import ORT_DENORMAL_AS_ZERO, denormals_flushed
 from ..host_memory import keep_freed_memory
 from ..native_build import usable_cpus
-from . import numpy_ops, onnxruntime_kernels, onnxruntime_mask_projection, onnxruntime_winograd
+from . import numpy_ops, onnxruntime_fusions, onnxruntime_kernels, onnxruntime_mask_projection, onnxruntime_winograd
 from .base import Detection, Selection
 
 log = logging.getLogger(__name__)
@@ -169,6 +169,8 @@ class OnnxRuntimeBackend:
         # torch backend's CPU path): its (weight, bias) once the detector session has split it off
         self.split_projection = self.flush_denormals and onnxruntime_mask_projection.available()
         self.projection: Optional[tuple[np.ndarray, np.ndarray]] = None
+        # and the token linears' bias adds fused with the Relu or residual add after them (same library)
+        self.fuse_bias = self.fused_msda and self.split_projection
         if self.flush_denormals:
             # the numpy mask head frees tens of MB per call: keep them mapped
             keep_freed_memory()
@@ -219,13 +221,14 @@ class OnnxRuntimeBackend:
         return options
 
     def _detector_rewrite(self) -> Optional[Callable[[Any], bool]]:
-        """What changes the detector graph in memory before its session is made: Winograd convolutions, the
-        projection split off (None: the graph as exported)."""
+        """What changes the detector graph in memory before its session is made: Winograd convolutions, fused
+        bias adds, the projection split off (None: the graph as exported)."""
         if not (self.winograd or self.split_projection):
             return None
 
         def rewrite(model: Any) -> bool:
             changed = bool(self.winograd and onnxruntime_winograd.rewrite(model))
+            changed = bool(self.fuse_bias and onnxruntime_fusions.fuse(model)) or changed
             if self.split_projection:
                 projection = onnxruntime_mask_projection.split(model)
                 if projection is not None:

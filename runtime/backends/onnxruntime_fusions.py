@@ -1,0 +1,105 @@
+"""A detector graph's bias adds fused with the Relu or residual Add that follows them (ONNX Runtime, CPU).
+
+ONNX Runtime folds a MatMul's bias into Gemm only for 2-D inputs; the exported token linears are 3-D, so each
+runs as MatMul, an Add of the bias over its whole output, and then a Relu (the FFNs' first linear) or a residual
+Add (their second) over that output again. ``fuse`` replaces each such pair by one compiled pass from the
+operator library (kernels/csrc/bias_ort.h):
+
+    Add(MatMul(.), bias) -> Relu              becomes  vita.ops::BiasRelu(MatMul(.), bias)
+    Add(MatMul(.), bias) -> Add(., residual)  becomes  vita.ops::BiasResidual(MatMul(.), bias, residual)
+
+where the bias is a 1-D initializer and the first Add's output has no other reader; a residual whose inferred
+shape is not the MatMul output's (a broadcast) keeps the two Adds. The operators add in the pairs' order, so
+the outputs are equal bit for bit. Like the other rewrites it works on the in-memory copy (the onnx package).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any, Optional
+
+from .onnxruntime_winograd import DOMAIN
+
+log = logging.getLogger(__name__)
+
+RELU_OP, RESIDUAL_OP = "BiasRelu", "BiasResidual"
+
+
+def _standard(node: Any, op: str) -> bool:
+    return node.op_type == op and node.domain in ("", "ai.onnx")
+
+
+def _shapes(model: Any) -> dict[str, Optional[tuple]]:
+    """Every value's inferred dims ((value or symbol) per axis), where onnx's shape inference gives them."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - no shapes known: residual fusions are then left out
+        return {}
+    shapes: dict[str, Optional[tuple]] = {}
+    for info in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
+        t = info.type.tensor_type
+        if t.HasField("shape"):
+            dims = tuple(d.dim_param if d.HasField("dim_param") else d.dim_value if d.HasField("dim_value") else None
+                         for d in t.shape.dim)
+            shapes[info.name] = None if None in dims or "" in dims else dims
+    return shapes
+
+
+def fuse(model: Any) -> int:
+    """Replace, in place, the pairs of ``model`` (an onnx.ModelProto)'s main graph as the module docstring says;
+    returns how many."""
+    from onnx import helper
+
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[Any]] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    outputs = {o.name for o in graph.output}
+    shapes: Optional[dict] = None
+    replace: dict[int, Any] = {}  # id(the pair's second node) -> the fused node
+    dropped: set[int] = set()
+    for add in graph.node:
+        if not _standard(add, "Add") or len(add.input) != 2:
+            continue
+        after = consumers[add.output[0]]
+        if len(after) != 1 or add.output[0] in outputs or id(add) in replace or id(after[0]) in replace:
+            continue
+        bias_at = [i for i, name in enumerate(add.input) if name in initializers and len(initializers[name].dims) == 1]
+        if len(bias_at) != 1:
+            continue
+        bias, x = add.input[bias_at[0]], add.input[1 - bias_at[0]]
+        source = producers.get(x)
+        if source is None or not _standard(source, "MatMul") or initializers[bias].data_type != 1:  # FLOAT
+            continue
+        nxt = after[0]
+        stem = f"{add.name or add.output[0]}/fused"
+        if _standard(nxt, "Relu"):
+            fused = helper.make_node(RELU_OP, [x, bias], [nxt.output[0]], name=f"{stem}/{RELU_OP}", domain=DOMAIN)
+        elif _standard(nxt, "Add") and len(nxt.input) == 2:
+            residual = nxt.input[1] if nxt.input[0] == add.output[0] else nxt.input[0]
+            if shapes is None:
+                shapes = _shapes(model)
+            if residual == add.output[0] or shapes.get(residual) is None or shapes.get(residual) != shapes.get(x):
+                continue
+            fused = helper.make_node(RESIDUAL_OP, [x, bias, residual], [nxt.output[0]], name=f"{stem}/{RESIDUAL_OP}",
+                                     domain=DOMAIN)
+        else:
+            continue
+        # at the second node's place: the residual may be made after the first
+        replace[id(nxt)] = fused
+        dropped.add(id(add))
+    if not replace:
+        return 0
+    nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in dropped]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    log.info("%d bias adds fused with the Relu or residual add after them", len(replace))
+    return len(replace)

@@ -1,0 +1,97 @@
+"""Bias adds fused with the Relu or residual add after them (vita.ops::BiasRelu / BiasResidual): which pairs are
+rewritten, and the outputs equal ONNX Runtime's own Add and Relu bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from runtime.backends import onnxruntime_fusions, onnxruntime_kernels
+
+
+def _model(after: str, residual_shape: tuple = (1, 37, 24), bias_dims: int = 1, extra_reader: bool = False):
+    """X (1, 37, 16) -> MatMul W -> Add bias -> ``after`` ("Relu" or "Add": + R) -> Y."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 24)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal((24,) if bias_dims == 1 else (1, 24)).astype(np.float32), "B")]
+    nodes = [helper.make_node("MatMul", ["X", "W"], ["M"]), helper.make_node("Add", ["M", "B"], ["A"])]
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 37, 16])]
+    if after == "Relu":
+        nodes.append(helper.make_node("Relu", ["A"], ["Y"]))
+    else:
+        nodes.append(helper.make_node("Add", ["R", "A"], ["Y"]))
+        inputs.append(helper.make_tensor_value_info("R", TensorProto.FLOAT, list(residual_shape)))
+    outputs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 37, 24])]
+    if extra_reader:
+        nodes.append(helper.make_node("Neg", ["A"], ["Z"]))
+        outputs.append(helper.make_tensor_value_info("Z", TensorProto.FLOAT, [1, 37, 24]))
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    options.register_custom_ops_library(str(onnxruntime_kernels.build()))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def _fused(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy, onnxruntime_fusions.fuse(copy)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _library():
+    try:
+        onnxruntime_kernels.build()
+    except RuntimeError as e:
+        pytest.skip(f"the operator library does not build here: {e}")
+
+
+@pytest.mark.parametrize("after, op", [("Relu", "BiasRelu"), ("Add", "BiasResidual")])
+def test_pairs_become_one_operator_with_equal_outputs(after, op):
+    model = _model(after)
+    rng = np.random.default_rng(1)
+    feeds = {"X": rng.standard_normal((1, 37, 16)).astype(np.float32)}
+    if after == "Add":
+        feeds["R"] = rng.standard_normal((1, 37, 24)).astype(np.float32)
+    fused, count = _fused(model)
+    assert count == 1
+    assert [n.op_type for n in fused.graph.node] == ["MatMul", op]
+    onnx.checker.check_model(fused)
+    got, want = _run(fused, feeds)[0], _run(model, feeds)[0]
+    assert np.array_equal(got, want)
+    # a control: the bias is read (off by one everywhere it is dropped)
+    feeds2 = dict(feeds)
+    init = {t.name: t for t in fused.graph.initializer}["B"]
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + 1, "B"))
+    assert not np.array_equal(_run(fused, feeds2)[0], want)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(after="Add", residual_shape=(1, 1, 24)),  # a broadcast residual
+    dict(after="Relu", bias_dims=2),  # a bias that is not 1-D
+    dict(after="Relu", extra_reader=True),  # the biased output has another reader
+])
+def test_other_pairs_are_left_alone(kwargs):
+    model = _model(**kwargs)
+    before = model.SerializeToString()
+    fused, count = _fused(model)
+    assert count == 0 and fused.SerializeToString() == before
+
+
+def test_the_operator_names_what_is_wrong():
+    from onnx import helper as h
+
+    graph = h.make_graph([h.make_node("BiasRelu", ["X", "B"], ["Y"], domain="vita.ops")], "g",
+                         [h.make_tensor_value_info("X", TensorProto.FLOAT, [2, 5]),
+                          h.make_tensor_value_info("B", TensorProto.FLOAT, [4])],
+                         [h.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("vita.ops", 1)])
+    with pytest.raises(Exception, match="the bias must be the last axis of x"):
+        _run(model, {"X": np.zeros((2, 5), np.float32), "B": np.zeros(4, np.float32)})
