@@ -95,3 +95,16 @@ def test_the_operator_names_what_is_wrong():
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("vita.ops", 1)])
     with pytest.raises(Exception, match="the bias must be the last axis of x"):
         _run(model, {"X": np.zeros((2, 5), np.float32), "B": np.zeros(4, np.float32)})
+
+
+def test_shape_inference_sees_the_graph_without_a_copy_of_its_weights():
+    """The residual check's shapes come from a graph whose large initializers are typed inputs (no data): the
+    same shapes as inferring on the whole model, which had copied the detector's weights twice at load."""
+    model = _model("Add")
+    light = onnxruntime_fusions._without_weights(model)
+    assert [t.name for t in light.graph.initializer] == ["B"]  # 96 bytes kept; W (1.5 KB) is an input
+    assert "W" in [i.name for i in light.graph.input]
+    full = onnx.shape_inference.infer_shapes(model)
+    want = {v.name: v.type for v in full.graph.value_info}
+    got = {v.name: v.type for v in onnx.shape_inference.infer_shapes(light).graph.value_info}
+    assert got == want and "M" in got
