@@ -165,12 +165,14 @@ class OnnxRuntimeBackend:
         self.fused_msda = self.flush_denormals and onnxruntime_kernels.library() is not None
         # and, on AVX2-only CPUs, the detector's stride-1 3x3 convolutions as Winograd transforms (same library)
         self.winograd = self.fused_msda and onnxruntime_winograd.wanted()
+        # graph rewrites are written with the onnx package
+        onnx_installed = onnxruntime_mask_projection.available()
         # on the CPU provider VITA's mask-feature projection leaves the graph for the mask head's fold (as the
         # torch backend's CPU path): its (weight, bias) once the detector session has split it off
-        self.split_projection = self.flush_denormals and onnxruntime_mask_projection.available()
+        self.split_projection = self.flush_denormals and onnx_installed
         self.projection: Optional[tuple[np.ndarray, np.ndarray]] = None
         # and the token linears' bias adds fused with the Relu or residual add after them (same library)
-        self.fuse_bias = self.fused_msda and self.split_projection
+        self.fuse_bias = self.fused_msda and onnx_installed
         if self.flush_denormals:
             # the numpy mask head frees tens of MB per call: keep them mapped
             keep_freed_memory()
