@@ -88,6 +88,31 @@ def test_winograd_detector_session_matches_the_plain_graph(exported, monkeypatch
         assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
 
 
+def test_shape_constants_made_once_per_frame_size_give_the_plain_outputs(exported, monkeypatch):
+    """The CPU detector session computes the position encodings and reference points once per frame size: its
+    outputs equal the session without that rewrite bit for bit, at a first size, again, at a second and back."""
+    from runtime.backends import onnxruntime_shape_constants
+    from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    export_dir = exported(OfficialCase(OFFICIAL_CASES[0]))
+    meta = json.loads((export_dir / "vita.json").read_text())
+    fast = OnnxRuntimeBackend(export_dir, meta, threads=2)
+    hoisted = fast.shape_constants.hoisted
+    # the pixel decoder's position encodings and reference points, the frame decoder's three encodings
+    assert len(hoisted.tensors) >= 5 and hoisted.outputs[:2] == ("frame_queries", "frame_logits")
+    monkeypatch.setattr(onnxruntime_shape_constants, "hoist", lambda model: None)
+    plain = OnnxRuntimeBackend(export_dir, meta, threads=2)
+    assert plain.shape_constants is None
+    case = OfficialCase(OFFICIAL_CASES[0])
+    frames = np.stack([np.asarray(f) for f in case.frames[:3]])[..., ::-1]
+    sizes = [frames[:1], frames[1:2], frames[:1, :, : frames.shape[2] - 64], frames[2:3]]
+    for f in sizes:
+        f = np.ascontiguousarray(f)
+        for a, b in zip(fast._run_detector(f), plain._run_detector(f)):
+            assert np.array_equal(a, b)
+    assert len(fast.shape_constants._entries) == 2
+
+
 def test_graph_inputs_outputs_and_dynamic_axes(exported):
     import onnx
 

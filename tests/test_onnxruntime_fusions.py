@@ -101,7 +101,7 @@ def test_shape_inference_sees_the_graph_without_a_copy_of_its_weights():
     """The residual check's shapes come from a graph whose large initializers are typed inputs (no data): the
     same shapes as inferring on the whole model, which had copied the detector's weights twice at load."""
     model = _model("Add")
-    light = onnxruntime_fusions._without_weights(model)
+    light = onnxruntime_fusions.without_weights(model)
     assert [t.name for t in light.graph.initializer] == ["B"]  # 96 bytes kept; W (1.5 KB) is an input
     assert "W" in [i.name for i in light.graph.input]
     full = onnx.shape_inference.infer_shapes(model)

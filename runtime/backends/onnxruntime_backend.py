@@ -23,7 +23,14 @@ from vita_train.token_steps import TokenSteps
 from ..float_env import ORT_DENORMAL_AS_ZERO, denormals_flushed
 from ..host_memory import keep_freed_memory
 from ..native_build import usable_cpus
-from . import numpy_ops, onnxruntime_fusions, onnxruntime_kernels, onnxruntime_mask_projection, onnxruntime_winograd
+from . import (
+    numpy_ops,
+    onnxruntime_fusions,
+    onnxruntime_kernels,
+    onnxruntime_mask_projection,
+    onnxruntime_shape_constants,
+    onnxruntime_winograd,
+)
 from .base import Detection, Selection
 
 log = logging.getLogger(__name__)
@@ -173,6 +180,10 @@ class OnnxRuntimeBackend:
         self.projection: Optional[tuple[np.ndarray, np.ndarray]] = None
         # and the token linears' bias adds fused with the Relu or residual add after them (same library)
         self.fuse_bias = self.fused_msda and onnx_installed
+        # and what a dynamic-size graph computes from sizes alone (position encodings, reference points) made
+        # once per frame shape (a fixed-size export has them folded by ONNX Runtime): set by the rewrite
+        self.hoist_constants = self.flush_denormals and onnx_installed and not self.fixed_size
+        self.shape_constants: Optional[onnxruntime_shape_constants.ConstantCache] = None
         if self.flush_denormals:
             # the numpy mask head frees tens of MB per call: keep them mapped
             keep_freed_memory()
@@ -224,8 +235,9 @@ class OnnxRuntimeBackend:
 
     def _detector_rewrite(self) -> Optional[Callable[[Any], bool]]:
         """What changes the detector graph in memory before its session is made: Winograd convolutions, fused
-        bias adds, the projection split off (None: the graph as exported)."""
-        if not (self.winograd or self.split_projection):
+        bias adds, the projection split off, the shape-only tensors made once per size (None: the graph as
+        exported)."""
+        if not (self.winograd or self.split_projection or self.hoist_constants):
             return None
 
         def rewrite(model: Any) -> bool:
@@ -235,6 +247,13 @@ class OnnxRuntimeBackend:
                 projection = onnxruntime_mask_projection.split(model)
                 if projection is not None:
                     self.projection, changed = projection, True
+            # last: it moves subgraphs into If branches, which the rewrites above do not look into
+            hoisted = onnxruntime_shape_constants.hoist(model) if self.hoist_constants else None
+            if hoisted is not None:
+                # every session of this backend is made by this rewrite: the same graph, one cache
+                if self.shape_constants is None or self.shape_constants.hoisted != hoisted:
+                    self.shape_constants = onnxruntime_shape_constants.ConstantCache(hoisted)
+                changed = True
             return changed
 
         return rewrite
@@ -256,8 +275,12 @@ class OnnxRuntimeBackend:
                 f"{frames.shape[1]}x{frames.shape[2]}; export again with --dynamic-size or --size "
                 f"{frames.shape[1]}x{frames.shape[2]}"
             )
+        feeds = {"frames": np.ascontiguousarray(frames)}
         with self._float_env():
-            return self._detector_for(len(frames)).run(None, {"frames": np.ascontiguousarray(frames)})
+            session = self._detector_for(len(frames))
+            if self.shape_constants is not None:
+                return self.shape_constants.run(session, feeds, frames.shape)
+            return session.run(None, feeds)
 
     def _float_env(self) -> Any:
         """The calling thread's float settings for a graph call: denormals flushed on the CPU provider."""

@@ -34,7 +34,7 @@ def _standard(node: Any, op: str) -> bool:
 _SMALL_INITIALIZER_BYTES = 1024
 
 
-def _without_weights(model: Any) -> Any:
+def without_weights(model: Any) -> Any:
     """``model``'s graph with its large initializers as typed inputs: what shape inference needs, without a copy
     of the weights (inferring on the whole model serialised it and the weights twice: the full-size R-50's
     36-frame clip peaked at 1.38 GB instead of 0.88)."""
@@ -56,7 +56,7 @@ def _shapes(model: Any) -> dict[str, Optional[tuple]]:
     import onnx
 
     try:
-        inferred = onnx.shape_inference.infer_shapes(_without_weights(model))
+        inferred = onnx.shape_inference.infer_shapes(without_weights(model))
     except Exception:  # noqa: BLE001 - no shapes known: residual fusions are then left out
         return {}
     shapes: dict[str, Optional[tuple]] = {}
