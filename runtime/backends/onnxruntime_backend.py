@@ -180,9 +180,9 @@ class OnnxRuntimeBackend:
         self.projection: Optional[tuple[np.ndarray, np.ndarray]] = None
         # and the token linears' bias adds fused with the Relu or residual add after them (same library)
         self.fuse_bias = self.fused_msda and onnx_installed
-        # and what a dynamic-size graph computes from sizes alone (position encodings, reference points) made
-        # once per frame shape (a fixed-size export has them folded by ONNX Runtime): set by the rewrite
-        self.hoist_constants = self.flush_denormals and onnx_installed and not self.fixed_size
+        # and what the graph computes from sizes alone (position encodings, reference points) made once per
+        # frame shape: set by the rewrite
+        self.hoist_constants = self.flush_denormals and onnx_installed
         self.shape_constants: Optional[onnxruntime_shape_constants.ConstantCache] = None
         if self.flush_denormals:
             # the numpy mask head frees tens of MB per call: keep them mapped

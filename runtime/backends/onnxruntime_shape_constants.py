@@ -11,7 +11,8 @@ input: its then-branch holds the tensor's own subgraph (which reads the feature 
 main graph), its else-branch passes through a new graph input that carries the tensor from an earlier call.
 The tensor is also a graph output. ``ConstantCache.run`` computes the tensors on the first call for a frame
 shape and passes them back in on every later call with that shape: the same values, so the outputs are equal
-bit for bit. Fixed-size graphs are left alone: ONNX Runtime folds these tensors itself there.
+bit for bit. A fixed-size export gains as much: the compiled operators' outputs have no inferred shapes, so
+ONNX Runtime cannot fold the Shape nodes after them there either (26 ms of 692 on the same machine).
 """
 
 from __future__ import annotations
@@ -52,11 +53,6 @@ def _standard(node: Any) -> bool:
 
 def _has_subgraph(node: Any) -> bool:
     return any(a.type in (5, 10) for a in node.attribute)  # GRAPH, GRAPHS
-
-
-def _symbolic_input(model: Any) -> bool:
-    dims = [d for i in model.graph.input for d in i.type.tensor_type.shape.dim]
-    return any(not d.HasField("dim_value") for d in dims)
 
 
 def _types(model: Any) -> dict[str, tuple[int, int]]:
@@ -107,12 +103,12 @@ def _branch(nodes: Sequence[Any], target: str, elem_type: int, dims: list[str], 
 
 
 def hoist(model: Any) -> Optional[Hoisted]:
-    """Rewrite ``model`` (an onnx.ModelProto) in place as the module docstring says; None (unchanged) where its
-    input sizes are fixed or no tensor qualifies."""
+    """Rewrite ``model`` (an onnx.ModelProto) in place as the module docstring says; None (unchanged) where no
+    tensor qualifies."""
     from onnx import TensorProto, helper
 
     graph = model.graph
-    if not _symbolic_input(model) or any(i.name == CONDITION for i in graph.input):
+    if any(i.name == CONDITION for i in graph.input):
         return None
     # one list of the nodes, held: protobuf may hand out a fresh wrapper (and id) on each access
     nodes = list(graph.node)
