@@ -108,3 +108,87 @@ def test_shape_inference_sees_the_graph_without_a_copy_of_its_weights():
     want = {v.name: v.type for v in full.graph.value_info}
     got = {v.name: v.type for v in onnx.shape_inference.infer_shapes(light).graph.value_info}
     assert got == want and "M" in got
+
+
+def _group_norm_graph(relu: bool, groups: int = 4, channels: int = 16) -> onnx.ModelProto:
+    """A real torch export of Conv -> GroupNorm [-> ReLU] (the pixel decoder's ConvGN), dynamic size."""
+    import io
+
+    import torch
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Conv2d(8, channels, 3, padding=1), torch.nn.GroupNorm(groups, channels)]
+    if relu:
+        layers.append(torch.nn.ReLU())
+    net = torch.nn.Sequential(*layers).eval()
+    with torch.no_grad():
+        net[1].weight.uniform_(0.5, 1.5)
+        net[1].bias.uniform_(-0.5, 0.5)
+    buffer = io.BytesIO()
+    torch.onnx.export(net, (torch.randn(1, 8, 9, 11),), buffer, dynamo=False, opset_version=17, input_names=["X"],
+                      output_names=["Y"], dynamic_axes={"X": {0: "n", 2: "h", 3: "w"}})
+    return onnx.load_from_string(buffer.getvalue()), net
+
+
+def _group_norm64(net, x: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return net.double()(torch.from_numpy(x).double()).numpy()
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_group_norm_chain_becomes_one_operator_as_accurate_as_the_chain(relu):
+    model, net = _group_norm_graph(relu)
+    fused, count = _fused(model)
+    assert count == 1
+    assert [n.op_type for n in fused.graph.node] == ["Conv", "GroupNorm"]
+    assert [a.i for a in fused.graph.node[1].attribute if a.name == "relu"] == [int(relu)]
+    onnx.checker.check_model(fused)
+    # no constant left unread (ONNX Runtime warns about each)
+    read = {i for n in fused.graph.node for i in n.input}
+    assert all(t.name in read for t in fused.graph.initializer)
+    for shape in ((1, 8, 9, 11), (2, 8, 40, 33)):
+        x = np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32) * 3 + 1
+        got, chain = _run(fused, {"X": x})[0], _run(model, {"X": x})[0]
+        exact = _group_norm64(net, x)
+        scale = np.abs(exact).max()
+        err, chain_err = np.abs(got - exact).max() / scale, np.abs(chain - exact).max() / scale
+        assert err <= max(2 * chain_err, 1e-6), (err, chain_err)
+        if relu:
+            assert (got >= 0).all()
+
+
+def test_group_norm_fusion_control_a_wrong_gamma_fails_the_bound():
+    model, net = _group_norm_graph(True)
+    fused, _ = _fused(model)
+    gamma = next(t for t in fused.graph.initializer if t.name.endswith("/gamma"))
+    g = numpy_helper.to_array(gamma).copy()
+    g[3] *= 1.001
+    gamma.CopyFrom(numpy_helper.from_array(g, gamma.name))
+    x = np.random.default_rng(0).standard_normal((1, 8, 9, 11)).astype(np.float32)
+    exact = _group_norm64(net, x)
+    err = np.abs(_run(fused, {"X": x})[0] - exact).max() / np.abs(exact).max()
+    assert err > 1e-4
+
+
+def test_group_norm_chains_with_an_affine_instance_norm_are_left_alone():
+    model, _ = _group_norm_graph(False)
+    norm = next(n for n in model.graph.node if n.op_type == "InstanceNormalization")
+    scale = next(n for n in model.graph.node if n.output[0] == norm.input[1]).attribute[0].t  # a Constant's value
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 2))
+    before = model.SerializeToString()
+    fused, count = _fused(model)
+    assert count == 0 and fused.SerializeToString() == before
+
+
+def test_group_norm_operator_names_what_is_wrong():
+    from onnx import helper as h
+
+    node = h.make_node("GroupNorm", ["X", "G", "B"], ["Y"], domain="vita.ops", groups=3, epsilon=1e-5, relu=0)
+    graph = h.make_graph([node], "g", [h.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "XGB"],
+                         [h.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("vita.ops", 1)])
+    feeds = {"X": np.zeros((1, 8, 2, 2), np.float32), "G": np.ones(8, np.float32), "B": np.zeros(8, np.float32)}
+    with pytest.raises(Exception, match="C a multiple of 3 groups"):
+        _run(model, feeds)

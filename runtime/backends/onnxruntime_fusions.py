@@ -1,4 +1,5 @@
-"""A detector graph's bias adds fused with the Relu or residual Add that follows them (ONNX Runtime, CPU).
+"""A detector graph's bias adds fused with the Relu or residual Add that follows them, and its GroupNorms made
+one operator (ONNX Runtime, CPU).
 
 ONNX Runtime folds a MatMul's bias into Gemm only for 2-D inputs; the exported token linears are 3-D, so each
 runs as MatMul, an Add of the bias over its whole output, and then a Relu (the FFNs' first linear) or a residual
@@ -10,7 +11,15 @@ operator library (kernels/csrc/bias_ort.h):
 
 where the bias is a 1-D initializer and the first Add's output has no other reader; a residual whose inferred
 shape is not the MatMul output's (a broadcast) keeps the two Adds. The operators add in the pairs' order, so
-the outputs are equal bit for bit. Like the other rewrites it works on the in-memory copy (the onnx package).
+the outputs are equal bit for bit.
+
+torch exports GroupNorm as five nodes, and the pixel decoder's ReLU follows (kernels/csrc/group_norm_ort.h):
+
+    Reshape(x, [0, G, -1]) -> InstanceNormalization(scale 1, bias 0) -> Reshape(., Shape(x))
+        -> Mul(gamma (C, 1, 1)) -> Add(beta (C, 1, 1)) [-> Relu]   becomes  vita.ops::GroupNorm(x, gamma, beta)
+
+with the statistics summed in double (ONNX Runtime sums in float): equal to the chain up to float rounding.
+Like the other rewrites it works on the in-memory copy (the onnx package).
 """
 
 from __future__ import annotations
@@ -19,11 +28,13 @@ import logging
 from collections import defaultdict
 from typing import Any, Optional
 
+import numpy as np
+
 from .onnxruntime_winograd import DOMAIN
 
 log = logging.getLogger(__name__)
 
-RELU_OP, RESIDUAL_OP = "BiasRelu", "BiasResidual"
+RELU_OP, RESIDUAL_OP, GROUP_NORM_OP = "BiasRelu", "BiasResidual", "GroupNorm"
 
 
 def _standard(node: Any, op: str) -> bool:
@@ -70,8 +81,108 @@ def _shapes(model: Any) -> dict[str, Optional[tuple]]:
 
 
 def fuse(model: Any) -> int:
-    """Replace, in place, the pairs of ``model`` (an onnx.ModelProto)'s main graph as the module docstring says;
-    returns how many."""
+    """Replace, in place, the bias pairs and the GroupNorm chains of ``model`` (an onnx.ModelProto)'s main graph as
+    the module docstring says; returns how many."""
+    fused = _fuse_bias_pairs(model) + _fuse_group_norms(model)
+    if fused and not any(o.domain == DOMAIN for o in model.opset_import):
+        from onnx import helper
+
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return fused
+
+
+def _only_reader(name: str, consumers: dict, outputs: set) -> Optional[Any]:
+    """The one node that reads ``name``, where no other node reads it and it is not a graph output."""
+    readers = consumers.get(name, [])
+    return readers[0] if len(readers) == 1 and name not in outputs else None
+
+
+def _fuse_group_norms(model: Any) -> int:
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    nodes = list(graph.node)  # held: protobuf may hand out a fresh wrapper (and id) on each access
+    initializers = {t.name: t for t in graph.initializer}
+    producers = {out: node for node in nodes for out in node.output}
+    consumers: dict[str, list[Any]] = defaultdict(list)
+    for node in nodes:
+        for name in node.input:
+            consumers[name].append(node)
+    outputs = {o.name for o in graph.output}
+
+    def constant(name: str) -> Optional[Any]:
+        """An initializer's or a Constant node's value."""
+        if name in initializers:
+            return numpy_helper.to_array(initializers[name])
+        node = producers.get(name)
+        if node is not None and _standard(node, "Constant") and [a.name for a in node.attribute] == ["value"]:
+            return numpy_helper.to_array(node.attribute[0].t)
+        return None
+
+    replace: dict[int, Any] = {}
+    dropped: set[int] = set()
+    added = []
+    for first in nodes:
+        if not _standard(first, "Reshape") or len(first.input) != 2:
+            continue
+        target = constant(first.input[1])
+        norm = _only_reader(first.output[0], consumers, outputs)
+        if target is None or target.shape != (3,) or target[0] != 0 or target[2] != -1 or norm is None:
+            continue
+        groups = int(target[1])
+        if not _standard(norm, "InstanceNormalization") or len(norm.input) != 3:
+            continue
+        scale, shift = constant(norm.input[1]), constant(norm.input[2])
+        if scale is None or shift is None or scale.shape != (groups,) or not (scale == 1).all() or (shift != 0).any():
+            continue
+        back = _only_reader(norm.output[0], consumers, outputs)
+        if back is None or not _standard(back, "Reshape"):
+            continue
+        shape_of = producers.get(back.input[1])
+        if shape_of is None or not _standard(shape_of, "Shape") or shape_of.input[0] != first.input[0] or shape_of.attribute:
+            continue
+        mul = _only_reader(back.output[0], consumers, outputs)
+        add = _only_reader(mul.output[0], consumers, outputs) if mul is not None and _standard(mul, "Mul") else None
+        if add is None or not _standard(add, "Add"):
+            continue
+        gamma = constant(mul.input[1] if mul.input[0] == back.output[0] else mul.input[0])
+        beta = constant(add.input[1] if add.input[0] == mul.output[0] else add.input[0])
+        if (gamma is None or beta is None or gamma.ndim < 1 or gamma.size != gamma.shape[0] or gamma.shape != beta.shape
+                or gamma.dtype != np.float32 or beta.dtype != np.float32):
+            continue
+        relu = _only_reader(add.output[0], consumers, outputs)
+        relu = relu if relu is not None and _standard(relu, "Relu") else None
+        last = relu or add
+        epsilon = next((helper.get_attribute_value(a) for a in norm.attribute if a.name == "epsilon"), 1e-5)
+        stem = f"{first.name or first.output[0]}/fused"
+        tensors = (numpy_helper.from_array(gamma.reshape(-1), f"{stem}/gamma"),
+                   numpy_helper.from_array(beta.reshape(-1), f"{stem}/beta"))
+        fused = helper.make_node(GROUP_NORM_OP, [first.input[0], tensors[0].name, tensors[1].name], [last.output[0]],
+                                 name=f"{stem}/{GROUP_NORM_OP}", domain=DOMAIN, groups=groups, epsilon=float(epsilon),
+                                 relu=int(relu is not None))
+        replace[id(last)] = fused
+        dropped.update(id(n) for n in (first, norm, back, mul, add) if n is not last)
+        if consumers[shape_of.output[0]] == [back]:
+            dropped.add(id(shape_of))
+        added.extend(tensors)
+    if not replace:
+        return 0
+    kept = [replace.get(id(n), n) for n in nodes if id(n) not in dropped]
+    # the chains' constants that nothing reads any more (ONNX Runtime would warn about each at load)
+    read = {name for n in kept for name in n.input} | outputs
+    read |= {name for n in kept for a in n.attribute if a.type == 5 for m in a.g.node for name in m.input}
+    kept = [n for n in kept if not _standard(n, "Constant") or any(o in read for o in n.output)]
+    unread = [t for t in graph.initializer if t.name not in read]
+    for t in unread:
+        graph.initializer.remove(t)
+    del graph.node[:]
+    graph.node.extend(kept)
+    graph.initializer.extend(added)
+    log.info("%d GroupNorms fused into one operator", len(replace))
+    return len(replace)
+
+
+def _fuse_bias_pairs(model: Any) -> int:
     from onnx import helper
 
     graph = model.graph
@@ -120,7 +231,5 @@ def fuse(model: Any) -> int:
     nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in dropped]
     del graph.node[:]
     graph.node.extend(nodes)
-    if not any(o.domain == DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     log.info("%d bias adds fused with the Relu or residual add after them", len(replace))
     return len(replace)

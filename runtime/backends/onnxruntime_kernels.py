@@ -27,7 +27,7 @@ from ..native_build import build_library, enabled
 log = logging.getLogger(__name__)
 
 SOURCES = ("ort_ops.cpp", "ms_deform_attn_ort.h", "ms_deform_attn_core.h", "fast_math.h", "winograd_ort.h",
-           "winograd_core.h", "bias_ort.h", "ort_api_min.h")
+           "winograd_core.h", "bias_ort.h", "group_norm_ort.h", "ort_api_min.h")
 
 
 def build(out_dir: Optional[Path] = None, compiler: Optional[str] = None) -> Path:
