@@ -173,7 +173,8 @@ def test_attention_and_ffn_layers_on_the_packed_path_equal_their_plain_ops(dtype
     same layers in float64."""
     if dtype == torch.bfloat16 and not bf16_supported():
         pytest.skip("this CPU has no bf16 instructions")
-    from vita_train.modeling.transformer_layers import MLP, CrossAttentionLayer, FFNLayer
+    from vita_train.modeling.onednn import fp32_linear_as_conv
+    from vita_train.modeling.transformer_layers import KV_CONV_MIN_ROWS, MLP, CrossAttentionLayer, FFNLayer
 
     torch.manual_seed(0)
     layers = [CrossAttentionLayer(64, 8), FFNLayer(64, 256), MLP(64, 64, 32, 3)]
@@ -189,8 +190,11 @@ def test_attention_and_ffn_layers_on_the_packed_path_equal_their_plain_ops(dtype
         assert got.dtype == dtype
         packs = [m.pack for m in fast.modules() if isinstance(m, PackedLinear)]
         packs += [p for m in fast.modules() for p in getattr(m, "packs", ())]
-        # bf16 takes the packed calls; float32 keeps the plain ops there (float32=False: no gain measured)
-        assert packs and all(p.packed == (dtype == torch.bfloat16) for p in packs), type(layer).__name__
+        # bf16 takes the packed calls; float32 keeps the plain ops there (float32=False: no gain measured), but
+        # for the keys and values of 600 memory rows on AVX2 (float32="conv" from KV_CONV_MIN_ROWS rows)
+        kv_conv = dtype == torch.float32 and fp32_linear_as_conv() and memory.shape[0] * memory.shape[1] >= KV_CONV_MIN_ROWS
+        assert packs and all(p.packed == (dtype == torch.bfloat16 or (p.float32 == "conv" and kv_conv)) for p in packs), \
+            type(layer).__name__
         err = (got.double() - want).abs().max().item() / want.abs().max().item()
         assert err < tol, (type(layer).__name__, err)
 
@@ -268,3 +272,23 @@ def test_float32_conv_packs_only_where_the_conv_form_runs(fp32_form):
         got = layer(x)
     assert layer.pack.form == ("conv" if fp32_form == "conv" else None)
     torch.testing.assert_close(got, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_float32_keys_and_values_of_few_rows_keep_the_plain_op():
+    """The conv form of the k/v projections starts at KV_CONV_MIN_ROWS rows (fewer ran faster as addmm)."""
+    from vita_train.modeling.onednn import fp32_linear_as_conv
+    from vita_train.modeling.transformer_layers import KV_CONV_MIN_ROWS, MultiheadAttention
+
+    torch.manual_seed(0)
+    attn = MultiheadAttention(64, 8).eval()
+    q = torch.randn(1, 10, 64)
+    with torch.no_grad():
+        small = torch.randn(1, KV_CONV_MIN_ROWS - 1, 64)
+        attn(q, small, small)
+        assert not any(p.packed for p in attn.packs)
+        large = torch.randn(1, KV_CONV_MIN_ROWS, 64)
+        got = attn(q, large, large)
+        want = copy.deepcopy(attn).double()(q.double(), large.double(), large.double())
+    assert [p.packed for p in attn.packs] == [False, fp32_linear_as_conv(), fp32_linear_as_conv()]
+    assert (got.double() - want).abs().max().item() <= 1e-5 * want.abs().max().item()

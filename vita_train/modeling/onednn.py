@@ -57,19 +57,22 @@ class PackedWeight:
     projection of ``MultiheadAttention``) hold one per slice and call ``linear``. ``float32=False`` packs
     bf16 weights only and leaves float32 to the plain op: for the decoders' smaller linears the packed fp32
     call measured no faster, and its copy of the weights would add to the fp32 path's memory. ``float32="conv"``
-    packs float32 only where it runs as a 1x1 convolution (``fp32_linear_as_conv``).
+    packs float32 only where it runs as a 1x1 convolution (``fp32_linear_as_conv``), and, with
+    ``min_rows``, only for inputs of at least that many rows (fewer ran faster as the plain op).
     """
 
-    def __init__(self, float32: Union[bool, str] = True) -> None:
+    def __init__(self, float32: Union[bool, str] = True, min_rows: int = 0) -> None:
         self.float32 = float32
+        self.min_rows = min_rows
         self._packed: Optional[tuple[tuple, Tensor]] = None
 
     def __getstate__(self) -> dict:
         # a packed oneDNN weight has no storage: copies and pickles leave the cache behind
-        return {"float32": self.float32, "_packed": None}
+        return {"float32": self.float32, "min_rows": self.min_rows, "_packed": None}
 
     def __setstate__(self, state: dict) -> None:
         self.float32 = state.get("float32", True)
+        self.min_rows = state.get("min_rows", 0)
         self._packed = None
 
     @property
@@ -88,7 +91,8 @@ class PackedWeight:
             return False  # shape tests below; under autocast the plain op takes autocast's dtype
         dtypes = {x.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
         return (x.device.type == "cpu" and torch.backends.mkldnn.is_available()
-                and ((dtypes == {torch.float32} and self._packs_float32()) or (dtypes == {torch.bfloat16} and bf16_supported()))
+                and ((dtypes == {torch.float32} and self._packs_float32() and x.numel() >= self.min_rows * x.shape[-1])
+                     or (dtypes == {torch.bfloat16} and bf16_supported()))
                 and x.dim() >= 2 and x.numel() > 0 and x.shape[-1] == weight.shape[1])
 
     def _packs_float32(self) -> bool:
