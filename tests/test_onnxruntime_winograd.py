@@ -70,6 +70,8 @@ CASES = [  # (n, cin, cout, h, w, bias, after)
     (1, 64, 64, 30, 41, False, "Relu"),
     (1, 512, 256, 6, 11, True, "Identity"),  # F(2x2): the larger weights
     (2, 24, 40, 18, 2, True, "Relu"),  # narrower than one tile
+    (1, 16, 24, 7, 70, True, "Identity"),  # F(4x4), rows of 18 tiles: 8 at a time in registers, then the rest
+    (1, 512, 32, 5, 37, True, "Relu"),  # F(2x2), rows of 19 tiles: likewise
 ]
 
 

@@ -23,6 +23,10 @@
 #include "ort_api_min.h"
 #include "winograd_core.h"
 
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
 namespace vita_winograd_ort {
 
 using vita_winograd::input_axis;
@@ -38,6 +42,84 @@ inline int64_t lanes(int64_t n) { return ceil_div(n, kBlock) * kBlock; }
 struct Geometry {
   int64_t n, c, h, w, th, tw;
 };
+
+// A window row's tile columns, deinterleaved: s[j * twp + t] = r[t * M + j] for the K = M + 2 columns j of
+// each of the tw tiles (r holds at least tw * M + 2 columns). Columns M and M + 1 of a tile are the next
+// tile's columns 0 and 1. With AVX2, 8 tiles at a time as a 4x8 (M = 4) or 2x8 (M = 2) transpose in registers.
+template <int M>
+inline void deinterleave(const float* r, int64_t tw, int64_t twp, float* s) {
+  constexpr int K = M + 2;
+  int64_t t = 0;
+#ifdef __AVX2__
+  if constexpr (M == 4) {
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (; t + 8 <= tw; t += 8) {
+      const float* x = r + t * 4;
+      const __m256 a0 = _mm256_loadu_ps(x), a1 = _mm256_loadu_ps(x + 8), a2 = _mm256_loadu_ps(x + 16),
+                   a3 = _mm256_loadu_ps(x + 24);
+      const __m256 b0 = _mm256_unpacklo_ps(a0, a1), b1 = _mm256_unpackhi_ps(a0, a1);
+      const __m256 b2 = _mm256_unpacklo_ps(a2, a3), b3 = _mm256_unpackhi_ps(a2, a3);
+      _mm256_storeu_ps(s + t, _mm256_permutevar8x32_ps(_mm256_shuffle_ps(b0, b2, _MM_SHUFFLE(1, 0, 1, 0)), order));
+      _mm256_storeu_ps(s + twp + t, _mm256_permutevar8x32_ps(_mm256_shuffle_ps(b0, b2, _MM_SHUFFLE(3, 2, 3, 2)), order));
+      _mm256_storeu_ps(s + 2 * twp + t, _mm256_permutevar8x32_ps(_mm256_shuffle_ps(b1, b3, _MM_SHUFFLE(1, 0, 1, 0)), order));
+      _mm256_storeu_ps(s + 3 * twp + t, _mm256_permutevar8x32_ps(_mm256_shuffle_ps(b1, b3, _MM_SHUFFLE(3, 2, 3, 2)), order));
+    }
+  } else if constexpr (M == 2) {
+    const __m256i order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+    for (; t + 8 <= tw; t += 8) {
+      const __m256 a0 = _mm256_loadu_ps(r + t * 2), a1 = _mm256_loadu_ps(r + t * 2 + 8);
+      _mm256_storeu_ps(s + t, _mm256_permutevar8x32_ps(_mm256_shuffle_ps(a0, a1, _MM_SHUFFLE(2, 0, 2, 0)), order));
+      _mm256_storeu_ps(s + twp + t, _mm256_permutevar8x32_ps(_mm256_shuffle_ps(a0, a1, _MM_SHUFFLE(3, 1, 3, 1)), order));
+    }
+  }
+#endif
+  for (; t < tw; ++t) {
+    for (int j = 0; j < M; ++j) s[j * twp + t] = r[t * M + j];
+  }
+  for (int j = M; j < K; ++j) {
+    float* sj = s + j * twp;
+    const float* next = s + (j - M) * twp + 1;
+    for (int64_t u = 0; u + 1 < tw; ++u) sj[u] = next[u];
+    sj[tw - 1] = r[(tw - 1) * M + j];
+  }
+}
+
+// One output tile row's values (o[b * twp + t], column b of tile t) -> a row of the plane, plus bias and
+// floored at ``floor``: row[t * M + b], the columns inside the width. AVX2: 8 whole tiles at a time.
+template <int M>
+inline void interleave(const float* o, int64_t twp, int64_t tw, int64_t width, float bias, float floor, float* row) {
+  int64_t t = 0;
+#ifdef __AVX2__
+  const __m256 vb = _mm256_set1_ps(bias), vf = _mm256_set1_ps(floor);
+  if constexpr (M == 4) {
+    const __m256i order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    for (; (t + 8) * 4 <= width && t + 8 <= tw; t += 8) {
+      __m256 c[4];
+      for (int b = 0; b < 4; ++b) {
+        c[b] = _mm256_permutevar8x32_ps(_mm256_max_ps(_mm256_add_ps(_mm256_loadu_ps(o + b * twp + t), vb), vf), order);
+      }
+      const __m256 lo01 = _mm256_unpacklo_ps(c[0], c[1]), lo23 = _mm256_unpacklo_ps(c[2], c[3]);
+      const __m256 hi01 = _mm256_unpackhi_ps(c[0], c[1]), hi23 = _mm256_unpackhi_ps(c[2], c[3]);
+      float* y = row + t * 4;
+      _mm256_storeu_ps(y, _mm256_shuffle_ps(lo01, lo23, _MM_SHUFFLE(1, 0, 1, 0)));
+      _mm256_storeu_ps(y + 8, _mm256_shuffle_ps(lo01, lo23, _MM_SHUFFLE(3, 2, 3, 2)));
+      _mm256_storeu_ps(y + 16, _mm256_shuffle_ps(hi01, hi23, _MM_SHUFFLE(1, 0, 1, 0)));
+      _mm256_storeu_ps(y + 24, _mm256_shuffle_ps(hi01, hi23, _MM_SHUFFLE(3, 2, 3, 2)));
+    }
+  } else if constexpr (M == 2) {
+    for (; (t + 8) * 2 <= width && t + 8 <= tw; t += 8) {
+      const __m256 c0 = _mm256_max_ps(_mm256_add_ps(_mm256_loadu_ps(o + t), vb), vf);
+      const __m256 c1 = _mm256_max_ps(_mm256_add_ps(_mm256_loadu_ps(o + twp + t), vb), vf);
+      const __m256 lo = _mm256_unpacklo_ps(c0, c1), hi = _mm256_unpackhi_ps(c0, c1);
+      _mm256_storeu_ps(row + t * 2, _mm256_permute2f128_ps(lo, hi, 0x20));
+      _mm256_storeu_ps(row + t * 2 + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+    }
+  }
+#endif
+  for (; t < tw; ++t) {
+    for (int b = 0; b < M && t * M + b < width; ++b) row[t * M + b] = std::max(o[b * twp + t] + bias, floor);
+  }
+}
 
 // One image plane of x -> its tiles' transformed windows: v[p * point_stride + tile], tiles of this plane
 // numbered from 0 (the caller offsets v).
@@ -63,11 +145,7 @@ void input_plane(const float* plane, const Geometry& g, float* v, int64_t point_
     for (int64_t x = 0; x < wp; x += kBlock) input_axis<M>(d + x, wp, r + x, wp);
     float* out = v + ty * g.tw;
     for (int i = 0; i < K; ++i) {
-      const float* ri = r + i * wp;
-      for (int j = 0; j < K; ++j) {
-        float* sj = s + j * twp;
-        for (int64_t t = 0; t < g.tw; ++t) sj[t] = ri[t * M + j];
-      }
+      deinterleave<M>(r + i * wp, g.tw, twp, s);
       for (int64_t t = 0; t < twp; t += kBlock) input_axis<M>(s + t, twp, o + t, twp);
       for (int j = 0; j < K; ++j) std::memcpy(out + (i * K + j) * point_stride, o + j * twp, g.tw * sizeof(float));
     }
@@ -94,11 +172,7 @@ void output_plane(const float* p, int64_t point_stride, const Geometry& g, float
       for (int64_t t = 0; t < twp; t += kBlock) output_axis<M>(u + a * K * twp + t, twp, o + a * M * twp + t, twp);
     }
     for (int a = 0; a < M && ty * M + a < g.h; ++a) {
-      float* row = plane + (ty * M + a) * g.w;
-      for (int b = 0; b < M; ++b) {
-        const float* ob = o + (a * M + b) * twp;
-        for (int64_t t = 0; t < g.tw && t * M + b < g.w; ++t) row[t * M + b] = std::max(ob[t] + bias, floor);
-      }
+      interleave<M>(o + a * M * twp, twp, g.tw, g.w, bias, floor, plane + (ty * M + a) * g.w);
     }
   }
 }
