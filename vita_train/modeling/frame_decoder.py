@@ -33,6 +33,18 @@ def _mask_logits(embed: Tensor, features: Tensor) -> Tensor:
     return torch.matmul(embed, features.reshape(b, c, h * w)).view(b, embed.shape[1], h, w)
 
 
+def _projected_mask_logits(embed: Tensor, projection: tuple[Tensor, Tensor], features: Tensor) -> Tensor:
+    """``_mask_logits(embed, conv(features))`` for a 1x1 ``conv`` given as (weight (D, C), bias (D,)), with the
+    convolution folded into the embeddings: e . (W f + b) = (e W) . f + e . b. The Q embeddings are folded
+    instead of projecting every pixel of the map (the full-size R-50's 48x80 attention size: 100x256x256
+    instead of 3840x256x256 multiply-adds a prediction)."""
+    weight, bias = projection
+    b, c, h, w = features.shape
+    folded = torch.matmul(embed, weight)
+    offset = torch.matmul(embed, bias.unsqueeze(-1))  # (B, Q, 1)
+    return torch.baddbmm(offset, folded, features.reshape(b, c, h * w)).view(b, embed.shape[1], h, w)
+
+
 class AttentionMaskThreshold(nn.Module):
     """Mask logits -> blocked positions: the decoder's one hard decision.
 
@@ -80,7 +92,7 @@ class MaskedAttentionDecoder(nn.Module):
 
     def _heads(
         self, output: Tensor, mask_features: Tensor, size: tuple[int, int] | None, want_mask: bool,
-        resized_features: dict[tuple[int, int], Tensor],
+        resized_features: dict[tuple[int, int], Tensor], projection: Optional[tuple[Tensor, Tensor]] = None,
     ):
         decoded = self.decoder_norm(output)
         logits = self.class_embed(decoded)
@@ -92,6 +104,8 @@ class MaskedAttentionDecoder(nn.Module):
         if size is not None:
             if masks is not None:  # training: the full masks exist for the losses, resize them (official order)
                 resized = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
+            elif projection is not None:  # resize the features, not 100 full-size masks; project the embeddings
+                resized = _projected_mask_logits(embed, projection, resized_features[size])
             else:  # bilinear resizing is linear per channel: resize the features, not 100 full-size masks
                 resized = _mask_logits(embed, resized_features[size])
             attn_mask = self.attn_mask_threshold(resized.flatten(2)).detach()
@@ -99,18 +113,15 @@ class MaskedAttentionDecoder(nn.Module):
 
     @staticmethod
     def _resize_features(
-        mask_features: Tensor, sizes: list[tuple[int, int]], projection: Optional[nn.Module] = None,
-        dtype: Optional[torch.dtype] = None,
+        mask_features: Tensor, sizes: list[tuple[int, int]], dtype: Optional[torch.dtype] = None,
     ) -> dict[tuple[int, int], Tensor]:
         """The mask features bilinearly resized to every attention size (inference's mask logits at that size),
-        then ``projection`` applied where given, in ``dtype`` where given."""
+        in ``dtype`` where given."""
         # channels-last: the CPU resize kernel is an order of magnitude slower on NCHW
         x = mask_features.contiguous(memory_format=torch.channels_last)
         resized = {}
         for size in set(sizes):
             r = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-            if projection is not None:
-                r = projection(r)
             resized[size] = r if dtype is None else r.to(dtype)
         return resized
 
@@ -125,9 +136,9 @@ class MaskedAttentionDecoder(nn.Module):
         masks: each attention mask comes from the mask features resized to that layer's size, which equals
         resizing the masks (both steps are linear) up to float rounding.
         ``mask_projection``: the pixel decoder's 1x1 mask-feature convolution, when ``mask_features`` is its
-        input. Inference then projects the resized maps, 1/16 + 1/64 + 1/256 of the full map's work (a 1x1
-        convolution with a bias commutes with a bilinear resize, whose weights sum to 1); with masks, the
-        full map is projected first, as in the official code.
+        input. Inference then resizes the unprojected map (a 1x1 convolution with a bias commutes with a
+        bilinear resize, whose weights sum to 1) and folds the convolution into each prediction's embeddings
+        (``_projected_mask_logits``); with masks, the full map is projected first, as in the official code.
         """
         fd = self.query_feat.weight.dtype
         if mask_projection is not None and with_masks:
@@ -144,8 +155,14 @@ class MaskedAttentionDecoder(nn.Module):
         output = self.query_feat.weight.unsqueeze(0).expand(b, -1, -1)
 
         queries, logits_all, masks_all = [], [], []
-        resized_features = {} if with_masks else self._resize_features(mask_features, sizes, mask_projection, fd)
-        _, logits, masks, attn_mask = self._heads(output, mask_features, sizes[0], with_masks, resized_features)
+        resized_features = {} if with_masks else self._resize_features(mask_features, sizes, fd)
+        projection = None
+        if mask_projection is not None:
+            weight = mask_projection.weight.reshape(mask_projection.weight.shape[0], -1)
+            bias = mask_projection.bias if mask_projection.bias is not None else weight.new_zeros(weight.shape[0])
+            projection = (weight.to(fd), bias.to(fd))
+        _, logits, masks, attn_mask = self._heads(output, mask_features, sizes[0], with_masks, resized_features,
+                                                  projection)
         logits_all.append(logits)
         if with_masks:
             masks_all.append(masks)
@@ -161,7 +178,7 @@ class MaskedAttentionDecoder(nn.Module):
             last = i == self.num_layers - 1
             next_size = None if last else sizes[(i + 1) % self.num_levels]
             decoded, logits, masks, attn_mask = self._heads(
-                output, mask_features, next_size, with_masks, resized_features
+                output, mask_features, next_size, with_masks, resized_features, projection
             )
             logits_all.append(logits)
             if with_masks:
