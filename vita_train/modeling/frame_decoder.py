@@ -27,7 +27,8 @@ def _mask_logits(embed: Tensor, features: Tensor) -> Tensor:
     """(B, Q, C) x (B, C, H, W) -> (B, Q, H, W): einsum "bqc,bchw->bqhw" as one batched matmul.
 
     A MatMul in the exported graph (onnxruntime's Einsum is slower); channels-last features are read
-    through a strided view, without a copy.
+    through a strided view, without a copy. (Multiplying them as (HW, C) rows, the product's transpose a view,
+    was faster for the product alone but slower for the decoder: the attention masks came out transposed.)
     """
     b, c, h, w = features.shape
     return torch.matmul(embed, features.reshape(b, c, h * w)).view(b, embed.shape[1], h, w)
@@ -166,12 +167,15 @@ class MaskedAttentionDecoder(nn.Module):
         logits_all.append(logits)
         if with_masks:
             masks_all.append(masks)
+        keys: list[Optional[Tensor]] = [None] * self.num_levels
         for i in range(self.num_layers):
             level = i % self.num_levels
             # a query whose mask blocks everything attends everywhere instead
             attn_mask = attn_mask & ~attn_mask.all(-1, keepdim=True)
+            if keys[level] is None:  # each level's keys are made once: three layers attend to it
+                keys[level] = srcs[level] + poss[level]
             output = self.transformer_cross_attention_layers[i](
-                output, srcs[level], pos=query_pos, memory_pos=poss[level], mask=attn_mask.unsqueeze(1)
+                output, srcs[level], pos=query_pos, mask=attn_mask.unsqueeze(1), memory_key=keys[level]
             )
             output = self.transformer_self_attention_layers[i](output, pos=query_pos)
             output = self.transformer_ffn_layers[i](output)

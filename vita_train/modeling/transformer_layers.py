@@ -114,10 +114,15 @@ class CrossAttentionLayer(nn.Module):
         pos: Optional[Tensor] = None,
         memory_pos: Optional[Tensor] = None,
         mask: Optional[Tensor] = None,
+        memory_key: Optional[Tensor] = None,
     ) -> Tensor:
-        """x (N, Lq, C), memory (N, Lk, C)."""
+        """x (N, Lq, C), memory (N, Lk, C); ``memory_key``: memory + memory_pos when the caller has it already
+        (the frame decoder's layers that attend to one level share it)."""
         q = x if pos is None else x + pos
-        k = memory if memory_pos is None else memory + memory_pos
+        if memory_key is not None:
+            k = memory_key
+        else:
+            k = memory if memory_pos is None else memory + memory_pos
         return self.norm(x + self.multihead_attn(q, k, memory, mask))
 
 
