@@ -292,3 +292,26 @@ def test_float32_keys_and_values_of_few_rows_keep_the_plain_op():
         want = copy.deepcopy(attn).double()(q.double(), large.double(), large.double())
     assert [p.packed for p in attn.packs] == [False, fp32_linear_as_conv(), fp32_linear_as_conv()]
     assert (got.double() - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+@needs_onednn
+def test_frame_decoder_ffns_pack_float32_as_convolutions_on_avx2():
+    """The frame decoder's FFNs take the 1x1-convolution form in float32 where it runs (AVX2) and equal their
+    float64 selves; VITA's FFNs (another module) keep the plain op."""
+    from vita_train.modeling.frame_decoder import MaskedAttentionDecoder
+    from vita_train.modeling.onednn import fp32_linear_as_conv
+    from vita_train.modeling.transformer_layers import FFNLayer
+
+    torch.manual_seed(0)
+    ffn = MaskedAttentionDecoder(num_classes=3, hidden_dim=64, num_queries=10, num_heads=4, ffn_dim=128,
+                                 num_layers=3).transformer_ffn_layers[0].eval()
+    x = torch.randn(1, 10, 64)
+    with torch.no_grad():
+        got = ffn(x)
+        want = copy.deepcopy(ffn).double()(x.double())
+    assert ffn.linear1.pack.packed == ffn.linear2.pack.packed == fp32_linear_as_conv()
+    assert (got.double() - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+    plain = FFNLayer(64, 128).eval()
+    with torch.no_grad():
+        plain(x)
+    assert not plain.linear1.pack.packed

@@ -80,7 +80,12 @@ class MaskedAttentionDecoder(nn.Module):
         self.transformer_cross_attention_layers = nn.ModuleList(
             CrossAttentionLayer(hidden_dim, num_heads) for _ in range(num_layers)
         )
-        self.transformer_ffn_layers = nn.ModuleList(FFNLayer(hidden_dim, ffn_dim) for _ in range(num_layers))
+        # float32 FFNs as oneDNN 1x1 convolutions on AVX2: 100 rows of 256 -> 2048 -> 256 took 0.68 and 0.66 ms
+        # instead of addmm's 0.81 and 0.83 (frame decoder 113.8 -> 110.5 ms, AMD EPYC Zen 2), for a packed copy
+        # of their weights (38 MB at full size)
+        self.transformer_ffn_layers = nn.ModuleList(
+            FFNLayer(hidden_dim, ffn_dim, float32="conv") for _ in range(num_layers)
+        )
         self.decoder_norm = nn.LayerNorm(hidden_dim)
         self.query_feat = nn.Embedding(num_queries, hidden_dim)
         self.query_embed = nn.Embedding(num_queries, hidden_dim)

@@ -6,7 +6,7 @@ unchanged; tensors are batch-first (N, L, C) throughout.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -127,12 +127,12 @@ class CrossAttentionLayer(nn.Module):
 
 
 class FFNLayer(nn.Module):
-    """x = LN(x + W2 ReLU(W1 x))."""
+    """x = LN(x + W2 ReLU(W1 x)); ``float32``: how the linears pack float32 weights (``PackedWeight``)."""
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, float32: Union[bool, str] = False) -> None:
         super().__init__()
-        self.linear1 = PackedLinear(dim, hidden, float32=False)
-        self.linear2 = PackedLinear(hidden, dim, float32=False)
+        self.linear1 = PackedLinear(dim, hidden, float32=float32)
+        self.linear2 = PackedLinear(hidden, dim, float32=float32)
         self.norm = nn.LayerNorm(dim)
         xavier_init(self)
 
