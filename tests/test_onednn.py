@@ -315,3 +315,23 @@ def test_frame_decoder_ffns_pack_float32_as_convolutions_on_avx2():
     with torch.no_grad():
         plain(x)
     assert not plain.linear1.pack.packed
+
+
+@needs_onednn
+def test_packed_linears_pack_each_weight_once_and_equal_the_plain_op():
+    """The token engine's per-call linears (PackedLinears): each weight packed once on AVX2, results within
+    float32 rounding of float64; fewer than min_rows rows run the plain op."""
+    from vita_train.modeling.onednn import PackedLinears, fp32_linear_as_conv
+
+    torch.manual_seed(0)
+    linears = PackedLinears(min_rows=128)
+    w1, b1, w2 = torch.randn(96, 64), torch.randn(96), torch.randn(64, 96)
+    with torch.no_grad():
+        for rows in (300, 300, 40):
+            x = torch.randn(rows, 64)
+            got = linears(linears(x, w1, b1), w2, None)
+            want = F.linear(F.linear(x.double(), w1.double(), b1.double()), w2.double())
+            assert (got.double() - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+    packs = [pack for _, pack in linears._packs.values()]
+    assert len(packs) == 2 and all(p.packed == fp32_linear_as_conv() for p in packs)
+    assert all(p.min_rows == 128 for p in packs)

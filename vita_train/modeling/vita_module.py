@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from kernels import attention_with_lse, check_mode, window_attention
 from kernels.cpu import MklPackedLinear
 
 from ..mask_projection import fold_mask_projection
+from .onednn import PackedLinears, fp32_linear_as_conv
 from .transformer_layers import MLP, CrossAttentionLayer, FFNLayer, SelfAttentionLayer
 
 if TYPE_CHECKING:
@@ -192,7 +193,8 @@ class VitaModule(nn.Module):
         return ffn(layer.norm(seq + out)).view(b, f, n, c)
 
     def _encoder_chunk_into(
-        self, i: int, rows: Tensor, n: int, first_frame: int, w: int, shifted: bool, linear: MklPackedLinear
+        self, i: int, rows: Tensor, n: int, first_frame: int, w: int, shifted: bool,
+        linear: Union[MklPackedLinear, PackedLinears],
     ) -> None:
         """Encoder layer i overwriting ``rows`` (F*N, C), N tokens a frame: the whole windows of frames [first_frame, ...).
 
@@ -223,8 +225,10 @@ class VitaModule(nn.Module):
         for i in range(len(self.enc_self_attn)):
             layer_shifted = shifted and i % 2 == 1
             chunks = self._chunks(t, n, w, layer_shifted)
-            # this layer's weights packed for a full chunk and an FFN block (edge chunks run plain GEMMs)
-            linear = MklPackedLinear(rows={max(b - a for a, b in chunks) * n, self.ffn_rows})
+            # this layer's weights packed: as 1x1 convolutions where that form runs (AVX2), else MKL's packs for
+            # a full chunk and an FFN block (edge chunks run plain GEMMs)
+            linear = (PackedLinears() if x.dtype == torch.float32 and fp32_linear_as_conv()
+                      else MklPackedLinear(rows={max(b - a for a, b in chunks) * n, self.ffn_rows}))
             for a, b in chunks:
                 for item in x:  # (T, N, C), contiguous: its frames [a, b) are contiguous rows
                     self._encoder_chunk_into(i, item[a:b].view(-1, c), n, a, w, layer_shifted, linear)
