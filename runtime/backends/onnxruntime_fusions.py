@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 RELU_OP, RESIDUAL_OP, GROUP_NORM_OP = "BiasRelu", "BiasResidual", "GroupNorm"
 
 
-def _standard(node: Any, op: str) -> bool:
-    return node.op_type == op and node.domain in ("", "ai.onnx")
+def standard(node: Any, op: Optional[str] = None) -> bool:
+    """True for a node of the standard ONNX domain (and of op type ``op`` where given)."""
+    return node.domain in ("", "ai.onnx") and (op is None or node.op_type == op)
 
 
 # initializers larger than this go to shape inference as typed graph inputs, without their data
@@ -115,7 +116,7 @@ def _fuse_group_norms(model: Any) -> int:
         if name in initializers:
             return numpy_helper.to_array(initializers[name])
         node = producers.get(name)
-        if node is not None and _standard(node, "Constant") and [a.name for a in node.attribute] == ["value"]:
+        if node is not None and standard(node, "Constant") and [a.name for a in node.attribute] == ["value"]:
             return numpy_helper.to_array(node.attribute[0].t)
         return None
 
@@ -123,27 +124,27 @@ def _fuse_group_norms(model: Any) -> int:
     dropped: set[int] = set()
     added = []
     for first in nodes:
-        if not _standard(first, "Reshape") or len(first.input) != 2:
+        if not standard(first, "Reshape") or len(first.input) != 2:
             continue
         target = constant(first.input[1])
         norm = _only_reader(first.output[0], consumers, outputs)
         if target is None or target.shape != (3,) or target[0] != 0 or target[2] != -1 or norm is None:
             continue
         groups = int(target[1])
-        if not _standard(norm, "InstanceNormalization") or len(norm.input) != 3:
+        if not standard(norm, "InstanceNormalization") or len(norm.input) != 3:
             continue
         scale, shift = constant(norm.input[1]), constant(norm.input[2])
         if scale is None or shift is None or scale.shape != (groups,) or not (scale == 1).all() or (shift != 0).any():
             continue
         back = _only_reader(norm.output[0], consumers, outputs)
-        if back is None or not _standard(back, "Reshape"):
+        if back is None or not standard(back, "Reshape"):
             continue
         shape_of = producers.get(back.input[1])
-        if shape_of is None or not _standard(shape_of, "Shape") or shape_of.input[0] != first.input[0] or shape_of.attribute:
+        if shape_of is None or not standard(shape_of, "Shape") or shape_of.input[0] != first.input[0] or shape_of.attribute:
             continue
         mul = _only_reader(back.output[0], consumers, outputs)
-        add = _only_reader(mul.output[0], consumers, outputs) if mul is not None and _standard(mul, "Mul") else None
-        if add is None or not _standard(add, "Add"):
+        add = _only_reader(mul.output[0], consumers, outputs) if mul is not None and standard(mul, "Mul") else None
+        if add is None or not standard(add, "Add"):
             continue
         gamma = constant(mul.input[1] if mul.input[0] == back.output[0] else mul.input[0])
         beta = constant(add.input[1] if add.input[0] == mul.output[0] else add.input[0])
@@ -151,7 +152,7 @@ def _fuse_group_norms(model: Any) -> int:
                 or gamma.dtype != np.float32 or beta.dtype != np.float32):
             continue
         relu = _only_reader(add.output[0], consumers, outputs)
-        relu = relu if relu is not None and _standard(relu, "Relu") else None
+        relu = relu if relu is not None and standard(relu, "Relu") else None
         last = relu or add
         epsilon = next((helper.get_attribute_value(a) for a in norm.attribute if a.name == "epsilon"), 1e-5)
         stem = f"{first.name or first.output[0]}/fused"
@@ -171,7 +172,7 @@ def _fuse_group_norms(model: Any) -> int:
     # the chains' constants that nothing reads any more (ONNX Runtime would warn about each at load)
     read = {name for n in kept for name in n.input} | outputs
     read |= {name for n in kept for a in n.attribute if a.type == 5 for m in a.g.node for name in m.input}
-    kept = [n for n in kept if not _standard(n, "Constant") or any(o in read for o in n.output)]
+    kept = [n for n in kept if not standard(n, "Constant") or any(o in read for o in n.output)]
     unread = [t for t in graph.initializer if t.name not in read]
     for t in unread:
         graph.initializer.remove(t)
@@ -197,7 +198,7 @@ def _fuse_bias_pairs(model: Any) -> int:
     replace: dict[int, Any] = {}  # id(the pair's second node) -> the fused node
     dropped: set[int] = set()
     for add in graph.node:
-        if not _standard(add, "Add") or len(add.input) != 2:
+        if not standard(add, "Add") or len(add.input) != 2:
             continue
         after = consumers[add.output[0]]
         if len(after) != 1 or add.output[0] in outputs or id(add) in replace or id(after[0]) in replace:
@@ -207,13 +208,13 @@ def _fuse_bias_pairs(model: Any) -> int:
             continue
         bias, x = add.input[bias_at[0]], add.input[1 - bias_at[0]]
         source = producers.get(x)
-        if source is None or not _standard(source, "MatMul") or initializers[bias].data_type != 1:  # FLOAT
+        if source is None or not standard(source, "MatMul") or initializers[bias].data_type != 1:  # FLOAT
             continue
         nxt = after[0]
         stem = f"{add.name or add.output[0]}/fused"
-        if _standard(nxt, "Relu"):
+        if standard(nxt, "Relu"):
             fused = helper.make_node(RELU_OP, [x, bias], [nxt.output[0]], name=f"{stem}/{RELU_OP}", domain=DOMAIN)
-        elif _standard(nxt, "Add") and len(nxt.input) == 2:
+        elif standard(nxt, "Add") and len(nxt.input) == 2:
             residual = nxt.input[1] if nxt.input[0] == add.output[0] else nxt.input[0]
             if shapes is None:
                 shapes = _shapes(model)

@@ -24,6 +24,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from .onnxruntime_fusions import standard, without_weights
+
 log = logging.getLogger(__name__)
 
 CONDITION = "vita.compute_shape_constants"
@@ -47,10 +49,6 @@ class Hoisted:
     tensors: tuple[tuple[str, str, int, int], ...]
 
 
-def _standard(node: Any) -> bool:
-    return node.domain in ("", "ai.onnx")
-
-
 def _has_subgraph(node: Any) -> bool:
     return any(a.type in (5, 10) for a in node.attribute)  # GRAPH, GRAPHS
 
@@ -59,7 +57,6 @@ def _types(model: Any) -> dict[str, tuple[int, int]]:
     """Every value's (element type, rank), where onnx's shape inference gives both."""
     import onnx
 
-    from .onnxruntime_fusions import without_weights
 
     try:
         inferred = onnx.shape_inference.infer_shapes(without_weights(model))
@@ -114,9 +111,9 @@ def hoist(model: Any) -> Optional[Hoisted]:
     nodes = list(graph.node)
     data = {i.name for i in graph.input}
     for node in nodes:  # graph order is topological
-        if node.op_type in _SHAPE_READERS and _standard(node):
+        if node.op_type in _SHAPE_READERS and standard(node):
             continue
-        if (any(name in data for name in node.input) or not _standard(node) or _has_subgraph(node)
+        if (any(name in data for name in node.input) or not standard(node) or _has_subgraph(node)
                 or node.op_type in _RANDOM):
             data.update(node.output)
     shape_only = {id(n) for n in nodes if not any(o in data for o in n.output)}
