@@ -113,6 +113,31 @@ def test_shape_constants_made_once_per_frame_size_give_the_plain_outputs(exporte
     assert len(fast.shape_constants._entries) == 2
 
 
+def test_without_onnx_the_cpu_detector_runs_as_exported_with_one_warning(exported, monkeypatch, caplog):
+    """An edge install without the onnx package: no graph rewrite is made, one warning says what is missing and
+    how to add it, and the result still matches the official one."""
+    import importlib.util
+
+    from runtime.backends import onnxruntime_backend
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "onnx" else real_find_spec(name, *a, **k))
+    onnxruntime_backend._onnx_for_rewrites.cache_clear()
+    try:
+        case = OfficialCase(OFFICIAL_CASES[0])
+        with caplog.at_level("WARNING", logger=onnxruntime_backend.__name__):
+            segs = [runtime.load(exported(case), backend="onnxruntime") for _ in range(2)]
+        warnings = [r.getMessage() for r in caplog.records if "onnx package" in r.getMessage()]
+        assert len(warnings) == 1 and "pip install onnx" in warnings[0]
+        backend = segs[0].backend
+        assert not (backend.winograd or backend.fuse_bias or backend.split_projection or backend.hoist_constants)
+        match_official(runtime.segment(case.frames, segs[0]), case)
+        assert backend.projection is None and backend.shape_constants is None
+    finally:
+        onnxruntime_backend._onnx_for_rewrites.cache_clear()
+
+
 def test_graph_inputs_outputs_and_dynamic_axes(exported):
     import onnx
 

@@ -8,6 +8,8 @@ with the video beyond the tokens themselves; an export made before the step grap
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import logging
 import tempfile
 from pathlib import Path
@@ -105,6 +107,18 @@ def _session(path: Path, options: Any, providers: list[str], rewrite: Optional[C
         raise _unloadable(path, e) from None
 
 
+@functools.lru_cache(maxsize=1)
+def _onnx_for_rewrites() -> bool:
+    """True where the onnx package is installed; else warns once that the CPU detector runs as exported."""
+    if importlib.util.find_spec("onnx") is not None:
+        return True
+    log.warning("the detector graph runs as exported, without its faster CPU forms (Winograd 3x3 convolutions, "
+                "fused bias adds and GroupNorms, the mask projection folded into the mask head, position "
+                "encodings made once per frame size): they are written with the onnx package, which is not "
+                "installed (pip install onnx)")
+    return False
+
+
 def share_cpu_arena(options: Any) -> bool:
     """Make the sessions built with ``options`` draw from one process-wide CPU memory arena; False if this
     onnxruntime cannot (the sessions then keep arenas of their own)."""
@@ -170,10 +184,10 @@ class OnnxRuntimeBackend:
         self._shared_arena = False
         # the deformable-attention nodes run as one compiled kernel where the operator library is built
         self.fused_msda = self.flush_denormals and onnxruntime_kernels.library() is not None
-        # and, on AVX2-only CPUs, the detector's stride-1 3x3 convolutions as Winograd transforms (same library)
-        self.winograd = self.fused_msda and onnxruntime_winograd.wanted()
-        # graph rewrites are written with the onnx package
-        onnx_installed = onnxruntime_mask_projection.available()
+        # the rewrites below change an in-memory copy of the detector graph with the onnx package
+        onnx_installed = self.flush_denormals and _onnx_for_rewrites()
+        # on AVX2-only CPUs, the detector's stride-1 3x3 convolutions as Winograd transforms (same library)
+        self.winograd = self.fused_msda and onnx_installed and onnxruntime_winograd.applies()
         # on the CPU provider VITA's mask-feature projection leaves the graph for the mask head's fold (as the
         # torch backend's CPU path): its (weight, bias) once the detector session has split it off
         self.split_projection = self.flush_denormals and onnx_installed

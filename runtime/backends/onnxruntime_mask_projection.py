@@ -8,17 +8,11 @@ rewrite it works on an in-memory copy (the onnx package); without onnx the graph
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any, Optional
 
 import numpy as np
 
 OUTPUT = "mask_features"
-
-
-def available() -> bool:
-    """True where the split can be made: the onnx package is installed."""
-    return importlib.util.find_spec("onnx") is not None
 
 
 def _attributes(node: Any) -> dict:

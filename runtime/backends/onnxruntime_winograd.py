@@ -18,8 +18,6 @@ the ``onnx`` package; an edge install without it runs ONNX Runtime's Conv (and o
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import logging
 from collections import defaultdict
 from typing import Any
@@ -42,20 +40,6 @@ def applies() -> bool:
     AVX-512 and AMX machines keep ONNX Runtime's Conv (not measured there with these kernels).
     """
     return cpu_isa() == "avx2"
-
-
-@functools.lru_cache(maxsize=1)
-def _onnx_missing() -> bool:
-    if importlib.util.find_spec("onnx") is not None:
-        return False
-    log.warning("the detector's 3x3 convolutions run as ONNX Runtime's Conv: their faster Winograd form is "
-                "written with the onnx package, which is not installed (pip install onnx)")
-    return True
-
-
-def wanted() -> bool:
-    """True where sessions should run the rewritten graph: ``applies()`` and the onnx package is installed."""
-    return applies() and not _onnx_missing()
 
 
 def _attributes(node: Any) -> dict:
