@@ -13,10 +13,10 @@ import numpy as np
 
 from vita_train.inference.preprocess import padded_size, resize_frame, resized_size
 
-from .backends.base import Backend, default_batch_size, mask_chunk_size
+from .backends.base import Backend, default_batch_size, detector_streams, mask_chunk_size
 from .feature_store import FeatureStore
 from .options import SegmentOptions
-from .prefetch import prefetch
+from .prefetch import in_order, prefetch
 from .results import Instance, MaskEncoder, VideoResult
 from .spool import ArraySpool
 from .video_io import FrameSource, VideoInputError, open_video
@@ -74,12 +74,16 @@ def run(backend: Backend, video: Any, options: SegmentOptions) -> VideoResult:
         num_frames = 0
         resized = prefetch(iter(source), resize, options.queue_size)
         bar = _progress(resized, options.progress, total=info.num_frames, desc="detect", unit="frame")
-        for batch in _batches(iter(bar), batch_size):
-            det = backend.detect(batch, options.prune_ratio)
+
+        def detect(batch: np.ndarray) -> Any:
+            return backend.detect(batch, options.prune_ratio)
+
+        batches = _batches(iter(bar), batch_size)
+        for det in in_order(detect, batches, detector_streams(backend), name="vita-detector"):
             tokens.append(det.tokens)
             indices.append(det.query_index)
             store.add(det.mask_features)
-            num_frames += len(batch)
+            num_frames += det.tokens.shape[0]
         store.finish()
         if num_frames == 0:
             raise VideoInputError(f"{info.source} has no frames to segment")

@@ -62,6 +62,48 @@ def test_cpu_detector_fixed_at_one_frame_still_takes_any_batch(exported):
         assert all(np.array_equal(a.mask(t), b.mask(t)) for t in range(one.num_frames))
 
 
+def test_cpu_detector_runs_two_frames_at_once_with_the_same_results(exported, monkeypatch):
+    """With two threads the CPU backend runs two frames' detector calls at once, one thread each: they overlap, and
+    the result is the one-call-at-a-time result (labels, scores within 1e-6, masks equal)."""
+    import threading
+
+    from runtime import Segmenter
+    from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    case = OfficialCase(OFFICIAL_CASES[0])
+    export_dir = exported(case)
+    meta = json.loads((export_dir / "vita.json").read_text())
+    default = OnnxRuntimeBackend(export_dir, meta, threads=2)
+    assert default.detector_streams == 2
+    results, overlap = {}, {}
+    for streams in (2, 1):
+        backend = default if streams == 2 else OnnxRuntimeBackend(export_dir, meta, threads=2, detector_streams=1)
+        running, most, lock = [0], [0], threading.Lock()
+        run_detector = backend._run_detector
+
+        def counted(frames, run_detector=run_detector, running=running, most=most, lock=lock):
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            try:
+                return run_detector(frames)
+            finally:
+                with lock:
+                    running[0] -= 1
+
+        monkeypatch.setattr(backend, "_run_detector", counted)
+        results[streams] = runtime.segment(case.frames, Segmenter(backend))
+        overlap[streams] = most[0]
+    assert overlap == {2: 2, 1: 1}
+    one, two = results[1], results[2]
+    assert [i.label for i in two.instances] == [i.label for i in one.instances]
+    assert [i.score for i in two.instances] == pytest.approx([i.score for i in one.instances], abs=1e-6)
+    for a, b in zip(one.instances, two.instances):
+        assert all(np.array_equal(a.mask(t), b.mask(t)) for t in range(one.num_frames))
+    with pytest.raises(ValueError, match="detector_streams must be 1 or more"):
+        OnnxRuntimeBackend(export_dir, meta, threads=2, detector_streams=0)
+
+
 def test_winograd_detector_session_matches_the_plain_graph(exported, monkeypatch):
     """On any CPU: the detector session with its 3x3 convolutions rewritten (what AVX2-only CPUs run) gives the
     plain graph's outputs up to Winograd's rounding, and leaves the file on disk unchanged."""

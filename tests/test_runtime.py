@@ -265,3 +265,36 @@ def test_dataset_mode_sharded_and_resumable(r50, tmp_path):
     (out.with_name("results.json.parts") / "12.json").unlink()
     assert run_dataset(seg, spec, root, out) == 1
     assert json.loads(out.read_text()) == records
+
+
+def test_in_order_runs_calls_at_once_and_hands_results_back_in_order():
+    """The streaming loop's detector calls, several at once: results come back in the items' order even when a later
+    call ends first, an error reaches the consumer, and one worker means the caller's own thread."""
+    import threading
+    import time
+
+    from runtime.prefetch import in_order
+
+    both_running = threading.Barrier(2, timeout=10)
+
+    def slow_first(i: int) -> int:
+        if i < 2:
+            both_running.wait()  # only passes when two calls are in flight together
+        if i == 0:
+            time.sleep(0.05)  # the second call ends first
+        return i * 10
+
+    assert list(in_order(slow_first, range(5), workers=2)) == [0, 10, 20, 30, 40]
+
+    def fails_on_three(i: int) -> int:
+        if i == 3:
+            raise ValueError("frame 3 is broken")
+        return i
+
+    with pytest.raises(ValueError, match="frame 3 is broken"):
+        list(in_order(fails_on_three, range(6), workers=2))
+    caller = threading.get_ident()
+    assert list(in_order(lambda i: threading.get_ident() == caller, range(3), workers=1)) == [True] * 3
+    # a control: with one worker the two first calls never overlap, and the barrier breaks
+    with pytest.raises(threading.BrokenBarrierError):
+        list(in_order(lambda i: threading.Barrier(2, timeout=0.2).wait() if i < 2 else i, range(3), workers=1))

@@ -44,6 +44,12 @@ def default_batch_size(backend: "Backend") -> int:
     return 2 if getattr(backend, "dtype", "float32") == "bfloat16" else 1
 
 
+def detector_streams(backend: "Backend") -> int:
+    """How many detector calls the streaming loop runs at once, each on its own thread: what the backend declares
+    (``detector_streams``, where its ``detect`` may be called from several threads at once), else 1."""
+    return max(1, int(getattr(backend, "detector_streams", 1)))
+
+
 def mask_chunk_size(backend: "Backend") -> int:
     """Frames per mask-head call: the config's chunk on CUDA (it bounds device memory there, as in the official
     code); one frame on the CPU, where a chunk saves nothing and its features in flight (five 15 MB frames,

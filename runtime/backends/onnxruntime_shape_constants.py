@@ -18,6 +18,7 @@ ONNX Runtime cannot fold the Shape nodes after them there either (26 ms of 692 o
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -202,20 +203,25 @@ class ConstantCache:
         self.hoisted = hoisted
         self.max_entries = max_entries
         self._entries: OrderedDict[tuple, list[np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()  # calls may come from several threads at once; the sessions run unlocked
 
     def run(self, session: Any, feeds: dict[str, np.ndarray], key: tuple) -> list[np.ndarray]:
         """``session.run`` of the graph's own outputs for ``feeds``; ``key`` (the input shapes) picks the cache entry."""
         names = [t[0] for t in self.hoisted.tensors]
-        hit = self._entries.get(key)
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None:
+                self._entries.move_to_end(key)
         if hit is not None:
-            self._entries.move_to_end(key)
             cached = {t[1]: v for t, v in zip(self.hoisted.tensors, hit)}
             return session.run(list(self.hoisted.outputs), {**feeds, **cached, CONDITION: np.array(False)})
         # the else-branches are not run: any value of the right type and rank will do
         empty = {c: np.zeros((0,) * rank, _NUMPY[elem]) for _, c, elem, rank in self.hoisted.tensors}
         outs = session.run(list(self.hoisted.outputs) + names, {**feeds, **empty, CONDITION: np.array(True)})
         n = len(self.hoisted.outputs)
-        self._entries[key] = outs[n:]
-        if len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        with self._lock:  # two first calls of a shape at once both compute it: either result serves
+            self._entries[key] = outs[n:]
+            self._entries.move_to_end(key)
+            if len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
         return outs[:n]
