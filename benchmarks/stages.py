@@ -6,6 +6,7 @@ reported here is the time the main loop spent *waiting* for frames (what the ove
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, Callable
 
@@ -20,15 +21,27 @@ class StageTimer:
         self.stages: dict[str, float] = {}
         self._detector = 0.0
         self._track_start = self._track_end = 0.0
+        self._lock = threading.Lock()
+        self._running = 0
+        self._busy_since = 0.0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._backend, name)
 
     def _timed(self, fn: Callable[..., Any], *args: Any) -> Any:
-        start = time.perf_counter()
-        out = fn(*args)
-        self._sync()
-        self._detector += time.perf_counter() - start
+        # wall time while any detector call runs: a backend may run several at once (detector_streams)
+        with self._lock:
+            if self._running == 0:
+                self._busy_since = time.perf_counter()
+            self._running += 1
+        try:
+            out = fn(*args)
+            self._sync()
+        finally:
+            with self._lock:
+                self._running -= 1
+                if self._running == 0:
+                    self._detector += time.perf_counter() - self._busy_since
         return out
 
     def detect(self, frames: Any, prune_ratio: float) -> Any:

@@ -134,7 +134,7 @@ def _recompute(backend, source, spool, size, batch_size, chunk, queue_size) -> I
     frames = (f[0] for f in spool.chunks(1)) if spool is not None else prefetch(iter(source), lambda f: resize_frame(f, size), queue_size)
     # batches of a multiple of the chunk keep chunk boundaries where the official code has them
     step = max(chunk, (batch_size // chunk) * chunk)
-    for batch in _batches(iter(frames), step):
-        features = backend.mask_features(batch)
-        for start in range(0, len(batch), chunk):
+    batches = _batches(iter(frames), step)
+    for features in in_order(backend.mask_features, batches, detector_streams(backend), name="vita-detector"):
+        for start in range(0, features.shape[0], chunk):
             yield features[start : start + chunk]

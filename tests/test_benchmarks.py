@@ -343,3 +343,33 @@ def test_a_skipped_row_says_why_for_its_own_backend_and_precision():
     assert note.startswith("onnxruntime bf16 skipped") and "no bf16 or fp16 Conv / MatMul" in note
     assert "TensorRT needs a CUDA device" not in note  # another row's reason
     assert "TensorRT needs a CUDA device" in skipped_note(BackendSpec("tensorrt", "fp16"), missing)
+
+
+def test_stage_timer_counts_overlapping_detector_calls_once():
+    """A backend that runs two detector calls at once: the detector stage is the wall time while any call runs,
+    not the sum of the calls (which would exceed the run itself)."""
+    import threading
+    import time
+
+    from benchmarks.stages import StageTimer
+
+    class Slow:
+        def detect(self, frames, prune_ratio):
+            time.sleep(0.2)
+            return frames
+
+        def track(self, tokens, query_index, window):
+            return None
+
+    timer = StageTimer(Slow(), sync=lambda: None)
+
+    def segment():
+        calls = [threading.Thread(target=timer.detect, args=(i, 1.0)) for i in range(2)]
+        for c in calls:
+            c.start()
+        for c in calls:
+            c.join()
+        timer.track(None, None, None)
+
+    _, wall = timer.run(segment)
+    assert 0.19 <= timer.stages["detector"] <= wall < 0.35  # summed, the two calls would give 0.4

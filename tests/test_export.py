@@ -100,6 +100,11 @@ def test_cpu_detector_runs_two_frames_at_once_with_the_same_results(exported, mo
     assert [i.score for i in two.instances] == pytest.approx([i.score for i in one.instances], abs=1e-6)
     for a, b in zip(one.instances, two.instances):
         assert all(np.array_equal(a.mask(t), b.mask(t)) for t in range(one.num_frames))
+    # the second pass of the recompute policy runs its calls two at a time too, with the same masks
+    again = runtime.segment(case.frames, Segmenter(default), feature_policy="recompute")
+    assert [i.label for i in again.instances] == [i.label for i in two.instances]
+    for a, b in zip(two.instances, again.instances):
+        assert all(np.array_equal(a.mask(t), b.mask(t)) for t in range(two.num_frames))
     with pytest.raises(ValueError, match="detector_streams must be 1 or more"):
         OnnxRuntimeBackend(export_dir, meta, threads=2, detector_streams=0)
 

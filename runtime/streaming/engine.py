@@ -15,9 +15,9 @@ import numpy as np
 
 from vita_train.inference.preprocess import padded_size, resize_frame, resized_size
 
-from ..backends.base import Backend, default_batch_size, mask_chunk_size
+from ..backends.base import Backend, default_batch_size, detector_streams, mask_chunk_size
 from ..options import SegmentOptions
-from ..prefetch import prefetch
+from ..prefetch import in_order, prefetch
 from ..results import MaskEncoder
 from ..video_io import FrameSource, StreamStalledError
 from .clip_buffer import ClipBuffer, FrameDetection
@@ -119,18 +119,33 @@ def _clips(backend: Backend, source: FrameSource, opts: StreamOptions, seg: Segm
             return result
 
         pending: list = []
-        stalled: Optional[StreamStalledError] = None
+        stalled: list[StreamStalledError] = []
         frames = prefetch(iter(source), prepare, seg.queue_size)
+
+        def arrived() -> Iterator[tuple[float, np.ndarray, Optional[np.ndarray]]]:
+            try:
+                yield from frames
+            except StreamStalledError as err:
+                stalled.append(err)  # finish the clip in progress first: what arrived is not lost
+
+        # one frame a call: a backend that runs several calls at once (detector_streams) gets the next frames'
+        # calls started while the first runs; larger batches follow the buffer's room one call at a time
+        streams = detector_streams(backend) if batch_size == 1 else 1
         try:
-            for item in frames:
-                pending.append(item)
-                if len(pending) >= min(batch_size, buffer.room()):
-                    buffer.add(runner.detect(pending))
-                    pending = []
-                if buffer.full:
-                    yield clip()
-        except StreamStalledError as err:
-            stalled = err  # finish the clip in progress first: what arrived is not lost
+            if streams > 1:
+                for detections in in_order(lambda item: runner.detect([item]), arrived(), streams,
+                                           name="vita-detector"):
+                    buffer.add(detections)
+                    if buffer.full:
+                        yield clip()
+            else:
+                for item in arrived():
+                    pending.append(item)
+                    if len(pending) >= min(batch_size, buffer.room()):
+                        buffer.add(runner.detect(pending))
+                        pending = []
+                    if buffer.full:
+                        yield clip()
         finally:
             frames.close()  # stops the decoding thread now, also when the caller abandons the stream
         if pending:
@@ -139,8 +154,8 @@ def _clips(backend: Backend, source: FrameSource, opts: StreamOptions, seg: Segm
             yield clip()
         if source.truncated:
             log.warning("%s ended early: segmented the frames that decoded", source.info.source)
-        if stalled is not None:
-            raise stalled
+        if stalled:
+            raise stalled[0]
     finally:
         source.close()
 
