@@ -72,30 +72,23 @@ inline void sample_head_f32x32_avx2(const float* v_head, int64_t row, const floa
                                     const float* inside, int64_t stride, int64_t count, float* dst) {
   __m256 t0 = _mm256_setzero_ps(), t1 = _mm256_setzero_ps(), t2 = _mm256_setzero_ps(), t3 = _mm256_setzero_ps();
   __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(), b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
+  // one corner's row, weighted, into a chain's four vectors
+  const auto tap = [](__m256 weight, const float* r, __m256& a0, __m256& a1, __m256& a2, __m256& a3) {
+    a0 = _mm256_fmadd_ps(weight, _mm256_loadu_ps(r), a0);
+    a1 = _mm256_fmadd_ps(weight, _mm256_loadu_ps(r + 8), a1);
+    a2 = _mm256_fmadd_ps(weight, _mm256_loadu_ps(r + 16), a2);
+    a3 = _mm256_fmadd_ps(weight, _mm256_loadu_ps(r + 24), a3);
+  };
   for (int64_t i = 0; i < count; ++i) {
     if (inside[i] == 0.f) continue;
     const float* r00 = v_head + static_cast<int64_t>(pixels[i]) * row;
     const float* r01 = v_head + static_cast<int64_t>(pixels[stride + i]) * row;
     const float* r10 = v_head + static_cast<int64_t>(pixels[2 * stride + i]) * row;
     const float* r11 = v_head + static_cast<int64_t>(pixels[3 * stride + i]) * row;
-    const __m256 c00 = _mm256_broadcast_ss(cw + i), c01 = _mm256_broadcast_ss(cw + stride + i);
-    const __m256 c10 = _mm256_broadcast_ss(cw + 2 * stride + i), c11 = _mm256_broadcast_ss(cw + 3 * stride + i);
-    t0 = _mm256_fmadd_ps(c00, _mm256_loadu_ps(r00), t0);
-    t1 = _mm256_fmadd_ps(c00, _mm256_loadu_ps(r00 + 8), t1);
-    t2 = _mm256_fmadd_ps(c00, _mm256_loadu_ps(r00 + 16), t2);
-    t3 = _mm256_fmadd_ps(c00, _mm256_loadu_ps(r00 + 24), t3);
-    b0 = _mm256_fmadd_ps(c10, _mm256_loadu_ps(r10), b0);
-    b1 = _mm256_fmadd_ps(c10, _mm256_loadu_ps(r10 + 8), b1);
-    b2 = _mm256_fmadd_ps(c10, _mm256_loadu_ps(r10 + 16), b2);
-    b3 = _mm256_fmadd_ps(c10, _mm256_loadu_ps(r10 + 24), b3);
-    t0 = _mm256_fmadd_ps(c01, _mm256_loadu_ps(r01), t0);
-    t1 = _mm256_fmadd_ps(c01, _mm256_loadu_ps(r01 + 8), t1);
-    t2 = _mm256_fmadd_ps(c01, _mm256_loadu_ps(r01 + 16), t2);
-    t3 = _mm256_fmadd_ps(c01, _mm256_loadu_ps(r01 + 24), t3);
-    b0 = _mm256_fmadd_ps(c11, _mm256_loadu_ps(r11), b0);
-    b1 = _mm256_fmadd_ps(c11, _mm256_loadu_ps(r11 + 8), b1);
-    b2 = _mm256_fmadd_ps(c11, _mm256_loadu_ps(r11 + 16), b2);
-    b3 = _mm256_fmadd_ps(c11, _mm256_loadu_ps(r11 + 24), b3);
+    tap(_mm256_broadcast_ss(cw + i), r00, t0, t1, t2, t3);
+    tap(_mm256_broadcast_ss(cw + 2 * stride + i), r10, b0, b1, b2, b3);
+    tap(_mm256_broadcast_ss(cw + stride + i), r01, t0, t1, t2, t3);
+    tap(_mm256_broadcast_ss(cw + 3 * stride + i), r11, b0, b1, b2, b3);
   }
   _mm256_storeu_ps(dst, _mm256_add_ps(t0, b0));
   _mm256_storeu_ps(dst + 8, _mm256_add_ps(t1, b1));
