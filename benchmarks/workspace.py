@@ -152,8 +152,10 @@ class Workspace:
         return self._exports[key]
 
     # ----- backends ---------------------------------------------------------------------------------
-    def backend(self, spec: BackendSpec, size: Optional[tuple[int, int]]) -> Any:
-        """A runtime backend for ``spec``; graph backends get an export for frames of ``size``."""
+    def backend(self, spec: BackendSpec, size: Optional[tuple[int, int]], one_call_at_a_time: bool = False) -> Any:
+        """A runtime backend for ``spec``; graph backends get an export for frames of ``size``. With
+        ``one_call_at_a_time`` an onnxruntime CPU detector takes every thread for each call instead of running two
+        calls at once (what ``segment`` does), so that a call's latency is measured."""
         if spec.backend == "torch":
             from runtime.backends.torch_backend import TorchBackend
 
@@ -166,7 +168,8 @@ class Workspace:
             from vita_train.export_format import read_metadata
 
             path = self.export(size)
-            return OnnxRuntimeBackend(path, read_metadata(path), device=self.device, threads=self.threads)
+            return OnnxRuntimeBackend(path, read_metadata(path), device=self.device, threads=self.threads,
+                                      detector_streams=1 if one_call_at_a_time else None)
         if spec.backend == "tensorrt":
             from runtime.backends.tensorrt_backend import TensorRTBackend
             from vita_train.export_format import read_metadata
