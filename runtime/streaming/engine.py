@@ -128,12 +128,11 @@ def _clips(backend: Backend, source: FrameSource, opts: StreamOptions, seg: Segm
             except StreamStalledError as err:
                 stalled.append(err)  # finish the clip in progress first: what arrived is not lost
 
-        # one frame a call: a backend that runs several calls at once (detector_streams) gets the next frames'
-        # calls started while the first runs; larger batches follow the buffer's room one call at a time
-        streams = detector_streams(backend) if batch_size == 1 else 1
         try:
-            if streams > 1:
-                for detections in in_order(lambda item: runner.detect([item]), arrived(), streams,
+            if batch_size == 1:
+                # one frame a call: a backend that runs several calls at once (detector_streams) gets the next
+                # frames' calls started while the first runs; larger batches follow the buffer's room one at a time
+                for detections in in_order(lambda item: runner.detect([item]), arrived(), detector_streams(backend),
                                            name="vita-detector"):
                     buffer.add(detections)
                     if buffer.full:
