@@ -41,6 +41,7 @@ def test_the_detector_compiles_as_one_graph():
     torch.manual_seed(0)
     model = VitaModel(preset("vita_tiny")).eval()
     frames = torch.randint(0, 256, (1, 3, 64, 96), dtype=torch.uint8)
+    native.mark_constant_for_compilers()  # as CompiledDetector does before compiling
     with torch.no_grad():
         explained = torch._dynamo.explain(model.detect)(frames)
     assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]

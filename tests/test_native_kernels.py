@@ -163,3 +163,29 @@ def test_a_failed_build_warns_once_and_falls_back(tmp_path):
 def test_turned_off_by_the_environment():
     res = _python("from kernels import native; print(native.available())", {"VITA_NATIVE_KERNELS": "0"})
     assert res.returncode == 0 and res.stdout.strip() == "False", res.stderr
+
+
+def test_eager_inference_never_imports_the_compiler(tmp_path):
+    """Loading a checkpoint and detecting on the CPU with the compiled kernels leaves torch._dynamo unimported
+    (150 MB of resident memory); the control: marking ``available`` for torch.compile imports it."""
+    from vita_train import save_checkpoint
+    from vita_train.modeling.vita_model import VitaModel
+    from vita_train.presets import preset
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "tiny.pth"
+    save_checkpoint(ckpt, VitaModel(preset("vita_tiny")).eval())
+    code = (
+        "import sys, numpy as np, runtime\n"
+        "from kernels import native\n"
+        f"seg = runtime.load({str(ckpt)!r}, backend='torch', device='cpu')\n"
+        "seg.backend.detect(np.zeros((1, 64, 96, 3), np.uint8), 1.0)\n"
+        "print(native.available(), 'torch._dynamo' in sys.modules)\n"
+        "native.mark_constant_for_compilers()\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    res = _python(code, {})
+    assert res.returncode == 0, res.stderr
+    eager, marked = res.stdout.split("\n")[:2]
+    assert eager.split()[1] == "False", eager
+    assert marked == "True"

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from kernels import native
 from vita_train.modeling.vita_model import DetectorOutput, VitaModel
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class CompiledDetector:
         b = images.shape[0]
         if self._batch is None or b > self._batch:
             self._batch = b
+            native.mark_constant_for_compilers()
             self._fn = torch.compile(self._eager, dynamic=False, options={"freezing": True})
         padded = images if b == self._batch else _pad_batch(images, self._batch)
         try:
