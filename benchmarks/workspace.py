@@ -154,13 +154,14 @@ class Workspace:
     # ----- backends ---------------------------------------------------------------------------------
     def backend(self, spec: BackendSpec, size: Optional[tuple[int, int]], one_call_at_a_time: bool = False) -> Any:
         """A runtime backend for ``spec``; graph backends get an export for frames of ``size``. With
-        ``one_call_at_a_time`` an onnxruntime CPU detector takes every thread for each call instead of running two
-        calls at once (what ``segment`` does), so that a call's latency is measured."""
+        ``one_call_at_a_time`` a CPU detector (torch or onnxruntime) takes every thread for each call instead of
+        running two calls at once (what ``segment`` does), so that a call's latency is measured."""
         if spec.backend == "torch":
             from runtime.backends.torch_backend import TorchBackend
 
             return TorchBackend(self.torch_model(), device=self.device, dtype=PRECISIONS[spec.precision],
-                                kernels=spec.kernels, compile=spec.compiled)
+                                kernels=spec.kernels, compile=spec.compiled,
+                                detector_streams=1 if one_call_at_a_time else None)
         if spec.backend == "onnxruntime":
             if spec.precision != "fp32":
                 raise ValueError("the onnxruntime backend runs the fp32 graphs; use --precision fp32")

@@ -298,3 +298,56 @@ def test_in_order_runs_calls_at_once_and_hands_results_back_in_order():
     # a control: with one worker the two first calls never overlap, and the barrier breaks
     with pytest.raises(threading.BrokenBarrierError):
         list(in_order(lambda i: threading.Barrier(2, timeout=0.2).wait() if i < 2 else i, range(3), workers=1))
+
+
+def test_cpu_torch_detector_runs_two_frames_at_once_with_one_thread_each(monkeypatch):
+    """With two threads the torch CPU backend runs two frames' detector calls at once, each with one thread (its
+    weights packed for that count), the caller's two threads back after; the result is the one-call-at-a-time
+    result up to float rounding (labels, scores within 1e-6, masks but for pixels at the threshold). The control:
+    ``detector_streams=1`` never overlaps."""
+    import threading
+
+    from runtime import Segmenter
+    from runtime.backends.torch_backend import TorchBackend
+    from vita_train import load_model
+
+    from .conftest import OFFICIAL_CASES, OfficialCase
+
+    case = OfficialCase(OFFICIAL_CASES[0])
+    model = load_model(case.ckpt)
+    default = TorchBackend(model, device="cpu")
+    assert torch.get_num_threads() == 2 and default.detector_streams == 2
+    results, overlap, threads = {}, {}, {}
+    for streams in (2, 1):
+        backend = default if streams == 2 else TorchBackend(model, device="cpu", detector_streams=1)
+        running, most, seen, lock = [0], [0], set(), threading.Lock()
+
+        def counted(images, detect=backend._detect, running=running, most=most, seen=seen, lock=lock):
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+                seen.add(torch.get_num_threads())
+            try:
+                return detect(images)
+            finally:
+                with lock:
+                    running[0] -= 1
+
+        monkeypatch.setattr(backend, "_detect", counted)
+        results[streams] = runtime.segment(case.frames, Segmenter(backend))
+        overlap[streams], threads[streams] = most[0], seen
+        # the backbone's weights were packed for the calls' thread count (a pack for another count is reordered
+        # by oneDNN on every call)
+        assert model.backbone.stem.conv1._packed[0][-1] == (1 if streams == 2 else 2)
+    assert overlap == {2: 2, 1: 1} and threads == {2: {1}, 1: {2}}
+    assert torch.get_num_threads() == 2
+    one, two = results[1], results[2]
+    assert [i.label for i in two.instances] == [i.label for i in one.instances]
+    assert [i.score for i in two.instances] == pytest.approx([i.score for i in one.instances], abs=1e-6)
+    # one thread sums in another order than two (1e-6 of the features): a pixel whose logit sits at the
+    # threshold may flip (4 of 4.8 million here)
+    for a, b in zip(one.instances, two.instances):
+        differ = sum(int((a.mask(t) != b.mask(t)).sum()) for t in range(one.num_frames))
+        assert differ <= 1e-5 * one.num_frames * one.height * one.width
+    with pytest.raises(ValueError, match="detector_streams must be 1 or more"):
+        TorchBackend(model, device="cpu", detector_streams=0)

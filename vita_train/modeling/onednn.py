@@ -44,6 +44,13 @@ def fp32_linear_as_conv() -> bool:
     return torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 
+def pack_threads() -> int:
+    """The thread count a oneDNN weight pack is made for: the calling thread's. oneDNN picks a convolution's
+    weight layout for the threads it runs on, and a pack made for another count was reordered on every call
+    (the detector 3x slower: packed by a 2-thread call, then run by 1-thread calls; AMD EPYC Zen 2)."""
+    return torch.get_num_threads()
+
+
 def _fusable(residual: Tensor, x: Tensor, out_features: int) -> bool:
     """True where oneDNN can add ``residual`` inside the packed call: the output's dtype, shape and layout."""
     return (residual.dtype == x.dtype and residual.is_contiguous()
@@ -114,6 +121,7 @@ class PackedWeight:
         params = (weight,) if bias is None else (weight, bias)
         # a slice of a parameter is a new tensor per call: key on its storage, offset and the version
         key = tuple((p.untyped_storage().data_ptr(), p.storage_offset(), p.shape, p.dtype, p._version) for p in params)
+        key += (pack_threads(),)
         if x.dtype == torch.float32 and fp32_linear_as_conv():
             return self._as_conv((*key, "conv"), x, weight, bias, relu, residual, into_residual)
         rows = max(1, x.numel() // weight.shape[1])

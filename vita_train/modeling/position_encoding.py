@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
 from typing import Optional
@@ -62,7 +63,8 @@ class SinePositionCache:
             if len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
         else:
-            self._entries.move_to_end(key)
+            with contextlib.suppress(KeyError):  # evicted meanwhile by a call on another thread: still valid here
+                self._entries.move_to_end(key)
         return hit
 
     def _compute(self, feature: Tensor, dtype: Optional[torch.dtype]) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .onednn import needs_plain_ops
+from .onednn import needs_plain_ops, pack_threads
 from .winograd import WinogradWeight
 from .winograd import usable as winograd_usable
 
@@ -116,6 +116,7 @@ class ConvNorm(nn.Module):
         if residual is None and winograd_usable(x, self.weight, self.stride, self.padding, self.kernels):
             return self._winograd.conv(x, key, lambda: self._fold(x.dtype), relu)
         pad, stride = [self.padding] * 2, [self.stride] * 2
+        key = (*key, pack_threads())
         if self._packed is None or self._packed[0] != key:
             weight, bias = self._fold(x.dtype)
             packed = torch.ops.mkldnn._reorder_convolution_weight(weight, pad, stride, [1, 1], 1, list(x.shape))

@@ -26,7 +26,7 @@ import kernels as kernels_lib
 
 from .. import winograd_transforms
 from ..winograd_transforms import AT, BT, tile_for
-from .onednn import needs_plain_ops
+from .onednn import needs_plain_ops, pack_threads
 
 # the Winograd-domain tiles of one band of output rows: transformed, multiplied and transformed back while
 # they sit in the caches. AMD EPYC Zen 2, 2 threads, with runtime.load's allocator settings, in ms for the whole
@@ -112,6 +112,7 @@ class WinogradWeight:
         ``weights()`` gives (weight, bias) and is called only when ``key`` differs from the packed one's.
         """
         n, cin, h, w = x.shape
+        key = (*key, pack_threads())
         if self._packed is None or self._packed[0] != key:
             weight, bias = weights()
             tile, cout = tile_for(cin, weight.shape[0]), weight.shape[0]
