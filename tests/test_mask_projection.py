@@ -91,7 +91,8 @@ def test_torch_cpu_backend_keeps_the_maps_unprojected_and_folds():
     from vita_train.checkpoint.loader import load_model
 
     model = load_model(OfficialCase("r50_tiny").ckpt)
-    backend = TorchBackend(model, device="cpu")
+    # one call at a time with this thread's two threads: bit for bit comparable with model.detect called here
+    backend = TorchBackend(model, device="cpu", detector_streams=1)
     frames = np.random.default_rng(0).integers(0, 255, (2, 64, 96, 3), dtype=np.uint8)
     det = backend.detect(frames, 1.0)
     images = torch.from_numpy(frames).permute(0, 3, 1, 2)
