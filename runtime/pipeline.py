@@ -19,6 +19,7 @@ from .options import SegmentOptions
 from .prefetch import in_order, prefetch
 from .results import Instance, MaskEncoder, VideoResult
 from .spool import ArraySpool
+from .token_store import TokenStore
 from .video_io import FrameSource, VideoInputError, open_video
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def run(backend: Backend, video: Any, options: SegmentOptions) -> VideoResult:
                 spool.append(out[None])
             return out
 
-        tokens, indices = [], []
+        tokens, indices = TokenStore(), []
         num_frames = 0
         resized = prefetch(iter(source), resize, options.queue_size)
         bar = _progress(resized, options.progress, total=info.num_frames, desc="detect", unit="frame")
@@ -80,7 +81,7 @@ def run(backend: Backend, video: Any, options: SegmentOptions) -> VideoResult:
 
         batches = _batches(iter(bar), batch_size)
         for det in in_order(detect, batches, detector_streams(backend), name="vita-detector"):
-            tokens.append(det.tokens)
+            tokens.add(det.tokens)
             indices.append(det.query_index)
             store.add(det.mask_features)
             num_frames += det.tokens.shape[0]
@@ -90,7 +91,7 @@ def run(backend: Backend, video: Any, options: SegmentOptions) -> VideoResult:
         if source.truncated:
             log.warning("%s ended early: segmented the %d frames that decoded", info.source, num_frames)
 
-        logits, mask_embed = backend.track(tokens, None if indices[0] is None else indices, options.window)
+        logits, mask_embed = backend.track(tokens.arrays(), None if indices[0] is None else indices, options.window)
         del tokens, indices
         selection = backend.select(logits, options.topk or cfg.test.topk)
         head = backend.mask_head(mask_embed, selection, size, padded, (h, w))
