@@ -138,3 +138,27 @@ def flip_decisions_within(margin: float):
 
     hook.flipped = 0
     return hook
+
+
+class CallsAtOnce:
+    """Wraps ``obj.name`` (through ``monkeypatch``) to record the most calls that ran at once and the torch thread
+    counts the calls saw."""
+
+    def __init__(self, monkeypatch, obj, name: str) -> None:
+        import threading
+
+        self.most, self.threads = 0, set()
+        self._running, self._lock, inner = 0, threading.Lock(), getattr(obj, name)
+
+        def counted(*args, **kwargs):
+            with self._lock:
+                self._running += 1
+                self.most = max(self.most, self._running)
+                self.threads.add(torch.get_num_threads())
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                with self._lock:
+                    self._running -= 1
+
+        monkeypatch.setattr(obj, name, counted)

@@ -17,7 +17,7 @@ from export import ExportOptions, ExportTargetError, export_model
 from export.__main__ import main as export_cli
 from vita_train import CheckpointError
 
-from .conftest import OFFICIAL_CASES, REPO, OfficialCase, match_official
+from .conftest import OFFICIAL_CASES, REPO, CallsAtOnce, OfficialCase, match_official
 from .media import encode
 
 _exports: dict[str, Path] = {}
@@ -65,8 +65,6 @@ def test_cpu_detector_fixed_at_one_frame_still_takes_any_batch(exported):
 def test_cpu_detector_runs_two_frames_at_once_with_the_same_results(exported, monkeypatch):
     """With two threads the CPU backend runs two frames' detector calls at once, one thread each: they overlap, and
     the result is the one-call-at-a-time result (labels, scores within 1e-6, masks equal)."""
-    import threading
-
     from runtime import Segmenter
     from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
@@ -78,22 +76,9 @@ def test_cpu_detector_runs_two_frames_at_once_with_the_same_results(exported, mo
     results, overlap = {}, {}
     for streams in (2, 1):
         backend = default if streams == 2 else OnnxRuntimeBackend(export_dir, meta, threads=2, detector_streams=1)
-        running, most, lock = [0], [0], threading.Lock()
-        run_detector = backend._run_detector
-
-        def counted(frames, run_detector=run_detector, running=running, most=most, lock=lock):
-            with lock:
-                running[0] += 1
-                most[0] = max(most[0], running[0])
-            try:
-                return run_detector(frames)
-            finally:
-                with lock:
-                    running[0] -= 1
-
-        monkeypatch.setattr(backend, "_run_detector", counted)
+        calls = CallsAtOnce(monkeypatch, backend, "_run_detector")
         results[streams] = runtime.segment(case.frames, Segmenter(backend))
-        overlap[streams] = most[0]
+        overlap[streams] = calls.most
     assert overlap == {2: 2, 1: 1}
     one, two = results[1], results[2]
     assert [i.label for i in two.instances] == [i.label for i in one.instances]

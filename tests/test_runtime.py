@@ -305,13 +305,11 @@ def test_cpu_torch_detector_runs_two_frames_at_once_with_one_thread_each(monkeyp
     weights packed for that count), the caller's two threads back after; the result is the one-call-at-a-time
     result up to float rounding (labels, scores within 1e-6, masks but for pixels at the threshold). The control:
     ``detector_streams=1`` never overlaps."""
-    import threading
-
     from runtime import Segmenter
     from runtime.backends.torch_backend import TorchBackend
     from vita_train import load_model
 
-    from .conftest import OFFICIAL_CASES, OfficialCase
+    from .conftest import OFFICIAL_CASES, CallsAtOnce, OfficialCase
 
     case = OfficialCase(OFFICIAL_CASES[0])
     model = load_model(case.ckpt)
@@ -320,22 +318,9 @@ def test_cpu_torch_detector_runs_two_frames_at_once_with_one_thread_each(monkeyp
     results, overlap, threads = {}, {}, {}
     for streams in (2, 1):
         backend = default if streams == 2 else TorchBackend(model, device="cpu", detector_streams=1)
-        running, most, seen, lock = [0], [0], set(), threading.Lock()
-
-        def counted(images, detect=backend._detect, running=running, most=most, seen=seen, lock=lock):
-            with lock:
-                running[0] += 1
-                most[0] = max(most[0], running[0])
-                seen.add(torch.get_num_threads())
-            try:
-                return detect(images)
-            finally:
-                with lock:
-                    running[0] -= 1
-
-        monkeypatch.setattr(backend, "_detect", counted)
+        calls = CallsAtOnce(monkeypatch, backend, "_detect")
         results[streams] = runtime.segment(case.frames, Segmenter(backend))
-        overlap[streams], threads[streams] = most[0], seen
+        overlap[streams], threads[streams] = calls.most, calls.threads
         # the backbone's weights were packed for the calls' thread count (a pack for another count is reordered
         # by oneDNN on every call)
         assert model.backbone.stem.conv1._packed[0][-1] == (1 if streams == 2 else 2)

@@ -119,7 +119,7 @@ class TorchBackend:
         # On the CPU with two threads or more the loop runs two frames' detector calls at once, each on its own
         # thread with half the threads: a call's many small parallel regions no longer leave the other thread
         # waiting at their ends. Full-size R-50 at 360x640 on 2 cores (AMD EPYC Zen 2): 653-671 instead of
-        # 701 ms a frame, for a second frame's activations in memory (0.13 GB). Every detector call runs with
+        # 701 ms a frame, for a second frame's activations in memory (0.17 GB). Every detector call runs with
         # that many threads, and the threads as at construction are restored after it (oneDNN packs the
         # weights for the calling thread's count: onednn.pack_threads).
         self.threads = torch.get_num_threads()
