@@ -50,6 +50,15 @@ def detector_streams(backend: "Backend") -> int:
     return max(1, int(getattr(backend, "detector_streams", 1)))
 
 
+def chosen_detector_streams(asked: Optional[int], can_overlap: bool, threads: int) -> int:
+    """A CPU backend's ``detector_streams``: ``asked``, or where None two calls at once when they ``can_overlap``
+    (the backend's CPU path) with two threads or more, else one; fewer than one is refused."""
+    streams = asked if asked is not None else (2 if can_overlap and threads >= 2 else 1)
+    if streams < 1:
+        raise ValueError(f"detector_streams must be 1 or more, got {streams}")
+    return streams
+
+
 def mask_chunk_size(backend: "Backend") -> int:
     """Frames per mask-head call: the config's chunk on CUDA (it bounds device memory there, as in the official
     code); one frame on the CPU, where a chunk saves nothing and its features in flight (five 15 MB frames,

@@ -34,7 +34,7 @@ from . import (
     onnxruntime_shape_constants,
     onnxruntime_winograd,
 )
-from .base import Detection, Selection
+from .base import Detection, Selection, chosen_detector_streams
 
 log = logging.getLogger(__name__)
 _CPU_FEATURE_BUDGET = 0
@@ -210,10 +210,7 @@ class OnnxRuntimeBackend:
         # thread waiting at their ends: full-size R-50 at 360x640 on 2 cores (AMD EPYC Zen 2), 636-647 instead of
         # 684 ms a frame, for 0.18 GB more peak memory (1.08 GB for a 36-frame clip).
         # (``detector_streams`` chooses otherwise: 1 runs one call at a time with all the threads).
-        if detector_streams is None:
-            detector_streams = 2 if self.flush_denormals and self.threads >= 2 else 1
-        if detector_streams < 1:
-            raise ValueError(f"detector_streams must be 1 or more, got {detector_streams}")
+        detector_streams = chosen_detector_streams(detector_streams, self.flush_denormals, self.threads)
         self.detector_streams = detector_streams
         detector_threads = max(1, self.threads // detector_streams) if detector_streams > 1 else self._intra_threads
         options = self._options(detector_threads)

@@ -18,7 +18,7 @@ from vita_train.modeling.vita_model import VitaModel
 
 from ..host_memory import keep_freed_memory
 from . import numpy_ops
-from .base import Detection, Selection
+from .base import Detection, Selection, chosen_detector_streams
 from .compiled import CompiledDetector
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -123,12 +123,9 @@ class TorchBackend:
         # that many threads, and the threads as at construction are restored after it (oneDNN packs the
         # weights for the calling thread's count: onednn.pack_threads).
         self.threads = torch.get_num_threads()
-        if detector_streams is None:
-            detector_streams = 2 if not device.startswith("cuda") and self.threads >= 2 and not compile else 1
-        if detector_streams < 1:
-            raise ValueError(f"detector_streams must be 1 or more, got {detector_streams}")
-        self.detector_streams = detector_streams
-        self._call_threads = max(1, self.threads // detector_streams)
+        self.detector_streams = chosen_detector_streams(
+            detector_streams, not device.startswith("cuda") and not compile, self.threads)
+        self._call_threads = max(1, self.threads // self.detector_streams)
 
     def _autocast(self):
         if self.dtype == "float32" or not self.device.startswith("cuda"):
