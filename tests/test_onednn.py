@@ -335,3 +335,41 @@ def test_packed_linears_pack_each_weight_once_and_equal_the_plain_op():
     packs = [pack for _, pack in linears._packs.values()]
     assert len(packs) == 2 and all(p.packed == fp32_linear_as_conv() for p in packs)
     assert all(p.min_rows == 128 for p in packs)
+
+
+@needs_onednn
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_1x1_convolution_equals_the_plain_convolution(bias, threads, fp32_form):
+    """The pixel decoder's 1x1 convolutions (input projections, res2 adapter) on the packed path: the same
+    output and channels-last layout as ``F.conv2d``; an NCHW input, gradients and a stale weight as controls."""
+    torch.manual_seed(0)
+    conv = onednn.PackedConv1x1(64, 32, bias=bias).eval()
+    x = torch.randn(1, 64, 12, 20).contiguous(memory_format=torch.channels_last)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            got = conv(x)
+            want = F.conv2d(x.double(), conv.weight.double(), None if conv.bias is None else conv.bias.double())
+            plain32 = F.conv2d(x, conv.weight, conv.bias)
+            stale = F.conv2d(x, conv.weight * 1.001, conv.bias)
+    finally:
+        torch.set_num_threads(before)
+    assert conv.pack.form == fp32_form, "the packed path did not run"
+    assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
+    scale = want.abs().max().item()
+    fast_err = (got.double() - want).abs().max().item() / scale
+    plain_err = (plain32.double() - want).abs().max().item() / scale
+    assert fast_err < max(4 * plain_err, 1e-6), (fast_err, plain_err)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(got, stale, rtol=1e-5, atol=1e-5)
+
+    plain_layout = copy.deepcopy(conv)  # the same weights, no pack
+    with torch.no_grad():
+        nchw = plain_layout(x.contiguous())
+    assert not plain_layout.pack.packed  # an NCHW input keeps torch's own convolution
+    torch.testing.assert_close(nchw, plain32, rtol=1e-5, atol=1e-5)
+    out = conv(x.requires_grad_())
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .ms_deform_attn import MSDeformAttn
-from .onednn import PackedLinear
+from .onednn import PackedConv1x1, PackedLinear, PackedWeight
 from .position_encoding import SinePositionCache
 from .precision import pixel_decoder_reduced
 from .transformer_layers import xavier_init
@@ -81,21 +81,26 @@ class ConvGN(nn.Module):
         self.norm = nn.GroupNorm(groups, cout)
         self.padding = kernel // 2
         self.relu = relu
-        # a 3x3 may run as Winograd (vita_train/modeling/winograd.py) unless kernels == "reference"
+        # a 3x3 may run as Winograd (vita_train/modeling/winograd.py) unless kernels == "reference", a 1x1 as
+        # oneDNN's packed call (PackedWeight.conv1x1)
         self.kernels = "auto"
         self._winograd = WinogradWeight()
+        self._pack = PackedWeight()
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        # pickled before the Winograd path existed
+        # pickled before the Winograd and packed paths existed
         self.__dict__.setdefault("kernels", "auto")
         self.__dict__.setdefault("_winograd", WinogradWeight())
+        self.__dict__.setdefault("_pack", PackedWeight())
 
     def forward(self, x: Tensor) -> Tensor:
         """Conv, GroupNorm, optional ReLU."""
         if winograd_usable(x, self.weight, 1, self.padding, self.kernels):
             key = (id(self.weight), self.weight._version, self.weight.device)
             x = self._winograd.conv(x, key, lambda: (self.weight, None))
+        elif self.padding == 0 and self.weight.shape[-1] == 1:
+            x = self._pack.conv1x1(x, self.weight, None)
         else:
             x = F.conv2d(x, self.weight, None, 1, self.padding)
         x = self.norm(x)
@@ -124,7 +129,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         super().__init__()
         self.transformer_features = ["res5", "res4", "res3"][:num_levels]
         self.input_proj = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(in_channels[f], conv_dim, 1), nn.GroupNorm(norm_groups, conv_dim))
+            nn.Sequential(PackedConv1x1(in_channels[f], conv_dim), nn.GroupNorm(norm_groups, conv_dim))
             for f in self.transformer_features
         )
         self.transformer = DeformableEncoder(conv_dim, ffn_dim, enc_layers, num_levels, num_heads, num_points)
