@@ -9,13 +9,11 @@ device / host / disk / recompute force one place.
 
 from __future__ import annotations
 
-import errno
 import logging
-import shutil
 from typing import Any, Iterator, Optional
 
 from .backends.base import Backend
-from .spool import ArraySpool
+from .spool import ArraySpool, check_disk_reserve
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +68,7 @@ class FeatureStore:
             if self.spool is None:
                 self.spool = ArraySpool(prefix="vita-features-")
             for part in parts:
-                free = shutil.disk_usage(self.spool.directory).free
-                # never fill the user's disk: keep a reserve of 1 GB and a tenth of what is free
-                if part.nbytes > free - max(1 << 30, free // 10):
-                    raise OSError(errno.ENOSPC, f"{free / 2**30:.1f} GB free in {self.spool.directory}, "
-                                  f"keeping a reserve")
+                check_disk_reserve(self.spool.directory, part.nbytes)
                 self.spool.append(part)
         except OSError as e:
             self._spool_failed(e)

@@ -49,3 +49,21 @@ def keep_freed_memory() -> bool:
     done = done and bool(mallopt(_M_ARENA_MAX, ARENAS))
     log.debug("malloc keeps freed blocks up to %d MB: %s", MMAP_THRESHOLD >> 20, done)
     return done
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (``malloc_trim``), where ``keep_freed_memory`` kept them.
+
+    For the end of a video's detection: the detector's working memory is free then, and the token engine and
+    mask head that follow allocate the whole video's tokens; on top of the pages the detector had freed they
+    pushed the process's peak up with the video's length. The next video's detector faults its pages in again
+    (one pass, ~0.3 GB at full size).
+    """
+    if not keep_freed_memory():
+        return
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)

@@ -22,6 +22,7 @@ class SegmentOptions:
     feature_policy: str = "auto"  # where mask features live: auto | device | host | disk | recompute
     device_budget_mb: Optional[float] = None  # auto: device bytes for features before moving to host
     host_budget_mb: float = 64.0  # auto: host bytes (fp16) for features before spooling them to a temporary file
+    token_memory_mb: float = 8.0  # frame tokens kept in host memory before the rest waits in a temporary file
     queue_size: int = 8  # decoded frames buffered by the background reader
     progress: bool = False  # tqdm progress bars
     # torch backend, applied when the model is loaded (runtime.load); None = the model config's
@@ -38,6 +39,8 @@ class SegmentOptions:
             raise ValueError(f"kernels must be auto, reference or triton, got {self.kernels!r}")
         if self.token_dtype not in (None, "float32", "float16", "bfloat16"):
             raise ValueError(f"token_dtype must be float32, float16 or bfloat16, got {self.token_dtype!r}")
+        if not self.token_memory_mb >= 0:
+            raise ValueError(f"token_memory_mb must be >= 0 (megabytes), got {self.token_memory_mb!r}")
         for name in ("window", "topk", "min_size", "max_size", "batch_size"):
             value = getattr(self, name)
             low = 0 if name == "window" else 1

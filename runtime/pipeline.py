@@ -15,6 +15,7 @@ from vita_train.inference.preprocess import padded_size, resize_frame, resized_s
 
 from .backends.base import Backend, default_batch_size, detector_streams, mask_chunk_size
 from .feature_store import FeatureStore
+from .host_memory import release_freed_memory
 from .options import SegmentOptions
 from .prefetch import in_order, prefetch
 from .results import Instance, MaskEncoder, VideoResult
@@ -71,7 +72,7 @@ def run(backend: Backend, video: Any, options: SegmentOptions) -> VideoResult:
                 spool.append(out[None])
             return out
 
-        tokens, indices = TokenStore(), []
+        tokens, indices = TokenStore(memory_budget=int(options.token_memory_mb * 2**20)), []
         num_frames = 0
         resized = prefetch(iter(source), resize, options.queue_size)
         bar = _progress(resized, options.progress, total=info.num_frames, desc="detect", unit="frame")
@@ -91,7 +92,9 @@ def run(backend: Backend, video: Any, options: SegmentOptions) -> VideoResult:
         if source.truncated:
             log.warning("%s ended early: segmented the %d frames that decoded", info.source, num_frames)
 
+        release_freed_memory()  # the detector's working memory, before the tokens come back (runtime/token_store.py)
         logits, mask_embed = backend.track(tokens.arrays(), None if indices[0] is None else indices, options.window)
+        tokens.close()
         del tokens, indices
         selection = backend.select(logits, options.topk or cfg.test.topk)
         head = backend.mask_head(mask_embed, selection, size, padded, (h, w))

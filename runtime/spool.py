@@ -17,9 +17,11 @@ network file systems; probed with one aligned write when the file is made) plain
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import queue
+import shutil
 import tempfile
 import threading
 from typing import Iterator, Optional
@@ -32,6 +34,14 @@ ALIGN = 4096  # covers the logical block size of common disks and the page size
 
 def _round_up(n: int, to: int = ALIGN) -> int:
     return -(-n // to) * to
+
+
+def check_disk_reserve(directory: str, nbytes: int) -> None:
+    """Raise ENOSPC where writing ``nbytes`` to ``directory`` would eat into a reserve of 1 GB and a tenth of
+    what is free: a spool never fills the user's disk."""
+    free = shutil.disk_usage(directory).free
+    if nbytes > free - max(1 << 30, free // 10):
+        raise OSError(errno.ENOSPC, f"{free / 2**30:.1f} GB free in {directory}, keeping a reserve")
 
 
 def _enable_direct_io(fd: int) -> bool:

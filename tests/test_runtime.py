@@ -102,6 +102,24 @@ def test_auto_policy_spools_features_past_the_budgets(official_case, segmenters,
     assert set(Path(tempfile.gettempdir()).glob("vita-features-*")) == before
 
 
+def test_frame_tokens_past_their_memory_budget_give_the_same_result(official_case, segmenters, caplog):
+    """token_memory_mb=0: every frame's tokens wait in a temporary file until the token engine; the result
+    equals the default run's, and no file is left behind. A negative budget is refused."""
+    import tempfile
+    from pathlib import Path
+
+    seg = _segmenter(official_case, segmenters)
+    before = set(Path(tempfile.gettempdir()).glob("vita-tokens-*"))
+    with caplog.at_level("INFO", logger="runtime.token_store"):
+        spilled = seg.segment(official_case.frames, token_memory_mb=0, batch_size=2)
+    assert "wait in a temporary file" in caplog.text
+    assert spilled.to_dict() == seg.segment(official_case.frames, batch_size=2).to_dict()
+    _check_official(spilled, official_case)
+    assert set(Path(tempfile.gettempdir()).glob("vita-tokens-*")) == before
+    with pytest.raises(ValueError, match="token_memory_mb"):
+        seg.segment(official_case.frames, token_memory_mb=-1)
+
+
 def test_prune_ratio_one_is_bit_identical(official_case, segmenters):
     seg = _segmenter(official_case, segmenters)
     assert seg.segment(official_case.frames, prune_ratio=1.0).to_dict() == seg.segment(official_case.frames).to_dict()

@@ -41,3 +41,56 @@ def test_a_changed_frame_shape_is_refused():
     with pytest.raises(ValueError, match="one video's frames give the same"):
         store.add(torch.zeros(1, 6, 4))
     assert TokenStore().arrays() == []
+
+
+@pytest.mark.parametrize("make", [
+    lambda a: torch.from_numpy(a),
+    lambda a: torch.from_numpy(a).to(torch.bfloat16),
+    lambda a: a,
+])
+def test_tokens_past_the_memory_budget_wait_in_a_file(make, tmp_path):
+    """A budget of 4 frames: the first batches stay in memory, the rest go to an unnamed file in the given
+    folder (nothing named is left there) and come back in order, bit for bit."""
+    rng = np.random.default_rng(1)
+    batches = [make(rng.standard_normal((n, 5, 4)).astype(np.float32)) for n in (1, 3, 2, 3, 1)]
+    frame_bytes = 5 * 4 * (batches[0].element_size() if isinstance(batches[0], torch.Tensor) else 4)
+    store = TokenStore(memory_budget=4 * frame_bytes, directory=str(tmp_path))
+    for b in batches:
+        store.add(b)
+    assert store._memory_bytes == 4 * frame_bytes and store._file_frames == 6
+    got = store.arrays()
+    assert len(got) == 2 and [a.shape[0] for a in got] == [4, 6]
+    cat = torch.cat if isinstance(batches[0], torch.Tensor) else np.concatenate
+    assert (cat(got) == cat(batches)).all()
+    assert list(tmp_path.iterdir()) == []
+    store.close()
+    assert store.arrays() == []
+
+
+def test_a_failing_disk_keeps_the_rest_in_memory_in_order(tmp_path, monkeypatch, caplog):
+    """The disk fills after the first spilled batch: one warning, the later batches in memory, nothing lost or
+    reordered. A folder that does not exist does the same from the start."""
+    import errno
+
+    import runtime.token_store as token_store
+
+    calls = []
+
+    def reserve(directory, nbytes):
+        calls.append(nbytes)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "disk full")
+
+    monkeypatch.setattr(token_store, "check_disk_reserve", reserve)
+    batches = [torch.randn(n, 5, 4) for n in (2, 2, 3, 1, 2)]
+    store = TokenStore(memory_budget=2 * 5 * 4 * 4, directory=str(tmp_path))
+    with caplog.at_level("WARNING", logger="runtime.token_store"):
+        for b in batches:
+            store.add(b)
+    assert caplog.text.count("keeping them in memory") == 1 and store._file_frames == 2
+    assert torch.equal(torch.cat(store.arrays()), torch.cat(batches))
+
+    missing = TokenStore(memory_budget=0, directory=str(tmp_path / "missing"))
+    for b in batches:
+        missing.add(b)
+    assert missing._file is None and torch.equal(torch.cat(missing.arrays()), torch.cat(batches))
