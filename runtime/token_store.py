@@ -4,8 +4,8 @@ Every frame leaves tokens (100 x 256 float32, 100 KB) that live until the token 
 that grows with the video while the detector is at its peak. The first ``memory_budget`` bytes (8 MB: 80
 full-size frames) stay in memory, the rest go to an unnamed temporary file and come back when the token engine
 asks for them, after detection, when the detector's working memory is free (``release_freed_memory``). The
-torch backend's peak for a 360-frame clip then equals the 36-frame one (full-size R-50, 360x640, AMD EPYC Zen 2:
-1.38 / 1.37 GB, against 1.38 / 1.41-1.45 with every token in memory). Where the file cannot be written (a full
+torch backend's peak for a 360-frame clip then equals the 36-frame one (full-size R-50, 360x640, AMD EPYC Zen 2,
+memory benchmark: 1.375 / 1.379 GB, against 1.382 / 1.454 with every token in memory). Where the file cannot be written (a full
 or read-only disk) the tokens stay in memory, with a warning.
 
 In memory they sit in anonymous mappings of their own, not in malloc's heap: allocated there among two
@@ -22,12 +22,13 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .spool import check_disk_reserve
+from .spool import ArraySpool, check_disk_reserve
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 64 << 20
 MEMORY_BUDGET = 8 << 20
+_FILE = "the temporary file"  # the place of the file's frames among the parts (written once, in one run)
 
 
 class TokenStore:
@@ -44,11 +45,10 @@ class TokenStore:
         self.memory_budget = memory_budget
         self.directory = directory or tempfile.gettempdir()
         self._kept: list[Any] = []  # device tensors, as given
-        # in frame order: [bytes of one mapping, frames written into it], or a tuple ("file", first frame, frames)
+        # in frame order: [bytes of one mapping, frames written into it], or _FILE
         self._parts: list = []
         self._memory_bytes = 0
-        self._file: Optional[Any] = None
-        self._file_frames = 0
+        self._spool: Optional[ArraySpool] = None
         self._file_failed = False
         self._like: Optional[Any] = None  # the first batch: kind, dtype and per-frame shape of every one
         self._frame_bytes = 0
@@ -73,7 +73,7 @@ class TokenStore:
 
     def _keep_in_memory(self, raw: np.ndarray, frames: int) -> None:
         last = self._parts[-1] if self._parts else None
-        if last is None or isinstance(last, tuple) or (last[1] + frames) * self._frame_bytes > last[0].nbytes:
+        if last is None or last is _FILE or (last[1] + frames) * self._frame_bytes > last[0].nbytes:
             size = max(self.chunk_bytes, raw.nbytes)
             last = [np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8), 0]
             self._parts.append(last)
@@ -85,27 +85,26 @@ class TokenStore:
     def _write(self, raw: np.ndarray, frames: int) -> bool:
         """Append to the file (made on first use); False, with a warning, where it cannot be written."""
         try:
-            if self._file is None:
-                # unbuffered and written in this thread: a failed write raises here, before anything is lost
-                self._file = tempfile.TemporaryFile(prefix="vita-tokens-", dir=self.directory, buffering=0)
+            if self._spool is None:
+                # written by append itself (pending=0): a failed write raises here, before anything is lost;
+                # through the page cache (100 KB a frame), not waiting on the disk in the detector loop
+                self._spool = ArraySpool(prefix="vita-tokens-", directory=self.directory, pending=0, direct=False)
                 log.info("frame tokens past %.0f MB wait in a temporary file", self.memory_budget / 2**20)
             check_disk_reserve(self.directory, raw.nbytes)
-            view = memoryview(raw)
-            offset = self._file_frames * self._frame_bytes
-            self._file.seek(offset)
-            while view:
-                view = view[self._file.write(view):]
+            self._spool.append(raw.reshape(frames, self._frame_bytes))
         except OSError as e:
             log.warning("cannot write frame tokens to a temporary file in %s (%s): keeping them in memory",
                         self.directory, e)
             self._file_failed = True
             return False
-        if self._parts and isinstance(self._parts[-1], tuple):
-            self._parts[-1] = ("file", self._parts[-1][1], self._parts[-1][2] + frames)
-        else:
-            self._parts.append(("file", self._file_frames, frames))
-        self._file_frames += frames
+        if not self._parts or self._parts[-1] is not _FILE:
+            self._parts.append(_FILE)
         return True
+
+    @property
+    def frames_in_file(self) -> int:
+        """How many frames' tokens wait in the temporary file."""
+        return 0 if self._spool is None else self._spool.count
 
     def arrays(self) -> list[Any]:
         """What was added, oldest first: one (frames, Q, C) array per part (device tensors as given). Parts in
@@ -114,17 +113,9 @@ class TokenStore:
             return list(self._kept)
         out = []
         for part in self._parts:
-            if isinstance(part, tuple):
-                _, first, frames = part
-                raw = np.empty(frames * self._frame_bytes, dtype=np.uint8)
-                view, offset = memoryview(raw), first * self._frame_bytes
-                self._file.seek(offset)
-                while view:
-                    got = self._file.readinto(view)
-                    if not got:
-                        raise OSError(f"the temporary token file {self._file.name} was cut short")
-                    view = view[got:]
-                out.append(self._view(raw, frames))
+            if part is _FILE:
+                for raw in self._spool.chunks(self._spool.count):  # one array
+                    out.append(self._view(raw.reshape(-1), raw.shape[0]))
             else:
                 chunk, used = part
                 out.append(self._view(chunk[: used * self._frame_bytes], used))
@@ -132,9 +123,9 @@ class TokenStore:
 
     def close(self) -> None:
         """Delete the temporary file, if any, and let go of the tokens."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
         self._parts, self._kept = [], []
 
     def _view(self, raw: np.ndarray, frames: int) -> Any:

@@ -86,6 +86,39 @@ def test_a_failed_write_is_an_oserror_and_nothing_hangs():
     spool.close()
 
 
+def test_written_now_a_failed_write_raises_at_append_and_keeps_the_earlier_arrays(tmp_path):
+    """pending=0 (the token store's file): each append writes; one that fails half-way raises OSError there,
+    and the file is cut back to the arrays before it, which read back whole. A later append goes on from
+    there."""
+    import errno
+    import io
+
+    class FillingFile(io.FileIO):
+        full = False
+
+        def write(self, data):
+            if self.full:  # half of it lands, then the disk is full
+                super().write(memoryview(data)[: len(data) // 2])
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+    spool = ArraySpool(prefix="vita-test-", directory=str(tmp_path), pending=0, direct=False)
+    try:
+        spool.file.close()
+        spool.file = FillingFile(tmp_path / "spool.bin", "w+b")
+        items = np.arange(5 * 256, dtype=np.float32).reshape(5, 256)
+        spool.append(items[:2])
+        spool.file.full = True
+        with pytest.raises(OSError, match="No space left"):
+            spool.append(items[2:4])
+        assert spool.count == 2 and spool.file.seek(0, 2) == 2 * 256 * 4
+        spool.file.full = False
+        spool.append(items[4:])
+        np.testing.assert_array_equal(np.concatenate(list(spool.chunks(2))), items[[0, 1, 4]])
+    finally:
+        spool.close()
+
+
 def test_shape_change_is_refused_with_both_shapes():
     spool = ArraySpool(prefix="vita-test-")
     try:

@@ -57,7 +57,7 @@ def test_tokens_past_the_memory_budget_wait_in_a_file(make, tmp_path):
     store = TokenStore(memory_budget=4 * frame_bytes, directory=str(tmp_path))
     for b in batches:
         store.add(b)
-    assert store._memory_bytes == 4 * frame_bytes and store._file_frames == 6
+    assert store._memory_bytes == 4 * frame_bytes and store.frames_in_file == 6
     got = store.arrays()
     assert len(got) == 2 and [a.shape[0] for a in got] == [4, 6]
     cat = torch.cat if isinstance(batches[0], torch.Tensor) else np.concatenate
@@ -87,10 +87,10 @@ def test_a_failing_disk_keeps_the_rest_in_memory_in_order(tmp_path, monkeypatch,
     with caplog.at_level("WARNING", logger="runtime.token_store"):
         for b in batches:
             store.add(b)
-    assert caplog.text.count("keeping them in memory") == 1 and store._file_frames == 2
+    assert caplog.text.count("keeping them in memory") == 1 and store.frames_in_file == 2
     assert torch.equal(torch.cat(store.arrays()), torch.cat(batches))
 
     missing = TokenStore(memory_budget=0, directory=str(tmp_path / "missing"))
     for b in batches:
         missing.add(b)
-    assert missing._file is None and torch.equal(torch.cat(missing.arrays()), torch.cat(batches))
+    assert missing.frames_in_file == 0 and torch.equal(torch.cat(missing.arrays()), torch.cat(batches))
