@@ -59,8 +59,8 @@ def release_freed_memory() -> None:
     pushed the process's peak up with the video's length. The next video's detector faults its pages in again
     (one pass, ~0.3 GB at full size).
     """
-    if not keep_freed_memory():
-        return
+    if not (keep_freed_memory.cache_info().currsize and keep_freed_memory()):
+        return  # not set in this process (asking would set it): malloc trims by itself
     try:
         trim = ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):

@@ -85,3 +85,12 @@ def test_release_hands_the_kept_pages_back():
         pytest.skip("this Linux's C library is not glibc")
     assert int(freed_at_del) < 4  # kept by the setting: nothing went back when the tensors were freed
     assert int(released) >= 28  # handed back by the call
+
+
+def test_release_leaves_an_unset_malloc_alone():
+    """Where nothing set malloc to keep freed blocks (a GPU backend's process), releasing does not set it."""
+    code = ("from runtime.host_memory import keep_freed_memory, release_freed_memory\n"
+            "release_freed_memory()\nprint(keep_freed_memory.cache_info().currsize)\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "0"

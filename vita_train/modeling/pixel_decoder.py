@@ -99,7 +99,7 @@ class ConvGN(nn.Module):
         if winograd_usable(x, self.weight, 1, self.padding, self.kernels):
             key = (id(self.weight), self.weight._version, self.weight.device)
             x = self._winograd.conv(x, key, lambda: (self.weight, None))
-        elif self.padding == 0 and self.weight.shape[-1] == 1:
+        elif self.weight.shape[-1] == 1:
             x = self._pack.conv1x1(x, self.weight, None)
         else:
             x = F.conv2d(x, self.weight, None, 1, self.padding)
