@@ -50,9 +50,9 @@ class StageTimer:
     def mask_features(self, frames: Any) -> Any:
         return self._timed(self._backend.mask_features, frames)
 
-    def track(self, tokens: Any, query_index: Any, window: Any) -> Any:
+    def track(self, tokens: Any, query_index: Any, window: Any, owned: bool = False) -> Any:
         self._track_start = time.perf_counter()
-        out = self._backend.track(tokens, query_index, window)
+        out = self._backend.track(tokens, query_index, window, owned=owned)
         self._sync()
         self._track_end = time.perf_counter()
         return out

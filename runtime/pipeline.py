@@ -93,8 +93,9 @@ def run(backend: Backend, video: Any, options: SegmentOptions) -> VideoResult:
             log.warning("%s ended early: segmented the %d frames that decoded", info.source, num_frames)
 
         release_freed_memory()  # the detector's working memory, before the tokens come back (runtime/token_store.py)
-        logits, mask_embed = backend.track(tokens.arrays(), None if indices[0] is None else indices, options.window)
-        tokens.close()
+        # one array, given up: the token engine works in it, so the tokens are in memory once
+        logits, mask_embed = backend.track([tokens.take()], None if indices[0] is None else indices, options.window,
+                                           owned=True)
         del tokens, indices
         selection = backend.select(logits, options.topk or cfg.test.topk)
         head = backend.mask_head(mask_embed, selection, size, padded, (h, w))

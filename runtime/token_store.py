@@ -28,12 +28,13 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 64 << 20
 MEMORY_BUDGET = 8 << 20
+READ_FRAMES = 256  # frames read back from the file at a time
 _FILE = "the temporary file"  # the place of the file's frames among the parts (written once, in one run)
 
 
 class TokenStore:
     """Frame tokens (B, Q, C) added batch by batch (torch CPU tensors or numpy arrays, one kind and per-frame shape
-    per store), handed back by ``arrays()`` as a few arrays in frame order. Tensors on a GPU are kept as given.
+    per store), handed back by ``take()`` as one array in frame order. Tensors on a GPU are kept as given.
 
     ``memory_budget``: bytes kept in memory before the rest goes to a temporary file in ``directory`` (the
     system's temporary folder by default); None keeps everything in memory.
@@ -106,19 +107,30 @@ class TokenStore:
         """How many frames' tokens wait in the temporary file."""
         return 0 if self._spool is None else self._spool.count
 
-    def arrays(self) -> list[Any]:
-        """What was added, oldest first: one (frames, Q, C) array per part (device tensors as given). Parts in
-        memory are views of the store's mappings; parts from the file are read into new arrays."""
+    def take(self) -> Optional[Any]:
+        """Everything added, in frame order, as one new (frames, Q, C) array (a torch tensor for torch batches;
+        device tensors concatenated where they are), or None when nothing was. The caller owns it; the store
+        is emptied as it is filled, so the tokens are in memory once."""
         if self._kept:
-            return list(self._kept)
-        out = []
-        for part in self._parts:
+            out, self._kept = _cat_torch(self._kept), []
+            return out
+        if self._like is None:
+            return None
+        frames = sum(part[1] for part in self._parts if part is not _FILE) + self.frames_in_file
+        out, flat = self._empty(frames)
+        pos = 0
+        while self._parts:
+            part = self._parts.pop(0)  # each mapping unmapped once copied
             if part is _FILE:
-                for raw in self._spool.chunks(self._spool.count):  # one array
-                    out.append(self._view(raw.reshape(-1), raw.shape[0]))
+                for raw in self._spool.chunks(READ_FRAMES):
+                    flat[pos : pos + raw.nbytes] = raw.reshape(-1)
+                    pos += raw.nbytes
             else:
                 chunk, used = part
-                out.append(self._view(chunk[: used * self._frame_bytes], used))
+                flat[pos : pos + used * self._frame_bytes] = chunk[: used * self._frame_bytes]
+                pos += used * self._frame_bytes
+            del part
+        self.close()
         return out
 
     def close(self) -> None:
@@ -128,14 +140,23 @@ class TokenStore:
             self._spool = None
         self._parts, self._kept = [], []
 
-    def _view(self, raw: np.ndarray, frames: int) -> Any:
+    def _empty(self, frames: int) -> tuple[Any, np.ndarray]:
+        """A new (frames, Q, C) array of the batches' kind and dtype, and its bytes as a flat uint8 view."""
         like = self._like
         shape = (frames, *like.shape[1:])
         if _is_torch(like):
             import torch
 
-            return torch.from_numpy(raw).view(like.dtype).view(shape)
-        return raw.view(like.dtype).reshape(shape)
+            out = torch.empty(shape, dtype=like.dtype)
+            return out, out.view(-1).view(torch.uint8).numpy()
+        out = np.empty(shape, dtype=like.dtype)
+        return out, out.reshape(-1).view(np.uint8)
+
+
+def _cat_torch(tensors: list[Any]) -> Any:
+    import torch
+
+    return torch.cat(tensors)
 
 
 def _is_torch(x: Any) -> bool:

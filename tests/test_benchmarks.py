@@ -358,7 +358,7 @@ def test_stage_timer_counts_overlapping_detector_calls_once():
             time.sleep(0.2)
             return frames
 
-        def track(self, tokens, query_index, window):
+        def track(self, tokens, query_index, window, owned=False):
             return None
 
     timer = StageTimer(Slow(), sync=lambda: None)

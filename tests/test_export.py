@@ -62,6 +62,24 @@ def test_cpu_detector_fixed_at_one_frame_still_takes_any_batch(exported):
         assert all(np.array_equal(a.mask(t), b.mask(t)) for t in range(one.num_frames))
 
 
+def test_onnxruntime_token_engine_takes_given_up_tokens_with_the_same_result(exported):
+    """track(..., owned=True), as segment calls it: the one array given up goes to the token steps as it is;
+    the result is the plain call's on the same tokens in two parts, which are left as they were."""
+    from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    case = OfficialCase(OFFICIAL_CASES[0])
+    export_dir = exported(case)
+    backend = OnnxRuntimeBackend(export_dir, json.loads((export_dir / "vita.json").read_text()), threads=2)
+    shape = backend.detect(case.frames[:1], 1.0).tokens.shape[1:]
+    tokens = np.random.default_rng(0).standard_normal((6, *shape)).astype(np.float32)
+    kept = tokens.copy()
+    logits, embed = backend.track([kept[:2], kept[2:]], None, None)
+    np.testing.assert_array_equal(kept, tokens)
+    owned_logits, owned_embed = backend.track([tokens.copy()], None, None, owned=True)
+    np.testing.assert_array_equal(owned_logits, logits)
+    np.testing.assert_array_equal(owned_embed, embed)
+
+
 def test_cpu_detector_runs_two_frames_at_once_with_the_same_results(exported, monkeypatch):
     """With two threads the CPU backend runs two frames' detector calls at once, one thread each: they overlap, and
     the result is the one-call-at-a-time result (labels, scores within 1e-6, masks equal)."""

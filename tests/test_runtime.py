@@ -120,6 +120,23 @@ def test_frame_tokens_past_their_memory_budget_give_the_same_result(official_cas
         seg.segment(official_case.frames, token_memory_mb=-1)
 
 
+def test_given_up_tokens_are_worked_in_place_with_the_same_result(official_case, segmenters):
+    """track(..., owned=True), as segment calls it: the one array is the token engine's buffer (no second copy
+    of a long video's tokens), the result that of the plain call on the same tokens in two parts; without
+    ``owned`` the caller's tokens are left as they were."""
+    backend = _segmenter(official_case, segmenters).backend
+    det = backend.detect(official_case.frames[:1], 1.0)
+    tokens = torch.randn(6, *det.tokens.shape[1:], generator=torch.Generator().manual_seed(0))
+    kept = tokens.clone()
+    logits, embed = backend.track([kept[:2], kept[2:]], None, None)
+    assert torch.equal(kept, tokens)
+    given = tokens.clone()
+    owned_logits, owned_embed = backend.track([given], None, None, owned=True)
+    np.testing.assert_array_equal(owned_logits, logits)
+    assert torch.equal(owned_embed, embed)
+    assert not torch.equal(given, tokens)  # the engine wrote into it: it made no copy
+
+
 def test_prune_ratio_one_is_bit_identical(official_case, segmenters):
     seg = _segmenter(official_case, segmenters)
     assert seg.segment(official_case.frames, prune_ratio=1.0).to_dict() == seg.segment(official_case.frames).to_dict()

@@ -1,4 +1,4 @@
-"""runtime.token_store: a video's frame tokens copied out of malloc's heap and handed back in frame order."""
+"""runtime.token_store: a video's frame tokens kept out of the detector's memory and handed back in frame order."""
 
 from __future__ import annotations
 
@@ -15,24 +15,24 @@ from runtime.token_store import TokenStore
     lambda a: a,
 ])
 def test_tokens_come_back_in_order_across_mappings(make):
-    """Batches of 1-3 frames over mappings of 7 frames' bytes: the views, concatenated, are the batches
-    concatenated, bit for bit, of the same kind and dtype; a copy, not the caller's memory."""
+    """Batches of 1-3 frames over mappings of 7 frames' bytes: one new array, the batches concatenated, bit for
+    bit, of the same kind and dtype; a copy, not the caller's memory; the store emptied."""
     rng = np.random.default_rng(0)
     batches = [make(rng.standard_normal((n, 5, 4)).astype(np.float32)) for n in (1, 3, 2, 3, 1, 2, 3)]
     frame_bytes = 5 * 4 * batches[0].element_size() if isinstance(batches[0], torch.Tensor) else 5 * 4 * 4
     store = TokenStore(chunk_bytes=7 * frame_bytes)
     for b in batches:
         store.add(b)
-    views = store.arrays()
-    assert len(views) > 1 and sum(v.shape[0] for v in views) == 15
+    assert len(store._parts) == 3  # the mappings
+    got = store.take()
+    assert got.shape[0] == 15 and store._parts == []
     if isinstance(batches[0], torch.Tensor):
-        assert all(v.dtype == batches[0].dtype for v in views)
-        assert torch.equal(torch.cat(views), torch.cat(batches))
+        assert got.dtype == batches[0].dtype and torch.equal(got, torch.cat(batches))
         batches[0].zero_()
-        assert not torch.equal(torch.cat(store.arrays())[:1], batches[0])
+        assert not torch.equal(got[:1], batches[0])
     else:
-        np.testing.assert_array_equal(np.concatenate(views), np.concatenate(batches))
-        assert all(v.dtype == np.float32 for v in views)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, np.concatenate(batches))
 
 
 def test_a_changed_frame_shape_is_refused():
@@ -40,7 +40,7 @@ def test_a_changed_frame_shape_is_refused():
     store.add(torch.zeros(1, 5, 4))
     with pytest.raises(ValueError, match="one video's frames give the same"):
         store.add(torch.zeros(1, 6, 4))
-    assert TokenStore().arrays() == []
+    assert TokenStore().take() is None
 
 
 @pytest.mark.parametrize("make", [
@@ -58,13 +58,11 @@ def test_tokens_past_the_memory_budget_wait_in_a_file(make, tmp_path):
     for b in batches:
         store.add(b)
     assert store._memory_bytes == 4 * frame_bytes and store.frames_in_file == 6
-    got = store.arrays()
-    assert len(got) == 2 and [a.shape[0] for a in got] == [4, 6]
-    cat = torch.cat if isinstance(batches[0], torch.Tensor) else np.concatenate
-    assert (cat(got) == cat(batches)).all()
     assert list(tmp_path.iterdir()) == []
-    store.close()
-    assert store.arrays() == []
+    cat = torch.cat if isinstance(batches[0], torch.Tensor) else np.concatenate
+    got = store.take()
+    assert got.dtype == batches[0].dtype and (got == cat(batches)).all()
+    assert store.frames_in_file == 0 and store._parts == []  # the file closed
 
 
 def test_a_failing_disk_keeps_the_rest_in_memory_in_order(tmp_path, monkeypatch, caplog):
@@ -88,9 +86,9 @@ def test_a_failing_disk_keeps_the_rest_in_memory_in_order(tmp_path, monkeypatch,
         for b in batches:
             store.add(b)
     assert caplog.text.count("keeping them in memory") == 1 and store.frames_in_file == 2
-    assert torch.equal(torch.cat(store.arrays()), torch.cat(batches))
+    assert torch.equal(store.take(), torch.cat(batches))
 
     missing = TokenStore(memory_budget=0, directory=str(tmp_path / "missing"))
     for b in batches:
         missing.add(b)
-    assert missing.frames_in_file == 0 and torch.equal(torch.cat(missing.arrays()), torch.cat(batches))
+    assert missing.frames_in_file == 0 and torch.equal(missing.take(), torch.cat(batches))

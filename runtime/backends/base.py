@@ -81,8 +81,11 @@ class Backend(Protocol):
     def mask_features(self, frames: np.ndarray) -> Any:
         """Mask features only (second pass of the recompute policy)."""
 
-    def track(self, tokens: Sequence[Any], query_index: Optional[Sequence[np.ndarray]], window: Optional[int]) -> tuple[np.ndarray, Any]:
-        """All frames' tokens -> (video class logits (Nv, K+1) numpy, mask embeddings)."""
+    def track(self, tokens: Sequence[Any], query_index: Optional[Sequence[np.ndarray]], window: Optional[int],
+              owned: bool = False) -> tuple[np.ndarray, Any]:
+        """All frames' tokens -> (video class logits (Nv, K+1) numpy, mask embeddings). ``owned``: the caller
+        gives ``tokens`` up, and one array is worked on in place instead of copied (a long video's tokens are
+        then in memory once)."""
 
     def select(self, logits: np.ndarray, k: int) -> Selection:
         """The official top-k over (video query, class) pairs."""

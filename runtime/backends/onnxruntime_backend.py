@@ -325,10 +325,13 @@ class OnnxRuntimeBackend:
     def mask_features(self, frames: np.ndarray) -> np.ndarray:
         return self._run_detector(frames)[2]
 
-    def track(self, tokens: Sequence[np.ndarray], query_index: Optional[Sequence[np.ndarray]], window: Optional[int]):
+    def track(self, tokens: Sequence[np.ndarray], query_index: Optional[Sequence[np.ndarray]], window: Optional[int],
+              owned: bool = False):
         if window is not None and window != self.meta["window"]:
             raise ValueError(f"this export's window is fixed at {self.meta['window']}; export again to change it")
-        queries = np.concatenate(list(tokens)).astype(np.float32, copy=False)  # a new array: the steps overwrite it
+        # a new array, or the given-up one: the steps overwrite it
+        given = owned and len(tokens) == 1
+        queries = (tokens[0] if given else np.concatenate(list(tokens))).astype(np.float32, copy=False)
         if self.steps is not None:
             index = None if query_index is None else np.concatenate(list(query_index))
             with self._float_env():

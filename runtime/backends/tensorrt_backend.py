@@ -425,9 +425,11 @@ class TensorRTBackend:
         return self._run_detector(frames)["mask_features"]
 
     def track(
-        self, tokens: Sequence[np.ndarray], query_index: Optional[Sequence[np.ndarray]], window: Optional[int]
+        self, tokens: Sequence[np.ndarray], query_index: Optional[Sequence[np.ndarray]], window: Optional[int],
+        owned: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """All frames' tokens -> (video class logits (Nv, K+1), mask embeddings (Nv, D)), numpy float32."""
+        """All frames' tokens -> (video class logits (Nv, K+1), mask embeddings (Nv, D)), numpy float32.
+        ``owned`` changes nothing here: the tokens are copied to the device either way."""
         if window is not None and window != self.window:
             raise ValueError(
                 f"the token engine was exported with window {self.window}; window={window} needs the torch backend "

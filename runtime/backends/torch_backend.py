@@ -164,13 +164,14 @@ class TorchBackend:
             return self.model.mask_features(self._images(frames), project=self._project).float()
 
     @torch.no_grad()
-    def track(self, tokens: Sequence[torch.Tensor], query_index: Optional[Sequence[np.ndarray]], window: Optional[int]):
-        queries = torch.cat(list(tokens))
+    def track(self, tokens: Sequence[torch.Tensor], query_index: Optional[Sequence[np.ndarray]], window: Optional[int],
+              owned: bool = False):
+        queries = tokens[0] if owned and len(tokens) == 1 else torch.cat(list(tokens))
         index = None
         if query_index is not None:
             index = torch.from_numpy(np.concatenate(list(query_index))).to(self.device)
         with self._autocast():
-            # the concatenation is ours: the encoder may overwrite it instead of copying the tokens
+            # the concatenation, or the given-up array, is ours: the encoder may overwrite it instead of copying
             logits, embed = self.model.track(queries, index, window=window, overwrite_input=True)
         return logits.float().cpu().numpy(), embed.float()
 
