@@ -5,8 +5,8 @@ that grows with the video while the detector is at its peak. The first ``memory_
 full-size frames) stay in memory, the rest go to an unnamed temporary file and come back when the token engine
 asks for them, after detection, when the detector's working memory is free (``release_freed_memory``). The
 torch backend's peak for a 360-frame clip then equals the 36-frame one (full-size R-50, 360x640, AMD EPYC Zen 2,
-memory benchmark: 1.375 / 1.379 GB, against 1.382 / 1.454 with every token in memory). Where the file cannot be written (a full
-or read-only disk) the tokens stay in memory, with a warning.
+memory benchmark: 1.375 / 1.379 GB, against 1.382 / 1.454 with every token in memory). Where the file cannot
+be written (a full or read-only disk) the tokens stay in memory, with a warning.
 
 In memory they sit in anonymous mappings of their own, not in malloc's heap: allocated there among two
 detector calls' transient blocks they split its holes, and the heap grew with the video (the torch backend's
@@ -129,7 +129,6 @@ class TokenStore:
                 chunk, used = part
                 flat[pos : pos + used * self._frame_bytes] = chunk[: used * self._frame_bytes]
                 pos += used * self._frame_bytes
-            del part
         self.close()
         return out
 
