@@ -8,7 +8,8 @@ Writes happen in a background thread, at most ``pending`` arrays waiting (memory
 error is raised by the next call. With ``pending=0`` each array is written by ``append`` itself, which raises
 a write error there with the file holding every earlier array (for small arrays that must not be lost).
 Where the file system allows it the file is opened for direct I/O (``O_DIRECT``): the disk reads the arrays
-from an aligned staging buffer, bypassing the page cache. On the 2-core Xeon a 15 MB frame of float32 features then cost under 1 ms of CPU to write instead of ~37 ms of
+from an aligned staging buffer, bypassing the page cache. On the 2-core Xeon a 15 MB frame of float32
+features then cost under 1 ms of CPU to write instead of ~37 ms of
 page-cache copying, which had competed with the detector for the cores (0.05 s per frame end to end).
 Each item then sits at a 4 KB-aligned offset; items that fill whole blocks (a frame of float32 features)
 are read back straight into aligned arrays, the next chunk from a background thread while the caller works
