@@ -4,7 +4,9 @@ For each model (the benchmark's checkpoint on its clip, each official fixture's 
 where ``../shared`` is beside the repository, and the shipped demo model, trained, on generated clips) the torch
 backend segments the video in fp32, then:
 
-- in bf16 (where the CPU has it; CUDA autocast on a GPU): the precision policy's distance from fp32;
+- in bf16 (CUDA autocast on a GPU; on a CPU its bf16 instructions, or where it has none the same policy on
+  PyTorch's plain ops, ``TorchBackend(emulate_bf16=True)``: slow, but the same roundings): the precision
+  policy's distance from fp32;
 - in fp32 with the backbone's weights scaled by ``1 + eps * N(0, 1)`` (eps 1e-5, and 1e-3, a little under the
   1.7e-3 rms of rounding a weight to bf16; seeds 0, 1, 2): how far the fp32 result itself moves under such a
   change (bf16 also rounds every other weight and every activation).
@@ -57,6 +59,19 @@ def _models(s: Settings, ws: Workspace) -> list[tuple[str, Path, Any]]:
     return models
 
 
+def _bf16(ckpt: Path, device: str, emulated: bool) -> Any:
+    """A bf16 segmenter of ``ckpt``: runtime.load's, or on a CPU without bf16 instructions the emulated one."""
+    import runtime
+
+    if not emulated:
+        return runtime.load(ckpt, device=device, dtype=PRECISIONS["bf16"])
+    from runtime.backends.torch_backend import TorchBackend
+    from vita_train.checkpoint.loader import load_model
+
+    return runtime.Segmenter(TorchBackend(load_model(ckpt), device=device, dtype=PRECISIONS["bf16"],
+                                          emulate_bf16=True))
+
+
 def _perturb_backbone(model: Any, eps: float, seed: int) -> None:
     """Scale every backbone weight of ``model`` by 1 + eps N(0, 1), in place."""
     import torch
@@ -86,8 +101,14 @@ def run(s: Settings, ws: Workspace, rec: Record) -> None:
     device = ws.device
     available, missing = available_specs(device)
     bf16 = BackendSpec("torch", "bf16")
-    if bf16 not in available:
+    emulated = bf16 not in available and not str(device).startswith("cuda")
+    if emulated:
+        rec.note(f"bf16 emulated: {missing['torch bf16']}, so the bf16 rows run the precision policy on PyTorch's "
+                 "plain ops (TorchBackend(emulate_bf16=True)): the same roundings to bf16, other kernels and "
+                 "summation orders than oneDNN's bf16 path")
+    elif bf16 not in available:
         rec.note(skipped_note(bf16, missing))
+    compared_bf16 = "bf16 (the precision policy)" + (", emulated" if emulated else "")
     table = rec.table(
         "precision", "Against the fp32 result of the same model: bf16, and fp32 with its backbone weights perturbed",
         [Column("model", "model and video"), Column("compared", "compared with fp32"),
@@ -102,9 +123,8 @@ def run(s: Settings, ws: Workspace, rec: Record) -> None:
     )
     for label, ckpt, video in bar(_models(s, ws), s.progress, desc="precision"):
         fp32 = runtime.load(ckpt, device=device).segment(video)
-        if bf16 in available:
-            rec.add(table, _row(label, "bf16 (the precision policy)",
-                                fp32, runtime.load(ckpt, device=device, dtype=PRECISIONS["bf16"]).segment(video)))
+        if bf16 in available or emulated:
+            rec.add(table, _row(label, compared_bf16, fp32, _bf16(ckpt, device, emulated).segment(video)))
         for eps in PERTURBATIONS:
             for seed in SEEDS:
                 seg = runtime.load(ckpt, device=device)

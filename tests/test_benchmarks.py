@@ -172,12 +172,11 @@ def test_headline_figures_are_present(quick_run: Path):
     assert all(r["s_per_frame_main"] and r["s_per_frame_worker"] and r["worker_vs_main"] for r in rows.values())
     precision = load_record(quick_run / "precision.json")
     compared = [r["compared"] for r in precision["tables"][0]["rows"]]
-    # a bf16 row where the CPU has bf16 instructions (else a note says why not), then fp32 under 2 noise levels x 3 seeds
-    if bf16_supported():
-        assert len(compared) == 1 + 2 * 3 and compared[0].startswith("bf16")
-    else:
-        assert len(compared) == 2 * 3 and not any(c.startswith("bf16") for c in compared)
-        assert any("bf16" in n for n in precision["notes"]), precision["notes"]
+    # a bf16 row (emulated on plain ops where the CPU has no bf16 instructions, and a note says so), then fp32
+    # under 2 noise levels x 3 seeds
+    assert len(compared) == 1 + 2 * 3 and compared[0].startswith("bf16 (the precision policy)")
+    assert compared[0].endswith(", emulated") != bf16_supported()
+    assert any(n.startswith("bf16 emulated") for n in precision["notes"]) != bf16_supported(), precision["notes"]
     assert all(0 <= r["min_iou"] <= r["mean_iou"] <= 1 for r in precision["tables"][0]["rows"])
     kernels = load_record(quick_run / "kernels.json")
     if not kernels["tables"]:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .onednn import needs_plain_ops, pack_threads
+from .onednn import bf16_supported, needs_plain_ops, pack_threads
 from .winograd import WinogradWeight
 from .winograd import usable as winograd_usable
 
@@ -108,7 +108,7 @@ class ConvNorm(nn.Module):
         """
         if needs_plain_ops(x, self.weight) or not (
                 x.device.type == "cpu" and torch.backends.mkldnn.is_available()
-                and x.dtype in (torch.float32, torch.bfloat16)):
+                and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and bf16_supported()))):
             out = self(x)
             out = out if residual is None else out.add_(residual)
             return F.relu_(out) if relu else out
