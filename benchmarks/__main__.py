@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--official-s-per-frame", type=float, default=None, metavar="S",
                    help="the official code's s/frame measured on this machine (e2e's speed-up column; default: "
                         "the recorded figure for this CPU kind, if any)")
+    g.add_argument("--detector-streams", type=_ints, default=None, metavar="N[,N...]",
+                   help="e2e: a CPU torch / onnxruntime row for each count of detector calls run at once (default: "
+                        "the backend's choice, 2 with two threads or more)")
     g = common.add_argument_group("detector")
     g.add_argument("--batches", type=_ints, default=None, help="comma-separated batch sizes (default 1,2,4,8,16)")
     g.add_argument("--resolutions", type=_ints, default=None, help="shortest edges, 16:9 frames (default 360,480,720)")
@@ -111,12 +114,14 @@ def settings_from(args: argparse.Namespace) -> Settings:
         "budget_gb": args.budget_gb, "windows": args.windows, "ratios": args.ratios, "scope": args.scope,
         "policies": args.policies, "probe_timeout": args.probe_timeout, "tolerance": args.tolerance, "frame_cap": args.frame_cap, "runtime_frame_cap": args.runtime_frame_cap,
         "prune_ratios": args.prune_ratios, "lengths": args.lengths, "official_s_per_frame": getattr(args, "official_s_per_frame", None),
+        "detector_streams": getattr(args, "detector_streams", None),
     }
     for key, value in named.items():
         if value is not None:
             setattr(s, key, value)
     s.size = tuple(s.size)
-    for key in ("batches", "resolutions", "windows", "ratios", "policies", "prune_ratios", "lengths", "precisions", "backends"):
+    for key in ("batches", "resolutions", "windows", "ratios", "policies", "prune_ratios", "lengths", "precisions", "backends",
+                "detector_streams"):
         setattr(s, key, tuple(getattr(s, key)))
     s.out = Path(s.out)
     s.backends = tuple(args.backend or ())
@@ -135,6 +140,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise ValueError(f"--official-s-per-frame must be a positive number of seconds, got {s.official_s_per_frame}")
     if s.repeats < 1 or s.warmup < 0 or s.threads < 1:
         raise ValueError("--repeats and --threads must be >= 1 and --warmup >= 0")
+    if any(n < 1 for n in s.detector_streams):
+        raise ValueError(f"--detector-streams: counts of detector calls at once must be >= 1, got {list(s.detector_streams)}")
     return s
 
 

@@ -16,8 +16,8 @@ log = logging.getLogger(__name__)
 THRESHOLD = 0.10
 
 
-def _row_key(table: dict[str, Any], row: dict[str, Any]) -> tuple:
-    return tuple(row.get(k) for k in table["keys"])
+def _row_key(keys: list[str], row: dict[str, Any]) -> tuple:
+    return tuple(row.get(k) for k in keys)
 
 
 def changes(new: dict[str, Any], old: dict[str, Any]) -> list[dict[str, Any]]:
@@ -26,11 +26,13 @@ def changes(new: dict[str, Any], old: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for table in new["tables"]:
         before = old_tables.get(table["id"])
-        if before is None or not table["keys"]:
+        # rows are matched on the keys both tables have: a key column added since still finds the older rows
+        keys = [k for k in table["keys"] if before is not None and k in before["keys"]]
+        if not keys:
             continue
-        old_rows = {_row_key(before, r): r for r in before["rows"]}
+        old_rows = {_row_key(keys, r): r for r in before["rows"]}
         for row in table["rows"]:
-            match = old_rows.get(_row_key(table, row))
+            match = old_rows.get(_row_key(keys, row))
             if match is None:
                 continue
             for col in table["columns"]:

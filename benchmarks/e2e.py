@@ -30,6 +30,15 @@ def requested_specs(s: Settings, default: tuple[str, ...]) -> list[BackendSpec]:
     return list(dict.fromkeys(specs))
 
 
+def with_streams(s: Settings, specs: list[BackendSpec], device: str) -> list[BackendSpec]:
+    """Each CPU torch / onnxruntime spec once for every count of ``s.detector_streams`` (unchanged without any)."""
+    if not s.detector_streams or str(device).startswith("cuda"):
+        return specs
+    return list(dict.fromkeys(
+        v for x in specs
+        for v in ([replace(x, streams=n) for n in s.detector_streams] if x.backend in ("torch", "onnxruntime") else [x])))
+
+
 def segment_repeats(
     s: Settings, ws: Workspace, spec: BackendSpec, clip: Clip, repeats: int, **options: Any
 ) -> dict[str, Any]:
@@ -78,17 +87,21 @@ def _official_figure(s: Settings, ws: Workspace, rec: Record) -> Optional[tuple[
 
 def run(s: Settings, ws: Workspace, rec: Record) -> None:
     """Measure every requested backend after the torch fp32 reference."""
+    from runtime.backends.base import detector_streams
+
     clip = benchmark_clip(s, ws)
     available, missing = available_specs(ws.device)
-    specs = [REFERENCE] + [x for x in requested_specs(s, ("torch", "onnxruntime")) if x != REFERENCE]
+    specs = [REFERENCE] + with_streams(s, [x for x in requested_specs(s, ("torch", "onnxruntime")) if x != REFERENCE],
+                                       ws.device)
     if ws.is_export:
         specs = [x for x in specs if x.backend != "torch"]
     # a compiled row runs wherever its eager twin does
-    skipped = [x for x in specs if replace(x, compiled=False) not in available]
+    skipped = [x for x in specs if replace(x, compiled=False, streams=None) not in available]
     specs = [x for x in specs if x not in skipped]
     for x in skipped:
         rec.note(skipped_note(x, missing))
     columns = [Column("backend", "backend"), Column("precision", "precision"), Column("kernels", "kernels"),
+               Column("detector_streams", "detector calls at once", "count"),
                Column("s_per_frame", "s/frame", "time"), Column("fps", "frames/s", "rate")]
     columns += [Column(STAGE_KEYS[k], f"{k} s/frame", "time") for k in STAGES]
     columns += [Column("peak_rss_gb", "peak host RSS in this process (GB)", "memory"), Column("peak_device_gb", "peak device memory (GB)", "memory"),
@@ -97,7 +110,7 @@ def run(s: Settings, ws: Workspace, rec: Record) -> None:
                 Column("speedup_vs_official", "speed-up vs the official code (see caption)", "ratio")]
     official = _official_figure(s, ws, rec)
     table = rec.table(
-        "e2e", f"End to end: runtime.segment, {clip.description}", columns, keys=("backend", "precision", "kernels"),
+        "e2e", f"End to end: runtime.segment, {clip.description}", columns, keys=("backend", "precision", "kernels", "detector_streams"),
         caption=(f"{ws.device}, {s.threads} threads; median (min–max) over {s.repeats} runs after {s.warmup} warm-up. "
                  "Stages: decode+resize is the time the loop waited for the background reader; time to first "
                  "result is loading plus the first (cold) segment call. Peak host RSS: this benchmark process, which "
@@ -112,7 +125,8 @@ def run(s: Settings, ws: Workspace, rec: Record) -> None:
         per_frame = _per_frame(m["walls"], clip.frames)
         if spec == REFERENCE:
             reference_s = per_frame["median"]
-        row = {"backend": spec.backend, "precision": spec.precision, "kernels": spec.kernels_label, "s_per_frame": per_frame,
+        row = {"backend": spec.backend, "precision": spec.precision, "kernels": spec.kernels_label,
+               "detector_streams": detector_streams(m["backend"]), "s_per_frame": per_frame,
                "fps": stat([clip.frames / w for w in m["walls"]])}
         for k in STAGES:
             row[STAGE_KEYS[k]] = _per_frame(m["stages"][k], clip.frames) if max(m["stages"][k]) > 0 else None

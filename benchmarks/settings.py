@@ -29,6 +29,8 @@ class Settings:
     compare: Optional[Path] = None
     compile: bool = False  # torch rows also with the detector through torch.compile
     official_s_per_frame: Optional[float] = None  # the official code's time on this machine, if measured
+    # e2e: the CPU torch and onnxruntime rows at each count of detector calls at once (empty: the backend's choice)
+    detector_streams: tuple[int, ...] = ()
     # the clip (e2e, prune, backends)
     video: Optional[Path] = None
     frames: int = 36

@@ -29,12 +29,15 @@ class BackendSpec:
     precision: str = "fp32"
     kernels: Optional[str] = None  # torch only: "reference" = the plain PyTorch forms; None = the model's (auto)
     compiled: bool = False  # torch only: the detector through torch.compile
+    streams: Optional[int] = None  # CPU torch / onnxruntime: detector calls at once; None = the backend's choice
 
     @property
     def label(self) -> str:
-        """e.g. ``torch fp32``, ``torch fp32 (reference kernels)`` or ``torch bf16 (compiled)``."""
+        """e.g. ``torch fp32``, ``torch fp32 (reference kernels)``, ``torch bf16 (compiled)`` or
+        ``onnxruntime fp32 (1 detector call at a time)``."""
+        calls = {None: "", 1: " (1 detector call at a time)"}.get(self.streams, f" ({self.streams} detector calls at once)")
         return (f"{self.backend} {self.precision}" + (f" ({self.kernels} kernels)" if self.kernels else "")
-                + (" (compiled)" if self.compiled else ""))
+                + (" (compiled)" if self.compiled else "") + calls)
 
     @property
     def kernels_label(self) -> str:
@@ -161,7 +164,7 @@ class Workspace:
 
             return TorchBackend(self.torch_model(), device=self.device, dtype=PRECISIONS[spec.precision],
                                 kernels=spec.kernels, compile=spec.compiled,
-                                detector_streams=1 if one_call_at_a_time else None)
+                                detector_streams=1 if one_call_at_a_time else spec.streams)
         if spec.backend == "onnxruntime":
             if spec.precision != "fp32":
                 raise ValueError("the onnxruntime backend runs the fp32 graphs; use --precision fp32")
@@ -170,7 +173,7 @@ class Workspace:
 
             path = self.export(size)
             return OnnxRuntimeBackend(path, read_metadata(path), device=self.device, threads=self.threads,
-                                      detector_streams=1 if one_call_at_a_time else None)
+                                      detector_streams=1 if one_call_at_a_time else spec.streams)
         if spec.backend == "tensorrt":
             from runtime.backends.tensorrt_backend import TensorRTBackend
             from vita_train.export_format import read_metadata

@@ -205,9 +205,38 @@ def test_compare_flags_regressions_over_ten_percent(quick_run: Path, tmp_path: P
     rows[0]["s_per_frame"]["median"] *= 1.25
     rows[1]["s_per_frame"]["median"] *= 1.05
     found = {(c["row"], c["figure"]): c for c in changes(new, old)}
-    assert found[("torch / fp32 / reference", "s/frame")]["regression"]
-    assert not found[("torch / fp32 / auto", "s/frame")]["regression"]
-    assert found[("torch / fp32 / reference", "s/frame")]["worse_pct"] == pytest.approx(25.0)
+    # rows named by their keys: backend / precision / kernels / detector calls at once (two with two threads)
+    assert found[("torch / fp32 / reference / 2", "s/frame")]["regression"]
+    assert not found[("torch / fp32 / auto / 2", "s/frame")]["regression"]
+    assert found[("torch / fp32 / reference / 2", "s/frame")]["worse_pct"] == pytest.approx(25.0)
+
+
+def test_compare_matches_rows_of_an_older_record_without_a_newer_key_column(quick_run: Path):
+    """A results directory written before e2e's detector-calls column still meets the same rows."""
+    from benchmarks.compare import changes
+
+    new = load_record(quick_run / "e2e.json")
+    old = json.loads(json.dumps(new))
+    old["tables"][0]["keys"].remove("detector_streams")
+    for row in old["tables"][0]["rows"]:
+        del row["detector_streams"]
+    rows = {c["row"] for c in changes(new, old) if c["figure"] == "s/frame"}
+    assert len(rows) == len(new["tables"][0]["rows"]) == 3, rows
+
+
+def test_e2e_rows_at_each_count_of_detector_calls_at_once(tmp_path: Path):
+    """--detector-streams 1,2: a CPU torch row for each count, the column saying what ran; 0 is refused."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "e2e", "--quick", "--threads", "2", "--backend", "torch",
+                           "--detector-streams", "1,2", "--repeats", "1", "--out", str(tmp_path), "--no-progress"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = load_record(tmp_path / "e2e.json")["tables"][0]["rows"]
+    # the reference row keeps the backend's choice (2 calls at once with two threads)
+    assert [(r["kernels"], r["detector_streams"]) for r in rows] == [("reference", 2), ("auto", 1), ("auto", 2)]
+    assert all(r["s_per_frame"]["median"] > 0 for r in rows)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "e2e", "--quick", "--detector-streams", "0",
+                           "--out", str(tmp_path / "bad")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--detector-streams: counts of detector calls at once must be >= 1" in proc.stderr
 
 
 def test_report_renders_a_directory(quick_run: Path, tmp_path: Path):
@@ -314,6 +343,27 @@ def test_gpu_script_refuses_a_machine_without_cuda(tmp_path: Path):
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), str(tmp_path / "g")], cwd=REPO,
                           capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "PYTHON": sys.executable})
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr
+
+
+def test_cpu_script_measures_the_cpu_list_into_one_directory(tmp_path: Path):
+    """benchmarks/cpu.sh (QUICK=1): e2e per backend at 1 and 2 detector calls at once, bf16 rows only where the
+    CPU has bf16, fresh-process memory, the kernels, precision, and the report over them."""
+    out = tmp_path / "c"
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "cpu.sh"), str(out)], cwd=REPO, capture_output=True,
+                          text=True, timeout=900,
+                          env={**__import__("os").environ, "PYTHON": sys.executable, "QUICK": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    precisions = {"fp32", "bf16"} if bf16_supported() else {"fp32"}
+    rows = load_record(out / "e2e.json")["tables"][0]["rows"]
+    assert {(r["backend"], r["precision"], r["detector_streams"]) for r in rows if r["kernels"] != "reference"} == {
+        (b, p, n) for b in ("torch", "onnxruntime") for p in precisions for n in (1, 2)
+        if not (b == "onnxruntime" and p == "bf16")}
+    memory = load_record(out / "memory.json")["tables"][0]["rows"]
+    assert {(r["backend"], r["precision"]) for r in memory} == {
+        (b, p) for b in ("torch", "onnxruntime") for p in precisions if not (b == "onnxruntime" and p == "bf16")}
+    assert load_record(out / "precision.json")["tables"][0]["rows"][0]["compared"].startswith("bf16")
+    assert (out / "kernels.json").exists()
+    assert "End to end" in (out / "report.md").read_text()
 
 
 def test_memory_child_failure_is_a_note_not_a_crash(tmp_path: Path):

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The CPU speed, memory and precision measurements in one results directory, as one command for a machine
+# of a kind not measured before: end to end with torch and onnxruntime in fp32 (and bf16 where the CPU has
+# bf16 instructions), each at 1 and at 2 detector calls at once (the default); a fresh process's peak memory
+# at 36 and 360 frames; the fast kernels against their references; bf16 against fp32 beside fp32 against
+# itself (emulated on plain ops where the CPU has no bf16); then the one-page report.
+#
+#   benchmarks/cpu.sh [OUT_DIR] [extra options for every benchmark, e.g. --model vita_r50.pth]
+#
+# Environment: PYTHON (default python), THREADS (default 2, the setting of the README's figures), QUICK=1
+# (vita_tiny and small sizes: a smoke test of a few minutes). About 40 minutes for the full-size R-50 on
+# 2 cores, more where bf16 is emulated (the precision step).
+# Exit status 1 when any step failed; every step still runs and writes what it measured.
+set -uo pipefail
+
+OUT=${1:-bench_results_cpu_$(date -u +%Y%m%dT%H%M%SZ)}
+shift $(( $# > 0 ? 1 : 0 ))
+PY=${PYTHON:-python}
+cd "$(dirname "$0")/.." || exit 2
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+
+PRECISIONS=(--precision fp32)
+if "$PY" -c 'import sys; from vita_train.modeling.onednn import bf16_supported; sys.exit(0 if bf16_supported() else 1)'; then
+    PRECISIONS+=(--precision bf16)
+else
+    echo "cpu.sh: this CPU has neither AVX-512-BF16 nor AMX: fp32 rows only (precision emulates bf16)" >&2
+fi
+BACKENDS=(--backend torch --backend onnxruntime)
+COMMON=(--device cpu --threads "${THREADS:-2}" --out "$OUT" --no-progress "$@")
+[[ "${QUICK:-0}" == 1 ]] && COMMON+=(--quick)
+
+status=0
+step() {
+    echo "== cpu.sh: $*" >&2
+    "$@" || { echo "cpu.sh: step failed: $*" >&2; status=1; }
+}
+
+step "$PY" -m benchmarks e2e "${BACKENDS[@]}" "${PRECISIONS[@]}" --detector-streams 1,2 "${COMMON[@]}"
+step "$PY" -m benchmarks memory "${BACKENDS[@]}" "${PRECISIONS[@]}" "${COMMON[@]}"
+step "$PY" -m benchmarks kernels "${COMMON[@]}"
+step "$PY" -m benchmarks precision "${COMMON[@]}"
+step "$PY" -m benchmarks report "$OUT"
+echo "cpu.sh: results in $OUT (report: $OUT/report.md)" >&2
+exit $status
