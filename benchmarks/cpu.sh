@@ -8,8 +8,8 @@
 #   benchmarks/cpu.sh [OUT_DIR] [extra options for every benchmark, e.g. --model vita_r50.pth]
 #
 # Environment: PYTHON (default python), THREADS (default 2, the setting of the README's figures), QUICK=1
-# (vita_tiny and small sizes: a smoke test of a few minutes). About 40 minutes for the full-size R-50 on
-# 2 cores, more where bf16 is emulated (the precision step).
+# (vita_tiny and small sizes: a smoke test of a minute). 31 minutes for the full-size R-50 on a 2-core AMD
+# EPYC Zen 2, 11 of them the precision step's emulated bf16.
 # Exit status 1 when any step failed; every step still runs and writes what it measured.
 set -uo pipefail
 
