@@ -373,3 +373,30 @@ def test_packed_1x1_convolution_equals_the_plain_convolution(bias, threads, fp32
     out = conv(x.requires_grad_())
     out.sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("machine, avx512_bf16, amx, expected", [
+    ("x86_64", False, False, False),  # AVX-512 without bf16 (Skylake to Ice Lake): oneDNN would convert in software
+    ("x86_64", True, False, True),  # AVX-512-BF16 (Cooper Lake, AMD Zen 4)
+    ("x86_64", False, True, True),  # AMX (Sapphire Rapids and later)
+    ("aarch64", False, False, True),  # ARM: oneDNN's word stands
+])
+def test_bf16_means_bf16_instructions_not_only_onednn_accepting_bf16(monkeypatch, machine, avx512_bf16, amx, expected):
+    """oneDNN takes bf16 on any AVX-512 CPU; the bf16 precision needs the instructions that make it fast."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(onednn.platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    onednn.bf16_supported.cache_clear()
+    try:
+        assert onednn.bf16_supported() is expected
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+        onednn.bf16_supported.cache_clear()
+        assert onednn.bf16_supported() is False  # nothing without oneDNN's bf16
+    finally:
+        monkeypatch.undo()
+        onednn.bf16_supported.cache_clear()
+    if onednn.platform.machine().lower() in ("x86_64", "amd64"):  # this machine, unpatched
+        assert onednn.bf16_supported() == bool(
+            torch.ops.mkldnn._is_mkldnn_bf16_supported()
+            and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))

@@ -96,9 +96,8 @@ class TorchBackend:
             raise ValueError(f"dtype float16 needs a CUDA device; on {device} use float32 (or bfloat16 where the CPU has it)")
         if cpu_bf16 and not bf16_supported() and not emulate_bf16:
             raise ValueError(
-                "dtype bfloat16 on the CPU needs AVX-512-BF16 or AMX, which this CPU lacks "
-                "(torch.ops.mkldnn._is_mkldnn_bf16_supported() is False); use dtype float32 (to check bf16's "
-                "results here, slowly: TorchBackend(model, dtype='bfloat16', emulate_bf16=True))"
+                "dtype bfloat16 on the CPU needs AVX-512-BF16 or AMX, which this CPU lacks; use dtype float32 "
+                "(to check bf16's results here, slowly: TorchBackend(model, dtype='bfloat16', emulate_bf16=True))"
             )
         if token_dtype is not None and token_dtype not in _DTYPES:
             raise ValueError(f"token_dtype must be one of {sorted(_DTYPES)}, got {token_dtype!r}")

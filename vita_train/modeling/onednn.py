@@ -9,6 +9,7 @@ tests hold the fast path to.
 from __future__ import annotations
 
 import functools
+import platform
 from typing import Callable, Optional, Union
 
 import torch
@@ -30,7 +31,22 @@ def needs_plain_ops(x: Tensor, *params: Tensor) -> bool:
 @functools.lru_cache(maxsize=1)
 def bf16_supported() -> bool:
     """True when this CPU runs bf16 matmuls and convolutions natively (AVX-512-BF16 or AMX)."""
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return False
+    return _has_bf16_instructions()
+
+
+def _has_bf16_instructions() -> bool:
+    """On x86, whether the CPU has AVX-512-BF16 or AMX. oneDNN also takes bf16 on AVX-512 CPUs without them
+    (Skylake to Ice Lake Xeons, converting in software, no faster than fp32) and on AVX2 ones with
+    AVX-NE-CONVERT; those are not bf16 CPUs here. Elsewhere (ARM), and with a torch too old to tell, oneDNN's
+    word stands."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(check is None for check in checks):
+        return True
+    return any(check() for check in checks if check is not None)
 
 
 @functools.lru_cache(maxsize=1)
