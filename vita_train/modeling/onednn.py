@@ -39,8 +39,8 @@ def bf16_supported() -> bool:
 def _has_bf16_instructions() -> bool:
     """On x86, whether the CPU has AVX-512-BF16 or AMX. oneDNN also takes bf16 on AVX-512 CPUs without them
     (Skylake to Ice Lake Xeons: bf16 converted in software, fp32 arithmetic; not measured here) and on AVX2
-    ones with AVX-NE-CONVERT; those are not bf16 CPUs here, as the precision policy says. Elsewhere (ARM), and with a torch too old to tell, oneDNN's
-    word stands."""
+    ones with AVX-NE-CONVERT; those are not bf16 CPUs here, as the precision policy says. Elsewhere (ARM),
+    and with a torch too old to tell, oneDNN's word stands."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return True
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
