@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import shutil
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -71,6 +72,31 @@ def test_not_a_checkpoint(tmp_path):
     path.write_text("these are not weights\n")
     with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
         load_model(path)
+
+
+def test_files_of_another_kind_are_named_not_called_unsafe_pickles(r50_dir, tmp_path):
+    """A config, a video or an array given as the checkpoint: torch's weights-only unpickler reads their bytes as
+    opcodes and would have the user re-save them as if they were pickles that run code."""
+    with pytest.raises(CheckpointError, match="is a config file, not a checkpoint") as err:
+        load_model(r50_dir / "config.yaml")
+    assert "arbitrary Python objects" not in str(err.value)
+    np.save(tmp_path / "frames.npy", np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(CheckpointError, match="is a NumPy array file"):
+        load_model(tmp_path / "frames.npy")
+    video = tmp_path / "clip.mp4"
+    with av.open(str(video), "w") as out:
+        stream = out.add_stream("libx264", rate=5)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(3):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), 40 * i, np.uint8), format="rgb24")))
+        out.mux(stream.encode())
+    with pytest.raises(CheckpointError, match="clip.mp4 is not a PyTorch checkpoint, neither a zip archive nor a pickle"):
+        load_model(video)
+    # control: a legacy-format (pickle, not zip) checkpoint with an arbitrary object still gets the unsafe-pickle refusal
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"trainer": NotATensor()}, legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="arbitrary Python objects"):
+        load_model(legacy)
 
 
 def test_missing_file(tmp_path):

@@ -44,6 +44,7 @@ def read_checkpoint(path: Path) -> Any:
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} is not a file")
+    _check_format(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -62,6 +63,21 @@ def read_checkpoint(path: Path) -> Any:
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({first})") from None
     except Exception as e:  # the weights-only unpickler fails in many ways on arbitrary bytes
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+
+
+def _check_format(path: Path) -> None:
+    """Refuse a file torch.save cannot have written (neither a zip archive nor a pickle) by what it is, before
+    torch's weights-only unpickler reads its bytes as opcodes and calls it an unsafe pickle."""
+    with path.open("rb") as f:
+        head = f.read(8)
+    if head.startswith(b"PK") or head[:1] == b"\x80":  # torch.save's zip format, or its legacy pickle (protocol 2+)
+        return
+    if path.suffix.lower() in (".yaml", ".yml"):
+        raise CheckpointError(f"{path} is a config file, not a checkpoint: pass the weights (.pth); a config.yaml "
+                              "beside them is read automatically (in Python another one can be given as config=)")
+    what = "a NumPy array file" if head.startswith(b"\x93NUMPY") else "not a PyTorch checkpoint"
+    raise CheckpointError(f"{path} is {what}, neither a zip archive nor a pickle as torch.save writes; pass the "
+                          "model's .pth checkpoint")
 
 
 def _tensor_state(raw: Any, path: Path) -> dict[str, Tensor]:
