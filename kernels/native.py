@@ -39,6 +39,11 @@ def _header_digest() -> str:
 def _library() -> bool:
     if not hasattr(torch.ops.vita_kernels, "msda_fused"):
         capability = torch.backends.cpu.get_cpu_capability()
+        # torch's extension module warns "No CUDA runtime is found" on a GPU-less host with a CUDA toolkit
+        # installed; these sources are CPU-only, so that line would only mislead
+        torch_log = logging.getLogger("torch.utils.cpp_extension")
+        level = torch_log.level
+        torch_log.setLevel(logging.ERROR)
         try:
             from torch.utils import cpp_extension
 
@@ -59,6 +64,8 @@ def _library() -> bool:
                         "Install a C++ compiler and ninja (pip install ninja) for them, or set VITA_NATIVE_KERNELS=0 "
                         "to skip the build.", type(e).__name__, lines[-1] if lines else "")
             return False
+        finally:
+            torch_log.setLevel(level)
     _register_shapes()
     return True
 
