@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from vita_train.data.class_names import DATASET_CLASSES
+
 
 def _size(text: str) -> tuple[int, int]:
     try:
@@ -42,6 +44,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--msda", choices=["plain", "trt-plugin"], default="plain",
                    help="deformable attention as grid_sample (ONNX Runtime) or TensorRT's plugin node")
     p.add_argument("--force", action="store_true", help="write into an existing directory that is not an export")
+    p.add_argument("--dataset", choices=sorted(DATASET_CLASSES),
+                   help="the class names of an official checkpoint that has no config.yaml beside it (40 classes "
+                        "are taken as ytvis_2019 unless this says ytvis_2021)")
     args = p.parse_args(argv)
     if args.fp16 and args.precision not in (None, "fp16"):
         p.error(f"--fp16 contradicts --precision {args.precision}")
@@ -57,7 +62,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     opts = ExportOptions(
         out=args.out, opset=args.opset, min_size=args.min_size, max_size=args.max_size, size=args.size,
         precision=args.precision or ("fp16" if args.fp16 else None), validate=args.validate, force=args.force, tensorrt=args.tensorrt, msda=args.msda,
-        validation_ort=OrtSettings(threads=args.validation_threads),
+        validation_ort=OrtSettings(threads=args.validation_threads), dataset=args.dataset,
     )
     try:
         out = export_model(args.ckpt, opts)

@@ -68,6 +68,7 @@ class ExportOptions:
     max_frames: int = 4096
     validation_frames: tuple[int, ...] = field(default=())
     validation_ort: OrtSettings = field(default_factory=OrtSettings)  # ONNX Runtime settings of the validation
+    dataset: Optional[str] = None  # class names for an official checkpoint without its config.yaml (e.g. ytvis_2021)
 
 
 class ExportTargetError(ValueError):
@@ -258,7 +259,7 @@ def export_model(ckpt: Path, opts: Optional[ExportOptions] = None) -> Path:
     _check_target(out, opts.force)
     if opts.msda not in ("plain", "trt-plugin"):
         raise ValueError(f"msda must be 'plain' or 'trt-plugin', got {opts.msda!r}")
-    model = load_model(ckpt).eval()
+    model = load_model(ckpt, **({"dataset": opts.dataset} if opts.dataset is not None else {})).eval()
     cfg = model.config
     min_size = opts.min_size or cfg.input.min_size_test
     max_size = opts.max_size or cfg.input.max_size_test

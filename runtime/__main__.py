@@ -14,36 +14,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from .cli_options import add_run_options, load_segmenter, segment_options
 from .segmenter import ModelPathError
 from .video_io import VideoInputError
-
-
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="official detectron2 checkpoint, one of ours, or an export directory")
-    p.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], help="default: from what --model is")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--prune-ratio", type=float, default=1.0, help="top-r token pruning; 1.0 = off")
-    p.add_argument("--window", type=int, help="VITA encoder window (0 = full attention)")
-    p.add_argument("--topk", type=int, help="instances per video")
-    p.add_argument("--min-size", type=int, help="test-time shortest edge")
-    p.add_argument("--batch-size", type=int, help="frames per detector call")
-    p.add_argument("--feature-policy", default="auto", choices=["auto", "device", "host", "disk", "recompute"])
-    p.add_argument("--progress", action="store_true", help="show progress bars")
-    p.add_argument("--compile", action="store_true",
-                   help="torch backend: compile the detector with torch.compile (minutes once, cached; then faster)")
-
-
-def _options(args: argparse.Namespace) -> dict:
-    return dict(
-        prune_ratio=args.prune_ratio,
-        window=args.window,
-        topk=args.topk,
-        min_size=args.min_size,
-        batch_size=args.batch_size,
-        feature_policy=args.feature_policy,
-        progress=args.progress,
-    )
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -60,7 +33,7 @@ def _segment_main(argv: list[str]) -> int:
     p.add_argument("--render", help="overlay video to write (.mp4, .mkv, ...)")
     p.add_argument("--demo", action="store_true", help="segment a generated clip with the built-in model")
     p.add_argument("--out-dir", default="vita_demo", help="--demo: where to write its files")
-    _add_run_options(p)
+    add_run_options(p)
     args = p.parse_args(argv)
     if args.demo:
         from .demo import run_demo
@@ -73,10 +46,8 @@ def _segment_main(argv: list[str]) -> int:
     for target in [out] + ([Path(args.render)] if args.render else []):
         if _same_file(target, video) or _same_file(target, Path(args.model)):
             p.error(f"{target} is one of the inputs; choose another output path")
-    from .segmenter import load
-
-    segmenter = load(args.model, backend=args.backend, device=args.device, dtype=args.dtype, compile=args.compile)
-    result = segmenter.segment(args.video, **_options(args))
+    segmenter = load_segmenter(args)
+    result = segmenter.segment(args.video, **segment_options(args))
     result.save(out)
     if args.render:
         result.render(args.render, args.video)
@@ -89,15 +60,13 @@ def _dataset_main(argv: list[str]) -> int:
     p.add_argument("--ytvis-json", required=True, type=Path)
     p.add_argument("--frames", required=True, type=Path, help="root the json's file_names are relative to")
     p.add_argument("--out", required=True, type=Path)
-    _add_run_options(p)
+    add_run_options(p)
     args = p.parse_args(argv)
     if not args.model:
         p.error("--model is required")
     from .dataset import run_dataset
-    from .segmenter import load
 
-    segmenter = load(args.model, backend=args.backend, device=args.device, dtype=args.dtype, compile=args.compile)
-    run_dataset(segmenter, args.ytvis_json, args.frames, args.out, **_options(args))
+    run_dataset(load_segmenter(args), args.ytvis_json, args.frames, args.out, **segment_options(args))
     return 0
 
 
@@ -111,7 +80,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if argv and argv[0] == "stream":
             from .streaming.cli import stream_main
 
-            return stream_main(argv[1:], _add_run_options, _options)
+            return stream_main(argv[1:])
         return _segment_main(argv)
     except (VideoInputError, ModelPathError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

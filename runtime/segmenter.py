@@ -60,11 +60,13 @@ def load(
     dtype: str = "float32",
     config: Any = None,
     providers: Optional[list[str]] = None,
+    dataset: Optional[str] = None,
     **options: Any,
 ) -> Segmenter:
     """Load ``path`` (official detectron2 checkpoint, one of ours, or an export directory) for segmenting.
 
-    The backend follows from what ``path`` is unless named. ``config`` is passed to
+    The backend follows from what ``path`` is unless named. ``config`` and ``dataset`` (whose class names,
+    e.g. "ytvis_2021" for a 40-class official checkpoint without its config.yaml) are passed to
     vita_train.load_model for checkpoints; ``providers`` are onnxruntime execution providers for export
     directories; ``options`` become the Segmenter's default SegmentOptions.
     """
@@ -79,6 +81,9 @@ def load(
         # hold for every block from then on (runtime/host_memory.py)
         keep_freed_memory()
     if path.is_dir():
+        if dataset is not None:
+            raise ModelPathError(f"{path} is an export directory, which keeps the class names it was exported with; "
+                                 "dataset= applies to checkpoints (re-export with python -m export --dataset)")
         return Segmenter(_graph_backend(path, kind, device, providers), opts)
     if kind != "torch":
         raise ModelPathError(f"{path} is a checkpoint file; the {kind} backend runs export directories")
@@ -89,7 +94,7 @@ def load(
 
     def build() -> Segmenter:
         try:
-            model = load_model(path, config=config)
+            model = load_model(path, config=config, **({"dataset": dataset} if dataset is not None else {}))
         except CheckpointError as e:
             raise ModelPathError(f"cannot use {path} as a model: {e}") from None
         backend = TorchBackend(model, device=device, dtype=dtype, kernels=opts.kernels,

@@ -270,6 +270,19 @@ def test_existing_directory_that_is_not_an_export(tmp_path):
     assert (out / "notes.txt").read_text() == "keep me" and (out / "vita.json").is_file()
 
 
+def test_export_names_the_classes_of_the_dataset_given(tmp_path):
+    """An official 40-class checkpoint without its config.yaml: --dataset ytvis_2021 puts the 2021 names in
+    vita.json, which the onnxruntime runtime then reports."""
+    from vita_train.data.class_names import YTVIS_2021
+
+    alone = tmp_path / "model_final.pth"
+    shutil.copy(OfficialCase("r50_tiny").ckpt, alone)
+    out = tmp_path / "export"
+    assert export_cli(["--ckpt", str(alone), "--out", str(out), "--no-validate", "--dataset", "ytvis_2021"]) == 0
+    assert tuple(json.loads((out / "vita.json").read_text())["class_names"]) == YTVIS_2021
+    assert runtime.load(out).config.label_names() == YTVIS_2021
+
+
 def test_unknown_format_version_and_corrupt_graph(exported, tmp_path):
     src = exported(OfficialCase("r50_tiny"))
     bad = tmp_path / "future"

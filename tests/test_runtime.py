@@ -258,6 +258,32 @@ def test_cli_writes_results_and_overlay(r50, tmp_path):
     assert video.read_bytes()[:4] == b"\x1a\x45\xdf\xa3"  # still the Matroska file
 
 
+def test_an_official_checkpoint_alone_gets_the_class_names_of_the_dataset_named(r50, tmp_path):
+    """40 classes fit YouTube-VIS 2019 and 2021; an official checkpoint without its config.yaml is read as 2019
+    unless the dataset is named: in Python (dataset=) and on every command line that loads a model."""
+    from vita_train.data.class_names import YTVIS_2019, YTVIS_2021
+
+    alone = tmp_path / "alone" / "model_final.pth"
+    alone.parent.mkdir()
+    alone.write_bytes(r50.ckpt.read_bytes())
+    assert runtime.load(alone).config.label_names() == YTVIS_2019
+    assert runtime.load(alone, dataset="ytvis_2021").config.label_names() == YTVIS_2021
+    video = encode(tmp_path / "clip.mkv", r50.frames[:4], "ffv1", "bgr0")
+    out = tmp_path / "r.json"
+    assert cli([str(video), "--model", str(alone), "--out", str(out), "--dataset", "ytvis_2021"]) == 0
+    found = VideoResult.load(out).instances
+    assert found and all(i.label_name == YTVIS_2021[i.label] for i in found)
+    assert any(YTVIS_2019[i.label] != YTVIS_2021[i.label] for i in found)  # control: the two lists differ here
+    # an export directory keeps the names it was exported with: naming a dataset there is refused, not ignored
+    export_dir = tmp_path / "export"
+    export_dir.mkdir()
+    (export_dir / "vita.json").write_text("{}")
+    with pytest.raises(runtime.ModelPathError, match="export directory, which keeps the class names"):
+        runtime.load(export_dir, dataset="ytvis_2021")
+    with pytest.raises(SystemExit):  # not a dataset the toolkit knows
+        cli([str(video), "--model", str(alone), "--out", str(out), "--dataset", "ytvis_2022"])
+
+
 def test_demo_writes_both_files(tmp_path):
     assert cli(["--demo", "--out-dir", str(tmp_path)]) == 0
     assert (tmp_path / "demo_results.json").stat().st_size > 0

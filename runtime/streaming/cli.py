@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Callable
-
+from ..cli_options import add_run_options, load_segmenter, segment_options
 from .outputs import JsonlWriter, OverlayWriter
 
 log = logging.getLogger(__name__)
@@ -19,7 +18,7 @@ def _key_value(text: str) -> tuple[str, str]:
     return key, value
 
 
-def stream_main(argv: list[str], add_run_options: Callable, run_options: Callable) -> int:
+def stream_main(argv: list[str]) -> int:
     """Run the ``stream`` subcommand; 0 when the stream ended, 130 on Ctrl-C (everything so far is written)."""
     p = argparse.ArgumentParser(
         prog="python -m runtime stream",
@@ -46,11 +45,10 @@ def stream_main(argv: list[str], add_run_options: Callable, run_options: Callabl
     for target in [Path(args.out)] + ([Path(args.render)] if args.render else []):
         if target.exists() and target.resolve() in (Path(args.source).resolve(), Path(args.model).resolve()):
             p.error(f"{target} is one of the inputs; choose another output path")
-    from ..segmenter import load
     from .engine import stream
 
-    segmenter = load(args.model, backend=args.backend, device=args.device, dtype=args.dtype)
-    options = {k: v for k, v in run_options(args).items() if k not in ("feature_policy", "progress")}
+    segmenter = load_segmenter(args)
+    options = {k: v for k, v in segment_options(args).items() if k not in ("feature_policy", "progress")}
     clips = stream(
         args.source, segmenter, clip_len=args.clip, overlap=args.overlap, association=args.association,
         min_iou=args.min_iou, max_missed=args.max_missed, min_score=args.min_score, timeout_s=args.timeout,

@@ -139,7 +139,8 @@ def _class_names(dataset: Optional[str], num_classes: int) -> tuple[str, tuple[s
         if key is None:
             return "unknown", ()
         if key == "ytvis_2019":
-            log.info("40 classes: assuming YouTube-VIS 2019 names; pass dataset='ytvis_2021' for the 2021 ones")
+            log.info("40 classes: assuming YouTube-VIS 2019 names; for the 2021 ones pass dataset='ytvis_2021' "
+                     "(--dataset ytvis_2021 on the command line) or put the model's config.yaml beside it")
     names = DATASET_CLASSES[key]
     if len(names) != num_classes:
         log.warning("dataset %s has %d classes but the checkpoint %d; using generic names", key, len(names), num_classes)

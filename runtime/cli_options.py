@@ -1,0 +1,51 @@
+"""The model and run options that every ``python -m runtime`` subcommand shares (segment, dataset, stream)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from vita_train.data.class_names import DATASET_CLASSES
+
+from .segmenter import Segmenter
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """Add the model, backend and segmenting options to ``p``."""
+    p.add_argument("--model", help="official detectron2 checkpoint, one of ours, or an export directory")
+    p.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], help="default: from what --model is")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--dataset", choices=sorted(DATASET_CLASSES),
+                   help="the class names of an official checkpoint that has no config.yaml beside it (40 classes "
+                        "are taken as ytvis_2019 unless this says ytvis_2021)")
+    p.add_argument("--prune-ratio", type=float, default=1.0, help="top-r token pruning; 1.0 = off")
+    p.add_argument("--window", type=int, help="VITA encoder window (0 = full attention)")
+    p.add_argument("--topk", type=int, help="instances per video")
+    p.add_argument("--min-size", type=int, help="test-time shortest edge")
+    p.add_argument("--batch-size", type=int, help="frames per detector call")
+    p.add_argument("--feature-policy", default="auto", choices=["auto", "device", "host", "disk", "recompute"])
+    p.add_argument("--progress", action="store_true", help="show progress bars")
+    p.add_argument("--compile", action="store_true",
+                   help="torch backend: compile the detector with torch.compile (minutes once, cached; then faster)")
+
+
+def segment_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The SegmentOptions fields the parsed ``args`` set."""
+    return dict(
+        prune_ratio=args.prune_ratio,
+        window=args.window,
+        topk=args.topk,
+        min_size=args.min_size,
+        batch_size=args.batch_size,
+        feature_policy=args.feature_policy,
+        progress=args.progress,
+    )
+
+
+def load_segmenter(args: argparse.Namespace) -> Segmenter:
+    """``runtime.load`` with the model options of the parsed ``args``."""
+    from .segmenter import load
+
+    return load(args.model, backend=args.backend, device=args.device, dtype=args.dtype, dataset=args.dataset,
+                compile=args.compile)
