@@ -29,6 +29,19 @@ def shard() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def _check_categories(data: dict, names: tuple[str, ...], ytvis_json: Path) -> None:
+    """Warn where the json's categories (id = label + 1) name other classes than the model: a model of another
+    dataset, or a 40-class checkpoint read as YouTube-VIS 2019 on 2021 data."""
+    cats = {c.get("id"): c.get("name") for c in data.get("categories") or [] if isinstance(c, dict)}
+    differ = [(i + 1, name, cats[i + 1]) for i, name in enumerate(names) if i + 1 in cats and cats[i + 1] != name]
+    if differ:
+        cid, ours, theirs = differ[0]
+        log.warning("the model's class names differ from %s's categories at %d of %d ids (id %d: the model's %r, "
+                    "the json's %r); the submission uses the model's labels as category ids. If the model was "
+                    "trained on this dataset, name it (--dataset / dataset=, e.g. ytvis_2021)",
+                    ytvis_json, len(differ), len(cats), cid, ours, theirs)
+
+
 def run_dataset(
     segmenter: Segmenter, ytvis_json: Path, frames_root: Path, out: Path, wait_s: float = 3600.0, **options: Any
 ) -> int:
@@ -42,6 +55,7 @@ def run_dataset(
         videos = sorted(data["videos"], key=lambda v: v["id"])
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{ytvis_json} is not a readable YouTube-VIS json with a 'videos' list ({e})") from None
+    _check_categories(data, segmenter.config.label_names(), ytvis_json)
     parts = out.with_name(out.name + ".parts")
     parts.mkdir(parents=True, exist_ok=True)
     rank, world = shard()

@@ -328,6 +328,29 @@ def test_dataset_mode_sharded_and_resumable(r50, tmp_path):
     assert json.loads(out.read_text()) == records
 
 
+def test_dataset_mode_warns_when_the_json_names_other_classes_than_the_model(r50, tmp_path, caplog):
+    """A 2019-named model on a json with YouTube-VIS 2021's categories is warned of; the 2019 json is not."""
+    from runtime.dataset import run_dataset
+    from vita_train.data.class_names import YTVIS_2019, YTVIS_2021
+
+    (tmp_path / "v").mkdir()
+    Image.fromarray(r50.frames[0]).save(tmp_path / "v" / "0.png")
+    seg = runtime.load(r50.ckpt)
+    assert seg.config.label_names() == YTVIS_2019
+    for year, names in (("2019", YTVIS_2019), ("2021", YTVIS_2021)):
+        spec = tmp_path / f"valid{year}.json"
+        cats = [{"id": i + 1, "name": n} for i, n in enumerate(names)]
+        spec.write_text(json.dumps({"videos": [{"id": 1, "file_names": ["v/0.png"]}], "categories": cats}))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="runtime.dataset"):
+            run_dataset(seg, spec, tmp_path, tmp_path / f"results{year}.json")
+        warned = [r.getMessage() for r in caplog.records if "categories" in r.getMessage()]
+        if year == "2019":
+            assert not warned
+        else:
+            assert len(warned) == 1 and "--dataset" in warned[0], warned
+
+
 def test_in_order_runs_calls_at_once_and_hands_results_back_in_order():
     """The streaming loop's detector calls, several at once: results come back in the items' order even when a later
     call ends first, an error reaches the consumer, and one worker means the caller's own thread."""
