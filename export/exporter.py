@@ -45,6 +45,7 @@ from .graphs import (
 
 log = logging.getLogger(__name__)
 DEFAULT_OPSET = 17
+MIN_OPSET = 16  # GridSample (the deformable attention's sampling) is an ONNX operator from opset 16
 # aspect ratios of generated validation frames (portrait, 4:3, 16:9) when the size is dynamic
 _VALIDATION_ASPECTS = ((4, 3), (3, 4), (9, 16))
 
@@ -251,14 +252,28 @@ def _install(tmp: Path, out: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _check_options(opts: ExportOptions) -> None:
+    """Refuse option values the export would misread (0 taken as "the model's default") or fail on deep inside."""
+    if opts.msda not in ("plain", "trt-plugin"):
+        raise ValueError(f"msda must be 'plain' or 'trt-plugin', got {opts.msda!r}")
+    if opts.opset < MIN_OPSET:
+        raise ValueError(f"opset {opts.opset} is too old: the deformable attention's GridSample needs opset {MIN_OPSET} "
+                         f"or later (default {DEFAULT_OPSET})")
+    for name in ("min_size", "max_size"):
+        value = getattr(opts, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1 (leave it unset for the model's own), got {value}")
+    if opts.validation_ort.threads < 0:
+        raise ValueError(f"validation threads must be >= 0 (0: ONNX Runtime's choice), got {opts.validation_ort.threads}")
+
+
 def export_model(ckpt: Path, opts: Optional[ExportOptions] = None) -> Path:
     """Export ``ckpt`` (official detectron2 checkpoint or ours) to a validated export directory; returns it."""
     opts = opts or ExportOptions()
     ckpt = Path(ckpt)
     out = Path(opts.out) if opts.out else ckpt.with_name(ckpt.stem + "_export")
+    _check_options(opts)
     _check_target(out, opts.force)
-    if opts.msda not in ("plain", "trt-plugin"):
-        raise ValueError(f"msda must be 'plain' or 'trt-plugin', got {opts.msda!r}")
     model = load_model(ckpt, **({"dataset": opts.dataset} if opts.dataset is not None else {})).eval()
     cfg = model.config
     min_size = opts.min_size or cfg.input.min_size_test

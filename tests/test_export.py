@@ -270,6 +270,19 @@ def test_existing_directory_that_is_not_an_export(tmp_path):
     assert (out / "notes.txt").read_text() == "keep me" and (out / "vita.json").is_file()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--opset", "9"], "opset 9 is too old"),  # was a dump of torch's IR graph from deep inside the exporter
+    (["--min-size", "0"], "min_size must be >= 1"),  # was taken as "the model's own"
+    (["--max-size", "-3"], "max_size must be >= 1"),
+    (["--validation-threads", "-1"], "validation threads must be >= 0"),
+])
+def test_export_refuses_option_values_it_would_misread(args, message, tmp_path, capsys):
+    out = tmp_path / "x"
+    assert export_cli(["--ckpt", str(OfficialCase("r50_tiny").ckpt), "--out", str(out), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
 def test_export_names_the_classes_of_the_dataset_given(tmp_path):
     """An official 40-class checkpoint without its config.yaml: --dataset ytvis_2021 puts the 2021 names in
     vita.json, which the onnxruntime runtime then reports."""
