@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -17,6 +19,8 @@ from .segmenter import Segmenter
 from .video_io import read_image
 
 log = logging.getLogger(__name__)
+_RESULT_OPTIONS = ("prune_ratio", "window", "topk", "min_size", "max_size", "token_dtype")
+_WHAT = {"model": "model", "ytvis_json": "ground-truth json", "options": "set of options"}
 
 
 def _read_frames(root: Path, file_names: list[str]) -> Iterator[np.ndarray]:
@@ -42,6 +46,38 @@ def _check_categories(data: dict, names: tuple[str, ...], ytvis_json: Path) -> N
                     ytvis_json, len(differ), len(cats), cid, ours, theirs)
 
 
+def _run_identity(segmenter: Segmenter, ytvis_json: Path, options: dict[str, Any]) -> dict[str, Any]:
+    """What the parts of a run depend on: the model, the ground-truth json's bytes and the segment options that
+    change results (not those of memory, batching or speed, which a rerun after a crash may well change)."""
+    used = dataclasses.asdict(segmenter.options.updated(**options))
+    used = {k: used[k] for k in _RESULT_OPTIONS}
+    return {
+        "model": segmenter.source,
+        "ytvis_json": hashlib.sha256(Path(ytvis_json).read_bytes()).hexdigest(),
+        "options": used,
+    }
+
+
+def _claim_parts(parts: Path, identity: dict[str, Any]) -> None:
+    """Refuse a parts folder left by a run of another model, json or options: its videos would be skipped and
+    their old results merged as if they were this run's."""
+    record = parts / "run.json"
+    if not record.exists():
+        # (another rank may write the record meanwhile: it does so before any result of its own)
+        if any(p.name != record.name for p in parts.glob("*.json")) and not record.exists():
+            raise ValueError(f"{parts} holds results that do not say which model and options made them; remove "
+                             "that folder to start again, or choose another --out")
+        atomic_write(record, lambda f: json.dump(identity, f, indent=1), binary=False)
+    try:
+        earlier = json.loads(record.read_text())
+    except (OSError, json.JSONDecodeError):
+        earlier = None
+    if earlier != identity:
+        differ = [_WHAT[k] for k in identity if not isinstance(earlier, dict) or earlier.get(k) != identity[k]]
+        raise ValueError(f"{parts} holds the results of an earlier run made with a different {' and '.join(differ)}; "
+                         "remove that folder to start again, or choose another --out")
+
+
 def run_dataset(
     segmenter: Segmenter, ytvis_json: Path, frames_root: Path, out: Path, wait_s: float = 3600.0, **options: Any
 ) -> int:
@@ -58,6 +94,7 @@ def run_dataset(
     _check_categories(data, segmenter.config.label_names(), ytvis_json)
     parts = out.with_name(out.name + ".parts")
     parts.mkdir(parents=True, exist_ok=True)
+    _claim_parts(parts, _run_identity(segmenter, ytvis_json, options))
     rank, world = shard()
     done_here = 0
     for video in videos[rank::world]:

@@ -20,9 +20,12 @@ class ModelPathError(ValueError):
 class Segmenter:
     """A loaded model plus default options; ``segment(video)`` runs the streaming loop."""
 
-    def __init__(self, backend: Any, options: Optional[SegmentOptions] = None) -> None:
+    def __init__(self, backend: Any, options: Optional[SegmentOptions] = None, source: Optional[str] = None) -> None:
         self.backend = backend
         self.options = options or SegmentOptions()
+        # what was loaded (path, size and time of the weights, backend, dtype): resumable runs check their
+        # earlier parts against it; None for a Segmenter built by hand
+        self.source = source
 
     @property
     def config(self) -> Any:
@@ -84,7 +87,7 @@ def load(
         if dataset is not None:
             raise ModelPathError(f"{path} is an export directory, which keeps the class names it was exported with; "
                                  "dataset= applies to checkpoints (re-export with python -m export --dataset)")
-        return Segmenter(_graph_backend(path, kind, device, providers), opts)
+        return Segmenter(_graph_backend(path, kind, device, providers), opts, _source(path, kind, dtype))
     if kind != "torch":
         raise ModelPathError(f"{path} is a checkpoint file; the {kind} backend runs export directories")
     from vita_train.checkpoint.errors import CheckpointError
@@ -99,12 +102,20 @@ def load(
             raise ModelPathError(f"cannot use {path} as a model: {e}") from None
         backend = TorchBackend(model, device=device, dtype=dtype, kernels=opts.kernels,
                                token_dtype=opts.token_dtype, compile=opts.compile)
-        return Segmenter(backend, opts)
+        return Segmenter(backend, opts, _source(path, kind, dtype))
 
     if not on_cpu:
         return build()
     # on the CPU the load's parallel work leaves the caller's thread no OpenMP team (runtime/openmp_team.py)
     return on_short_lived_thread(build)
+
+
+def _source(path: Path, kind: str, dtype: str) -> str:
+    """What identifies the loaded model: the resolved path with the size and time of its weights (an export
+    directory's vita.json, which records its checkpoint's hash), the backend and the dtype."""
+    weights = path / "vita.json" if path.is_dir() else path
+    st = weights.stat()
+    return f"{path.resolve()} ({st.st_size} bytes, modified {st.st_mtime_ns} ns) {kind} {dtype}"
 
 
 def _graph_backend(path: Path, kind: str, device: Optional[str], providers: Optional[list[str]]) -> Any:

@@ -328,6 +328,37 @@ def test_dataset_mode_sharded_and_resumable(r50, tmp_path):
     assert json.loads(out.read_text()) == records
 
 
+def test_dataset_mode_never_merges_the_parts_of_another_model_json_or_options(r50, tmp_path):
+    """A rerun into the same --out skips the videos already done only when they came from the same model, json and
+    result-changing options; otherwise the old parts were merged as this run's (another model's AP)."""
+    import shutil
+
+    from runtime.dataset import run_dataset
+
+    (tmp_path / "v").mkdir()
+    Image.fromarray(r50.frames[0]).save(tmp_path / "v" / "0.png")
+    spec = tmp_path / "valid.json"
+    spec.write_text(json.dumps({"videos": [{"id": 1, "file_names": ["v/0.png"]}], "categories": []}))
+    out = tmp_path / "results.json"
+    seg = runtime.load(r50.ckpt)
+    assert run_dataset(seg, spec, tmp_path, out) == 1
+    assert run_dataset(seg, spec, tmp_path, out, batch_size=2) == 0  # same results: skipped, batching aside
+    other = tmp_path / "other" / "model_final.pth"
+    other.parent.mkdir()
+    shutil.copy(r50.ckpt, other)
+    with pytest.raises(ValueError, match="earlier run made with a different model"):
+        run_dataset(runtime.load(other), spec, tmp_path, out)
+    with pytest.raises(ValueError, match="earlier run made with a different set of options"):
+        run_dataset(seg, spec, tmp_path, out, prune_ratio=0.5)
+    spec.write_text(json.dumps({"videos": [{"id": 1, "file_names": ["v/0.png", "v/0.png"]}], "categories": []}))
+    with pytest.raises(ValueError, match="earlier run made with a different ground-truth json"):
+        run_dataset(seg, spec, tmp_path, out)
+    # parts without a record of what made them (an older version's) are refused too
+    (out.with_name("results.json.parts") / "run.json").unlink()
+    with pytest.raises(ValueError, match="do not say which model"):
+        run_dataset(seg, spec, tmp_path, out)
+
+
 def test_dataset_mode_warns_when_the_json_names_other_classes_than_the_model(r50, tmp_path, caplog):
     """A 2019-named model on a json with YouTube-VIS 2021's categories is warned of; the 2019 json is not."""
     from runtime.dataset import run_dataset
