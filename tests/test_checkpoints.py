@@ -12,6 +12,7 @@ import torch
 
 from vita_train import CheckpointError, ConfigError, load_model, save_checkpoint
 from vita_train.inference import predict_video
+from vita_train.modeling.vita_model import VitaModel
 
 from .conftest import require_shared
 
@@ -145,6 +146,21 @@ def test_missing_and_unexpected_keys_are_listed(r50_state, r50_dir, tmp_path):
     msg = str(err.value)
     assert "missing keys (1): vita.query_embed.weight" in msg
     assert "unexpected keys (1): vita.extra.weight" in msg
+
+
+def test_a_training_runs_config_yaml_gives_the_model_config(tmp_path):
+    """A run's config.yaml (model: plus data:, solver:, ...) given as config= uses its model: section; it was
+    refused as unknown keys (solver, data, ...)."""
+    from vita_train.presets import preset
+    from vita_train.training.config import TrainConfig
+
+    model = VitaModel(preset("vita_tiny").replace(**{"vita.window": 3})).eval()
+    ckpt = tmp_path / "model_final.pth"
+    save_checkpoint(ckpt, model)
+    run_config = tmp_path / "config.yaml"
+    run_config.write_text(TrainConfig(model=model.config.replace(**{"test.topk": 7})).to_yaml())
+    loaded = load_model(ckpt, config=run_config)
+    assert loaded.config.test.topk == 7 and loaded.config.vita.window == 3
 
 
 def test_bad_config_file(r50_dir, tmp_path):

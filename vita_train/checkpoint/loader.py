@@ -52,8 +52,9 @@ def read_checkpoint(path: Path) -> Any:
         if "Weights only load failed" in msg or "weights_only" in msg:
             raise CheckpointError(
                 f"{path} needs unpickling of arbitrary Python objects, which could run code; refusing to load it. "
-                "Re-save it as a dict of tensors (e.g. torch.save({'model': model.state_dict()}, path)) in a "
-                "trusted environment."
+                "Re-save its weights as tensors in a trusted environment: a detectron2 model's with "
+                "torch.save({'model': model.state_dict()}, path), a model of this toolkit's with "
+                "vita_train.save_checkpoint(path, model)."
             ) from None
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({msg.splitlines()[0]})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
@@ -109,6 +110,8 @@ def _resolve_config_source(config: Any, ckpt: Path) -> tuple[Optional[ModelConfi
         raise ConfigError(f"config {path} is not valid YAML: {e}") from None
     if isinstance(data, dict) and (is_detectron2_config(data) or "_BASE_" in data):
         return None, settings_from_detectron2(read_detectron2_yaml(path))
+    if isinstance(data, dict) and isinstance(data.get("model"), dict):  # a training run's config.yaml
+        return ModelConfig.from_dict(data["model"]), {}
     if isinstance(data, dict):
         return ModelConfig.from_dict(data), {}
     raise ConfigError(f"config {path} is neither a detectron2 config nor a model config")
