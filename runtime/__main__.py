@@ -14,16 +14,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .cli_options import add_run_options, load_segmenter, segment_options
+from .cli_options import add_run_options, check_outputs, load_segmenter, segment_options
 from .segmenter import ModelPathError
 from .video_io import VideoInputError
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve()
-    except OSError:
-        return False
 
 
 def _segment_main(argv: list[str]) -> int:
@@ -42,16 +35,14 @@ def _segment_main(argv: list[str]) -> int:
         return 0
     if not args.video or not args.model or not args.out:
         p.error("VIDEO, --model and --out are required (or use --demo)")
-    video, out = Path(args.video), Path(args.out)
-    for target in [out] + ([Path(args.render)] if args.render else []):
-        if _same_file(target, video) or _same_file(target, Path(args.model)):
-            p.error(f"{target} is one of the inputs; choose another output path")
+    check_outputs(p, [args.video, args.model], [args.out], args.render)
     segmenter = load_segmenter(args)
     result = segmenter.segment(args.video, **segment_options(args))
-    result.save(out)
+    result.save(args.out)
     if args.render:
         result.render(args.render, args.video)
-    logging.getLogger("runtime").info("%d instances over %d frames -> %s", len(result.instances), result.num_frames, out)
+    logging.getLogger("runtime").info("%d instances over %d frames -> %s", len(result.instances), result.num_frames,
+                                      args.out)
     return 0
 
 
@@ -64,6 +55,7 @@ def _dataset_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if not args.model:
         p.error("--model is required")
+    check_outputs(p, [str(args.ytvis_json), args.model], [str(args.out)])
     from .dataset import run_dataset
 
     run_dataset(load_segmenter(args), args.ytvis_json, args.frames, args.out, **segment_options(args))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import os
+from pathlib import Path
+from typing import Any, Optional
 
 from vita_train.data.class_names import DATASET_CLASSES
 
@@ -49,3 +51,30 @@ def load_segmenter(args: argparse.Namespace) -> Segmenter:
 
     return load(args.model, backend=args.backend, device=args.device, dtype=args.dtype, dataset=args.dataset,
                 compile=args.compile)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def check_outputs(p: argparse.ArgumentParser, inputs: list[Optional[str]], outputs: list[str],
+                  overlay: Optional[str] = None) -> None:
+    """Exit with a usage error before any work where an output is one of the inputs, a folder, in a folder that
+    cannot be written, or (``overlay``) a video container the renderer does not know: found only after a
+    whole video had been segmented otherwise."""
+    from .render import CONTAINERS
+
+    for name in outputs + ([overlay] if overlay else []):
+        target = Path(name)
+        if any(_same_file(target, Path(i)) for i in inputs if i):
+            p.error(f"{target} is one of the inputs; choose another output path")
+        if target.is_dir():
+            p.error(f"{target} is a folder; give the path of a file (in it, or elsewhere)")
+        folder = next(d for d in (target.parent, *target.parent.parents) if d.exists())
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            p.error(f"cannot write {target}: {folder} is not a folder this user can write to")
+    if overlay and Path(overlay).suffix.lower() not in CONTAINERS:
+        p.error(f"cannot tell the container from {Path(overlay).name!r}: use one of {', '.join(CONTAINERS)}")

@@ -284,6 +284,37 @@ def test_an_official_checkpoint_alone_gets_the_class_names_of_the_dataset_named(
         cli([str(video), "--model", str(alone), "--out", str(out), "--dataset", "ytvis_2022"])
 
 
+def test_cli_refuses_outputs_it_cannot_write_before_any_work(tmp_path):
+    """An overlay of an unknown container, an --out that is a folder or lies in a folder that cannot be written:
+    a usage error before the model is even loaded (the model path here does not exist), not after segmenting."""
+    import os
+    import stat
+
+    video = encode(tmp_path / "clip.mkv", np.zeros((2, 32, 32, 3), np.uint8), "ffv1", "bgr0")
+    model = str(tmp_path / "not_loaded.pth")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    cases = [
+        ["--out", str(tmp_path / "r.json"), "--render", str(tmp_path / "o.xyz")],
+        ["--out", str(tmp_path)],
+        ["--out", str(tmp_path / "r.json"), "--render", str(tmp_path)],
+    ]
+    if os.geteuid() != 0:  # root writes anywhere
+        cases.append(["--out", str(locked / "sub" / "r.json")])
+    for args in cases:
+        with pytest.raises(SystemExit) as stop:
+            cli([str(video), "--model", model, *args])
+        assert stop.value.code == 2, args
+        with pytest.raises(SystemExit):
+            cli(["stream", str(video), "--model", model, *args])
+    with pytest.raises(SystemExit):
+        cli(["dataset", "--ytvis-json", str(video), "--frames", str(tmp_path), "--model", model, "--out", str(tmp_path)])
+    # control: with writable outputs the same command gets as far as loading the model, which is missing
+    assert cli([str(video), "--model", model, "--out", str(tmp_path / "r.json")]) == 2
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_demo_writes_both_files(tmp_path):
     assert cli(["--demo", "--out-dir", str(tmp_path)]) == 0
     assert (tmp_path / "demo_results.json").stat().st_size > 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from ..cli_options import add_run_options, load_segmenter, segment_options
+from ..cli_options import add_run_options, check_outputs, load_segmenter, segment_options
 from .outputs import JsonlWriter, OverlayWriter
 
 log = logging.getLogger(__name__)
@@ -42,9 +42,7 @@ def stream_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if not args.model:
         p.error("--model is required")
-    for target in [Path(args.out)] + ([Path(args.render)] if args.render else []):
-        if target.exists() and target.resolve() in (Path(args.source).resolve(), Path(args.model).resolve()):
-            p.error(f"{target} is one of the inputs; choose another output path")
+    check_outputs(p, [args.source, args.model], [args.out], args.render)
     from .engine import stream
 
     segmenter = load_segmenter(args)
