@@ -187,6 +187,13 @@ def test_save_failing_mid_write_leaves_the_old_file(tmp_path):
     assert os.listdir(tmp_path) == ["result.json"]
 
 
+def test_save_to_a_folder_says_so_and_leaves_it_untouched(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(IsADirectoryError, match="is a folder; give the path of a file"):
+        make_result(blob_masks()).save(tmp_path)
+    assert os.listdir(tmp_path) == ["mine.txt"]
+
+
 def test_save_failing_at_rename_leaves_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "result.json"
     path.write_text("previous content")

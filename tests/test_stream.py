@@ -168,6 +168,8 @@ def test_stream_options_round_trip_through_yaml_and_refuse_bad_values():
         StreamOptions(clip_len=12, overlap=12)
     with pytest.raises(ValueError, match="association must be one of"):
         StreamOptions(association="optimal")
+    with pytest.raises(ValueError, match="min_score must be within"):  # it dropped every instance
+        StreamOptions(min_score=2.0)
 
 
 def test_streaming_imports_without_torch():

@@ -42,6 +42,8 @@ class StreamOptions:
             raise ValueError(f"association must be one of {ASSOCIATIONS}, got {self.association!r}")
         if not 0.0 <= self.min_iou <= 1.0:
             raise ValueError(f"min_iou must be within [0, 1], got {self.min_iou}")
+        if not 0.0 <= self.min_score <= 1.0:  # scores are probabilities: above 1 every instance would be dropped
+            raise ValueError(f"min_score must be within [0, 1], got {self.min_score}")
         if not isinstance(self.max_missed, int) or self.max_missed < 0:
             raise ValueError(f"max_missed must be an integer >= 0, got {self.max_missed!r}")
         if self.timeout_s <= 0:

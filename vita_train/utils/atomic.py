@@ -11,6 +11,8 @@ from typing import IO, Callable
 def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = True) -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``."""
     path = Path(path)
+    if path.is_dir():  # else the rename fails with the temporary file's name in the message
+        raise IsADirectoryError(f"{path} is a folder; give the path of a file (in it, or elsewhere)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
