@@ -187,6 +187,29 @@ def test_save_failing_mid_write_leaves_the_old_file(tmp_path):
     assert os.listdir(tmp_path) == ["result.json"]
 
 
+def test_saved_files_get_the_umask_mode_or_keep_their_own(tmp_path, monkeypatch):
+    """A new file gets 0o666 minus the umask (mkstemp's 0o600 otherwise), an existing one keeps its mode; on
+    Linux the umask is read, not set to 0 and back (a moment in which other threads' files had none)."""
+    before = os.umask(0o027)
+    try:
+        if Path("/proc/self/status").exists():
+            def no_umask(mask):
+                raise AssertionError("os.umask called")
+
+            monkeypatch.setattr(os, "umask", no_umask)
+        new = tmp_path / "new.json"
+        make_result(blob_masks()).save(new)
+        assert new.stat().st_mode & 0o777 == 0o640
+        kept = tmp_path / "kept.json"
+        kept.write_text("")
+        kept.chmod(0o600)
+        make_result(blob_masks()).save(kept)
+        assert kept.stat().st_mode & 0o777 == 0o600
+    finally:
+        monkeypatch.undo()
+        os.umask(before)
+
+
 def test_save_to_a_folder_says_so_and_leaves_it_untouched(tmp_path):
     (tmp_path / "mine.txt").write_text("keep me")
     with pytest.raises(IsADirectoryError, match="is a folder; give the path of a file"):
