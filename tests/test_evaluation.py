@@ -209,3 +209,32 @@ def test_bad_result_entries(tmp_path: Path, mutate, pattern: str) -> None:
     with pytest.raises(EvaluationError, match=pattern) as info:
         evaluate_ytvis(gt_path, res_path)
     assert "results.json" in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------ the eval command
+
+
+def _eval_cli(capsys, *args: str) -> tuple[int, str]:
+    """``python -m vita_train eval ...`` through ``main(argv)``: (exit code, stderr)."""
+    from vita_train.__main__ import main
+
+    capsys.readouterr()
+    try:
+        code = main(["eval", *map(str, args)])
+    except SystemExit as exit_:  # argparse's usage errors
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def test_eval_out_never_overwrites_an_input(tmp_path: Path, capsys) -> None:
+    """--out naming the ground truth, the results or the model is refused before anything is read or written."""
+    gt, results = _tiny()
+    gt_path, res_path = _write(tmp_path, gt, results)
+    model = Path(__file__).resolve().parents[1] / "vita_train" / "pretrained" / "vita_demo_synthetic.pth"
+    before = {p: p.read_bytes() for p in (gt_path, res_path, model)}
+    for out in (gt_path, tmp_path / "." / "gt.json", model):
+        code, err = _eval_cli(capsys, "--ytvis-json", gt_path, "--model", model, "--frames", tmp_path, "--out", out)
+        assert code == 2 and "--out" in err and "another path" in err, err
+    code, err = _eval_cli(capsys, "--ytvis-json", gt_path, "--results", res_path, "--out", res_path)
+    assert code == 2 and "--results input" in err, err
+    assert all(p.read_bytes() == data for p, data in before.items())

@@ -318,3 +318,64 @@ def test_videos_mixed_with_coco_pseudo_videos(tmp_path, synthetic):
     dataset = build_dataset(cfg)
     assert {dataset.choose(i)[0] for i in range(40)} == {0, 1}
     assert all(torch.isfinite(torch.tensor(v)) for v in losses_by_step(train(cfg).output_dir).values())
+
+
+def cli(capsys, *args: str) -> tuple[int, str]:
+    """``python -m vita_train ...`` in this process, through ``main(argv)``: (exit code, stderr)."""
+    from vita_train.__main__ import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def one_step_run(tmp_path_factory, synthetic) -> tuple[Path, Path]:
+    """(recipe, output_dir) of a finished one-step run with a checkpoint; tests that change it copy it first."""
+    from vita_train.training.config import TrainConfig
+    from vita_train.training.trainer import train
+
+    root = tmp_path_factory.mktemp("one_step")
+    path = recipe(root, synthetic, solver={"batch_size": 2, "max_iter": 1, "amp": "off", "steps": [4],
+                                           "warmup_iters": 0, "base_lr": 1e-3})
+    train(TrainConfig.from_yaml(path), recipe=path)
+    return path, root / "run"
+
+
+def test_refuses_to_overwrite_the_users_files(tmp_path, synthetic, one_step_run, capsys, monkeypatch):
+    """init or recipe where the run writes, an empty output_dir, or a stray model_final.pth: refused, nothing written."""
+    path, run = one_step_run
+    init_dir = tmp_path / "d"
+    init_dir.mkdir()
+    init = init_dir / "model_final.pth"
+    init.write_bytes((run / "model_final.pth").read_bytes())
+    before = init.read_bytes()
+    code, err = cli(capsys, "train", "--config", str(path), f"init={init}", f"output_dir={init_dir}", "--no-progress")
+    assert code == 2 and "init checkpoint" in err and "model_final.pth" in err, err
+    assert init.read_bytes() == before and sorted(p.name for p in init_dir.iterdir()) == ["model_final.pth"]
+    code, err = cli(capsys, "train", "--config", str(path), f"output_dir={init_dir}", "--no-progress")
+    assert code == 2 and "already holds model_final.pth" in err, err
+
+    code, err = cli(capsys, "train", "--config", str(path), "output_dir=", "--no-progress")
+    assert code == 2 and err.startswith("error: output_dir is empty"), err
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    user_recipe = cwd / "config.yaml"
+    user_recipe.write_text("# my recipe\n_base_: " + str(path) + "\n")
+    code, err = cli(capsys, "train", "--config", "config.yaml", "output_dir=.", "--no-progress")
+    assert code == 2 and "recipe config.yaml" in err, err
+    assert user_recipe.read_text().startswith("# my recipe") and sorted(p.name for p in cwd.iterdir()) == ["config.yaml"]
+
+
+def test_resume_from_another_runs_checkpoint_into_a_run_is_refused(tmp_path, one_step_run, capsys):
+    """--resume PATH into an output_dir holding a different run would truncate that run's metrics: refused."""
+    path, run = one_step_run
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.csv").write_text("step,total_loss\n1,3.0\n")
+    code, err = cli(capsys, "train", "--config", str(path), f"output_dir={other}", "--no-progress",
+                    f"--resume={run / 'checkpoints' / 'model_0000001.pth'}")
+    assert code == 2 and "not a checkpoint of the run" in err, err
+    assert (other / "metrics.csv").read_text() == "step,total_loss\n1,3.0\n"

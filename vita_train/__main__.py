@@ -48,8 +48,9 @@ def _train(argv: list[str]) -> int:
     from .training.config import TrainConfig
     from .training.trainer import train
 
-    cfg = TrainConfig.from_yaml(recipe_path(args.config), args.overrides)
-    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    recipe = recipe_path(args.config)
+    cfg = TrainConfig.from_yaml(recipe, args.overrides)
+    result = train(cfg, resume=args.resume, progress=not args.no_progress, recipe=recipe)
     logging.getLogger("vita_train").info("final checkpoint: %s", result.final_checkpoint)
     sys.stdout.write(f"final checkpoint: {result.final_checkpoint}\n")
     return 0
@@ -70,6 +71,13 @@ def _eval(argv: list[str]) -> int:
         p.error("give exactly one of --results or --model")
     if args.model and not args.frames:
         p.error("--model needs --frames ROOT")
+    if args.out:
+        from .training.paths import is_within
+
+        for flag, given in (("--ytvis-json", args.ytvis_json), ("--results", args.results), ("--model", args.model)):
+            if given and is_within(Path(args.out), Path(given)):
+                p.error(f"--out {args.out} is the {flag} input {given}; writing the results there would destroy it, "
+                        "so give --out another path")
     with tempfile.TemporaryDirectory(prefix="vita_eval_") as tmp:
         results = args.results
         if args.model:

@@ -105,6 +105,9 @@ class TrainConfig:
                 raise ConfigError(f"data.datasets[{i}].ratio must be > 0, got {ds.ratio}")
         if self.checkpoint_period < 1 or self.log_period < 1:
             raise ConfigError("checkpoint_period and log_period must be >= 1")
+        if not self.output_dir.strip():
+            # Path("") is the current folder, where the run's files would land beside (and over) the user's own
+            raise ConfigError("output_dir is empty; name the run's folder, e.g. output_dir=runs/a")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of builtins."""

@@ -10,12 +10,15 @@ from ..utils.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
+METRICS_FILE = "metrics.csv"
+TENSORBOARD_DIR = "tensorboard"
+
 
 class MetricsLogger:
     """Rows of ``metrics.csv``; a resumed run keeps the rows of the steps its checkpoint includes."""
 
     def __init__(self, output_dir: Path, start_step: int, tensorboard: bool) -> None:
-        self.path = output_dir / "metrics.csv"
+        self.path = output_dir / METRICS_FILE
         self.fields: list[str] = []
         kept = _rows_up_to(self.path, start_step) if self.path.is_file() else []
         self._rewrite(kept)
@@ -24,7 +27,7 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step)
+                self.writer = SummaryWriter(str(output_dir / TENSORBOARD_DIR), purge_step=start_step)
             except ImportError:
                 log.warning("tensorboard is not installed (pip install 'vita-toolkit[train]'); logging to CSV only")
 

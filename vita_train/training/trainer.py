@@ -20,9 +20,12 @@ from . import distributed
 from .config import TrainConfig
 from .datasets import build_dataset, build_train_loader_from_config
 from .init_weights import freeze_detector, init_backbone, init_from_checkpoint
-from .metrics import MetricsLogger
+from .metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsLogger
 from .optim import build_optimizer, build_scheduler
+from .paths import is_within
 from .state import (
+    CHECKPOINT_DIR,
+    LAST_CHECKPOINT,
     ResumeError,
     TrainingState,
     last_checkpoint,
@@ -33,6 +36,11 @@ from .state import (
 )
 
 log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+FINAL_CHECKPOINT = "model_final.pth"
+# everything a run writes into its output_dir
+RUN_OUTPUTS = (CONFIG_FILE, METRICS_FILE, FINAL_CHECKPOINT, LAST_CHECKPOINT, CHECKPOINT_DIR, TENSORBOARD_DIR)
 
 
 class TrainingError(RuntimeError):
@@ -109,32 +117,60 @@ def build_model(cfg: TrainConfig) -> VitaModel:
     return model.train()
 
 
-def _check_output_dir(output_dir: Path, resume: bool | str) -> Optional[Path]:
-    """The checkpoint to resume from (or None), refusing to overwrite another run's files."""
+def _check_output_dir(output_dir: Path, resume: bool | str, inputs: dict[str, str]) -> Optional[Path]:
+    """The checkpoint to resume from (or None); refuses, before anything is written, a run that would overwrite
+    files it did not write itself. ``inputs`` names the user's files (recipe, init...) by what they are."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise TrainingError(f"output_dir {output_dir} is a file, not a folder; choose another output_dir")
     if isinstance(resume, str) and resume:
-        path = Path(resume)
-        if not path.is_file():
-            raise ResumeError(f"--resume {path}: no such checkpoint")
-        return path
-    existing = last_checkpoint(output_dir) if output_dir.is_dir() else None
-    if resume:
-        if existing is None:
+        resume_from: Optional[Path] = Path(resume)
+        if not resume_from.is_file():
+            raise ResumeError(f"--resume {resume_from}: no such checkpoint")
+        # only a checkpoint of the run in output_dir makes that run's files its own
+        own_run = is_within(resume_from, output_dir / CHECKPOINT_DIR)
+    else:
+        resume_from = last_checkpoint(output_dir) if resume and output_dir.is_dir() else None
+        own_run = resume_from is not None
+    if own_run:
+        return resume_from
+    existing = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+    if not existing:
+        if resume is True:
             log.warning("nothing to resume in %s: starting a new run", output_dir)
-        return existing
-    if existing is not None or (output_dir / "metrics.csv").exists():
+        return resume_from
+    held = ", ".join(existing)
+    for what, given in inputs.items():
+        for name in existing:
+            if given and is_within(Path(given), output_dir / name):
+                raise TrainingError(
+                    f"the {what} {given} is in the way of the {name} this run writes into output_dir {output_dir}; "
+                    "choose another output_dir (nothing was changed)"
+                )
+    if resume_from is not None:
         raise TrainingError(
-            f"{output_dir} already holds a training run; pass --resume to continue it, or choose another "
-            "output_dir (nothing there was changed)"
+            f"--resume {resume_from} is not a checkpoint of the run in output_dir {output_dir}, which already holds "
+            f"{held}; resume into an empty output_dir, or resume that run with --resume alone (nothing was changed)"
         )
-    return None
+    if LAST_CHECKPOINT in existing or METRICS_FILE in existing:
+        hint = "pass --resume to continue it, or choose another output_dir"
+        if resume:
+            hint = f"it has no {LAST_CHECKPOINT} to resume from; choose another output_dir or move its files away"
+        raise TrainingError(f"{output_dir} already holds a training run ({held}); {hint} (nothing there was changed)")
+    raise TrainingError(
+        f"output_dir {output_dir} already holds {held}, which this run would overwrite; choose another output_dir or "
+        "move them away (nothing there was changed)"
+    )
 
 
-def train(cfg: TrainConfig, resume: bool | str = False, progress: bool = False) -> TrainResult:
-    """Run (or resume) training as ``cfg`` says; returns where the final checkpoint is."""
+def train(
+    cfg: TrainConfig, resume: bool | str = False, progress: bool = False, recipe: str | Path | None = None
+) -> TrainResult:
+    """Run (or resume) training as ``cfg`` says (read from ``recipe``, if any); returns the final checkpoint."""
     device = pick_device(cfg.device)
     dist_info = distributed.init_distributed(device)
     output_dir = Path(cfg.output_dir)
-    resume_from = _check_output_dir(output_dir, resume)
+    inputs = {"recipe": str(recipe or ""), "init checkpoint": cfg.init, "backbone_init weights": cfg.backbone_init}
+    resume_from = _check_output_dir(output_dir, resume, inputs)
     if cfg.solver.batch_size % dist_info.world_size:
         raise TrainingError(
             f"solver.batch_size={cfg.solver.batch_size} does not divide over {dist_info.world_size} processes"
@@ -173,7 +209,7 @@ def train(cfg: TrainConfig, resume: bool | str = False, progress: bool = False) 
     if dist_info.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         text = cfg.to_yaml()
-        atomic_write(output_dir / "config.yaml", lambda f: f.write(text), binary=False)
+        atomic_write(output_dir / CONFIG_FILE, lambda f: f.write(text), binary=False)
     metrics = MetricsLogger(output_dir, start, cfg.tensorboard) if dist_info.is_main else None
     params = [p for p in model.parameters() if p.requires_grad]
     bar = None
@@ -244,7 +280,7 @@ def train(cfg: TrainConfig, resume: bool | str = False, progress: bool = False) 
         if metrics is not None:
             metrics.close()
 
-    final = output_dir / "model_final.pth"
+    final = output_dir / FINAL_CHECKPOINT
     if dist_info.is_main:
         from ..checkpoint.native import save_checkpoint
 
