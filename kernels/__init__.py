@@ -85,6 +85,12 @@ def window_attention(
     ``frame_offset`` is the absolute index of the first frame when a chunk of a longer clip is given
     (chunks must start and end on window boundaries). Softmax scale 1/sqrt(d).
     """
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k and v must all be (B, heads, T*N, d) of one shape, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k and v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} on "
+                         f"{q.device}/{k.device}/{v.device}")
     if q.shape[-2] % tokens_per_frame:
         raise ValueError(f"{q.shape[-2]} tokens are not a whole number of frames of {tokens_per_frame} tokens")
     impl = resolve(mode, q.device.type)

@@ -104,6 +104,17 @@ def test_window_attention_rejects_partial_frames():
         kernels.window_attention(q[:, :, :7], k[:, :, :7], v[:, :, :7], 5, W, False)
 
 
+
+def test_window_attention_names_mismatched_inputs():
+    """q of another head size, or k of another dtype: a message naming the three inputs, not a failed reshape
+    or a dtype error from inside the attention op."""
+    q, k, v = _qkv(1, 2, 5, seed=0)
+    with pytest.raises(ValueError, match="q, k and v must all be"):
+        kernels.window_attention(q[..., :8], k, v, 5, W, False)
+    with pytest.raises(ValueError, match="must share dtype and device"):
+        kernels.window_attention(q.double(), k, v, 5, W, False)
+
+
 SHAPES = [(6, 5), (3, 3), (2, 1)]
 
 
