@@ -379,3 +379,14 @@ def test_resume_from_another_runs_checkpoint_into_a_run_is_refused(tmp_path, one
                     f"--resume={run / 'checkpoints' / 'model_0000001.pth'}")
     assert code == 2 and "not a checkpoint of the run" in err, err
     assert (other / "metrics.csv").read_text() == "step,total_loss\n1,3.0\n"
+
+
+def test_category_map_class_count_is_checked_up_front(tmp_path, synthetic, capsys):
+    """A category_map onto 40 YouTube-VIS classes for a 4-class model exits 2 naming both, before any write."""
+    coco = {"name": "synth_coco", "format": "coco", "json": str(synthetic / "coco" / "instances.json"),
+            "images": str(synthetic / "coco" / "images"), "category_map": "coco_to_ytvis_2019"}
+    path = recipe(tmp_path, synthetic, data={"datasets": [coco], "num_frames": 1, "num_workers": 0})
+    code, err = cli(capsys, "train", "--config", str(path), "--no-progress")
+    assert code == 2, err
+    assert "category_map coco_to_ytvis_2019 maps onto 40 classes" in err and "model.num_classes=4" in err, err
+    assert not (tmp_path / "run").exists()

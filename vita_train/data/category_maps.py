@@ -13,7 +13,9 @@ from typing import Mapping, Sequence, Union
 
 from vita_train.data.class_names import OVIS, YTVIS_2019, YTVIS_2021
 
-__all__ = ["COCO_TO_OVIS", "COCO_TO_YTVIS_2019", "COCO_TO_YTVIS_2021", "coco_category_map", "target_key"]
+__all__ = [
+    "COCO_TO_OVIS", "COCO_TO_YTVIS_2019", "COCO_TO_YTVIS_2021", "coco_category_map", "target_class_names", "target_key",
+]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,11 @@ def target_key(target: str) -> str:
             f"no COCO category table for target dataset {target!r}; known targets: ytvis_2019, ytvis_2021, ovis"
         )
     return _ALIASES[name]
+
+
+def target_class_names(target: str) -> tuple[str, ...]:
+    """Class names of ``target`` (label k = category id k + 1), the label space a COCO map leads into."""
+    return _TABLES[target_key(target)][1]
 
 
 def coco_category_map(target: str, target_categories: CategoryList | None = None) -> dict[int, int]:

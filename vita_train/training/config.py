@@ -10,6 +10,7 @@ import yaml
 
 from ..config import ConfigError, ModelConfig, config_from_dict, config_to_dict, set_dotted
 from ..data.augment import AugmentConfig
+from ..data.category_maps import target_class_names
 from ..losses.config import LossConfig
 from ..presets import PRESET_NAMES, preset
 
@@ -103,6 +104,15 @@ class TrainConfig:
                 )
             if ds.ratio <= 0:
                 raise ConfigError(f"data.datasets[{i}].ratio must be > 0, got {ds.ratio}")
+            if ds.category_map:
+                # labels past the model's classes only fail deep in the loss matcher, after the run wrote its files
+                k = len(target_class_names(category_map_target(ds.category_map)))
+                if k != self.model.num_classes:
+                    raise ConfigError(
+                        f"data.datasets[{i}].category_map {ds.category_map} maps onto {k} classes but "
+                        f"model.num_classes={self.model.num_classes}; set model.num_classes={k} (and its class_names), "
+                        "or give the category_map of the model's dataset"
+                    )
         if self.checkpoint_period < 1 or self.log_period < 1:
             raise ConfigError("checkpoint_period and log_period must be >= 1")
         if not self.output_dir.strip():
@@ -144,6 +154,11 @@ class TrainConfig:
         for key, value in dotted.items():
             set_dotted(data, key, value)
         return TrainConfig.from_dict(data)
+
+
+def category_map_target(category_map: str) -> str:
+    """The target dataset of a ``category_map`` value (``coco_to_ytvis_2019`` -> ``ytvis_2019``)."""
+    return category_map.removeprefix("coco_to_")
 
 
 def load_recipe_dict(path: Path, _seen: Optional[set] = None) -> dict[str, Any]:

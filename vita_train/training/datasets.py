@@ -11,7 +11,7 @@ from ..data.category_maps import coco_category_map
 from ..data.clips import make_source
 from ..data.loader import MixedClipDataset, build_train_loader
 from ..data.records import load_coco, load_ytvis
-from .config import TrainConfig
+from .config import TrainConfig, category_map_target
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def build_dataset(cfg: TrainConfig) -> MixedClipDataset:
     for i, ds in enumerate(data.datasets):
         if not ds.json or not ds.images:
             raise ConfigError(f"data.datasets[{i}] ({ds.name}) needs both 'json' and 'images' paths")
-        category_map = coco_category_map(ds.category_map.removeprefix("coco_to_")) if ds.category_map else None
+        category_map = coco_category_map(category_map_target(ds.category_map)) if ds.category_map else None
         loader = load_ytvis if ds.format == "ytvis" else load_coco
         records = loader(ds.json, ds.images, name=ds.name, category_map=category_map)
         if category_map is None and len(records.class_names) != cfg.model.num_classes:
