@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from dataclasses import replace
@@ -419,3 +420,23 @@ def test_clip_with_no_instance_left_is_valid():
     clip = assemble_clip(frames, [np.zeros((0, 8, 10), bool)] * 3, [[], [], []], [], [], "test")
     assert clip["images"].shape == (3, 3, 8, 10)
     assert clip["labels"].shape == (0,) and clip["ids"].shape == (0, 3) and clip["masks"].shape == (0, 3, 8, 10)
+
+
+def test_labels_follow_category_ids_not_list_order(data_dir, tmp_path):
+    """Categories listed out of id order keep label = id - 1 (results report label + 1); ids not 1..K are refused."""
+    src = json.loads((data_dir / "ytvis.json").read_text())
+    gt = copy.deepcopy(src)
+    gt["categories"] = gt["categories"][::-1]
+    (tmp_path / "reversed.json").write_text(json.dumps(gt))
+    ds = load_ytvis(tmp_path / "reversed.json", data_dir / "frames")
+    cat_of = {a["id"]: a["category_id"] for a in src["annotations"]}
+    assert all(inst.label == cat_of[inst.ann_id] - 1 for v in ds.videos for inst in v.instances)
+    assert ds.class_names == tuple(c["name"] for c in sorted(src["categories"], key=lambda c: c["id"]))
+
+    for c in gt["categories"]:
+        c["id"] += 1
+    for a in gt["annotations"]:
+        a["category_id"] += 1
+    (tmp_path / "shifted.json").write_text(json.dumps(gt))
+    with pytest.raises(DatasetError, match=r"shifted.json: category ids are \[2, 3, 4\].*must be 1..K"):
+        load_ytvis(tmp_path / "shifted.json", data_dir / "frames")

@@ -390,3 +390,19 @@ def test_category_map_class_count_is_checked_up_front(tmp_path, synthetic, capsy
     assert code == 2, err
     assert "category_map coco_to_ytvis_2019 maps onto 40 classes" in err and "model.num_classes=4" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_dataset_naming_other_classes_than_the_model_warns(tmp_path, synthetic, caplog):
+    """A dataset whose label k names another class than model.class_names[k] is trained with a warning naming both."""
+    from vita_train.training.config import TrainConfig
+    from vita_train.training.datasets import build_dataset
+
+    swapped = list(SYNTHETIC_CLASSES[::-1])
+    cfg = TrainConfig.from_yaml(recipe(tmp_path, synthetic), [f"model.class_names={swapped}"])
+    with caplog.at_level("WARNING", logger="vita_train.training.datasets"):
+        build_dataset(cfg)
+    assert f"0: {SYNTHETIC_CLASSES[0]!r} vs {swapped[0]!r}" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vita_train.training.datasets"):
+        build_dataset(TrainConfig.from_yaml(recipe(tmp_path, synthetic)))
+    assert "other classes" not in caplog.text

@@ -6,9 +6,11 @@ categories, the video/image ids annotations refer to, the per-frame segmentation
 formats, and that every referenced image file exists. Errors raise :class:`DatasetError` naming the
 JSON file, the offending id and what to do.
 
-Class labels are 0-based indices in the order of the JSON's ``categories`` list, or, with a
-``category_map`` (source category id -> 0-based target index), in the target label space; then
-annotations of unmapped categories are dropped (COCO -> YouTube-VIS joint training).
+Class labels are 0-based positions of the categories in ascending id order (detectron2's contiguous
+ids), so YouTube-VIS / OVIS category id k is label k - 1 whatever the order of the ``categories`` list;
+their ids must be 1..K, as results report label + 1 as the category id. With a ``category_map`` (source
+category id -> 0-based target index) labels are in the target label space; then annotations of unmapped
+categories are dropped (COCO -> YouTube-VIS joint training).
 """
 
 from __future__ import annotations
@@ -216,18 +218,17 @@ def _categories(
 ) -> tuple[set[int], dict[int, int], Optional[tuple[str, ...]]]:
     """Known category ids, id -> label, and class names (None when a category_map decides the labels)."""
     cats = _require_list(data, "categories", path, "COCO/YouTube-VIS")
-    ids: list[int] = []
-    names: list[str] = []
+    name_of: dict[int, str] = {}
     for c in cats:
         if not isinstance(c, dict) or "id" not in c:
             raise DatasetError(f"{path}: every entry of 'categories' needs an 'id', got {c!r}")
-        ids.append(int(c["id"]))
-        names.append(str(c.get("name", c["id"])))
-    if len(set(ids)) != len(ids):
-        dup = sorted({i for i in ids if ids.count(i) > 1})
-        raise DatasetError(f"{path}: duplicate category ids {dup} in 'categories'")
+        cid = int(c["id"])
+        if cid in name_of:
+            raise DatasetError(f"{path}: category id {cid} appears twice in 'categories'")
+        name_of[cid] = str(c.get("name", cid))
+    ids = sorted(name_of)
     if category_map is None:
-        return set(ids), {cid: i for i, cid in enumerate(ids)}, tuple(names)
+        return set(ids), {cid: i for i, cid in enumerate(ids)}, tuple(name_of[cid] for cid in ids)
     return set(ids), {int(k): int(v) for k, v in category_map.items()}, None
 
 
@@ -300,6 +301,11 @@ def load_ytvis(
     videos_json = _require_list(data, "videos", path, "YouTube-VIS/OVIS")
     anns_json = _require_list(data, "annotations", path, "YouTube-VIS/OVIS (training split)")
     known_cats, label_of, names = _categories(data, path, category_map)
+    if category_map is None and sorted(known_cats) != list(range(1, len(known_cats) + 1)):
+        raise DatasetError(
+            f"{path}: category ids are {sorted(known_cats)}, but YouTube-VIS/OVIS ids must be 1..K (a model's label "
+            "k is reported as category id k + 1); renumber the categories and their annotations, or give a category_map"
+        )
     if class_names is not None:
         names = tuple(class_names)
 

@@ -7,7 +7,7 @@ import logging
 from torch.utils.data import DataLoader
 
 from ..config import ConfigError
-from ..data.category_maps import coco_category_map
+from ..data.category_maps import coco_category_map, target_class_names
 from ..data.clips import make_source
 from ..data.loader import MixedClipDataset, build_train_loader
 from ..data.records import load_coco, load_ytvis
@@ -34,10 +34,31 @@ def build_dataset(cfg: TrainConfig) -> MixedClipDataset:
                 f"model.num_classes={cfg.model.num_classes}; set model.num_classes (and class_names) to match, or "
                 "give a category_map"
             )
+        names = records.class_names
+        if category_map is not None:
+            names = target_class_names(category_map_target(ds.category_map))
+        _warn_if_other_classes(ds.name, names, cfg.model.class_names)
         sources.append(make_source(records, data.num_frames, data.frame_range, data.augment, ds.name))
         ratios.append(ds.ratio)
         log.info("dataset %s: %d items, ratio %.2f", ds.name, len(sources[-1]), ds.ratio)
     return MixedClipDataset(sources, ratios, seed=cfg.seed)
+
+
+def _warn_if_other_classes(dataset: str, names: tuple[str, ...] | None, model_names: tuple[str, ...]) -> None:
+    """Warn when a dataset's label k names another class than the model's label k (another dataset's model)."""
+    if not names or not model_names:
+        return
+
+    def key(name: str) -> str:
+        return name.strip().lower().replace(" ", "_").replace("-", "_")
+
+    differ = [f"{k}: {a!r} vs {b!r}" for k, (a, b) in enumerate(zip(names, model_names)) if key(a) != key(b)]
+    if differ:
+        log.warning(
+            "dataset %s names other classes than model.class_names at %d labels (label: dataset vs model; %s%s); the "
+            "model will learn and report the dataset's classes under its own names: check model.class_names",
+            dataset, len(differ), "; ".join(differ[:5]), ", ..." if len(differ) > 5 else "",
+        )
 
 
 def build_train_loader_from_config(
