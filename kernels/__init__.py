@@ -115,6 +115,7 @@ def ms_deform_attn(
     value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor, mode: str = "auto"
 ) -> Tensor:
     """Multi-scale deformable attention sampling, the signature of ``kernels.reference.ms_deform_attn``."""
+    _check_deform_inputs(value, shapes, locations, weights)
     impl = resolve(mode, value.device.type)
     if impl == "triton":
         return _triton_module().ms_deform_attn(value, shapes, locations, weights)
@@ -123,6 +124,21 @@ def ms_deform_attn(
     if impl == "reference" or (needs_grad and torch.is_grad_enabled()):
         return reference.ms_deform_attn(value, shapes, locations, weights)
     return cpu.ms_deform_attn(value, shapes, locations, weights)
+
+
+def _check_deform_inputs(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor) -> None:
+    """Name what does not fit together (every form failed deep inside, in a split or a reshape, otherwise)."""
+    if value.dim() != 4 or locations.dim() != 6 or weights.dim() != 5:
+        raise ValueError(f"value must be (N, S, heads, D), locations (N, Lq, heads, levels, points, 2) and weights "
+                         f"(N, Lq, heads, levels, points); got {tuple(value.shape)}, {tuple(locations.shape)} and "
+                         f"{tuple(weights.shape)}")
+    n, s, heads, _ = value.shape
+    if sum(h * w for h, w in shapes) != s:
+        raise ValueError(f"the levels' sizes {list(shapes)} hold {sum(h * w for h, w in shapes)} positions, value {s}")
+    expected = (n, locations.shape[1], heads, len(shapes), locations.shape[4])
+    if tuple(locations.shape) != (*expected, 2) or tuple(weights.shape) != expected:
+        raise ValueError(f"locations must be {(*expected, 2)} and weights {expected} for this value and "
+                         f"{len(shapes)} levels; got {tuple(locations.shape)} and {tuple(weights.shape)}")
 
 
 def native_ms_deform_attn_usable(*tensors: Tensor) -> bool:

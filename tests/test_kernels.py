@@ -118,6 +118,20 @@ def test_window_attention_names_mismatched_inputs():
 SHAPES = [(6, 5), (3, 3), (2, 1)]
 
 
+def test_ms_deform_attn_names_inputs_that_do_not_fit_together():
+    """Levels' sizes that do not add up to the value, or locations/weights of other levels or points: a message
+    giving the expected shapes, not a failed split or reshape from inside."""
+    s = sum(h * w for h, w in SHAPES)
+    value, locations, weights = torch.randn(1, s, 2, 8), torch.rand(1, 7, 2, 3, 4, 2), torch.rand(1, 7, 2, 3, 4)
+    assert kernels.ms_deform_attn(value, SHAPES, locations, weights).shape == (1, 7, 16)
+    with pytest.raises(ValueError, match="hold 46 positions, value 41"):
+        kernels.ms_deform_attn(value, [(6, 5), (3, 4), (2, 2)], locations, weights)
+    with pytest.raises(ValueError, match=r"locations must be \(1, 7, 2, 3, 4, 2\)"):
+        kernels.ms_deform_attn(value, SHAPES, locations[:, :, :, :2], weights)
+    with pytest.raises(ValueError, match="value must be"):
+        kernels.ms_deform_attn(value.flatten(2), SHAPES, locations, weights)
+
+
 @pytest.mark.parametrize("lq", [1, 7, 100])
 def test_ms_deform_attn_cpu_form(lq):
     value, locations, weights = _msda_inputs(2, lq, SHAPES, 4, seed=lq)
