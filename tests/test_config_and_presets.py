@@ -27,6 +27,13 @@ def test_unknown_key_is_a_clear_error():
         preset("vita_r50_ytvis19").replace(**{"vita.nope": 1})
 
 
+@pytest.mark.parametrize("key", ["input.min_size_test", "input.max_size_test", "test.detector_chunk", "test.mask_chunk"])
+def test_sizes_and_chunks_below_one_are_refused(key):
+    """A test size or chunk of 0 (load_model(min_size=0), a YAML typo) was accepted and failed or misread later."""
+    with pytest.raises(ConfigError, match=f"{key} must be >= 1, got 0"):
+        preset("vita_r50_ytvis19").replace(**{key: 0})
+
+
 def test_released_preset_values():
     r50, swin, ovis = preset("vita_r50_ytvis19"), preset("vita_swinl_ytvis21"), preset("vita_r101_ovis")
     assert (r50.frame_decoder.num_queries, swin.frame_decoder.num_queries) == (100, 200)

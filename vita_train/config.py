@@ -144,6 +144,10 @@ class ModelConfig:
             raise ConfigError(f"vita.window must be >= 0 (0 = full attention), got {self.vita.window}")
         if self.test.topk < 1:
             raise ConfigError(f"test.topk must be >= 1, got {self.test.topk}")
+        for key in ("input.min_size_test", "input.max_size_test", "test.detector_chunk", "test.mask_chunk"):
+            section, name = key.split(".")
+            if getattr(getattr(self, section), name) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(getattr(self, section), name)}")
         if self.test.token_dtype not in TOKEN_DTYPES:
             raise ConfigError(f"test.token_dtype must be one of {TOKEN_DTYPES}, got {self.test.token_dtype!r}")
         if self.kernels not in KERNEL_MODES:
