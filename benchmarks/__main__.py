@@ -136,6 +136,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
     else:
         s.device = args.device
     s.progress = sys.stderr.isatty() if args.progress is None else args.progress
+    if s.compare is not None and s.compare.resolve() == s.out.resolve():
+        # the first row written would replace the very record it is to be compared with
+        raise ValueError(f"--compare {s.compare} is the --out folder; write the new run to another folder "
+                         "(--out NEW) to compare it with the results already there")
     if s.official_s_per_frame is not None and not s.official_s_per_frame > 0:
         raise ValueError(f"--official-s-per-frame must be a positive number of seconds, got {s.official_s_per_frame}")
     if s.repeats < 1 or s.warmup < 0 or s.threads < 1:

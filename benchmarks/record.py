@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from vita_train.utils.atomic import atomic_write
 
+log = logging.getLogger(__name__)
+PREVIOUS = ".previous"  # <name>.previous.json: the complete record a new run in the same folder set aside
 LOWER_IS_BETTER = ("time", "memory", "error")
 HIGHER_IS_BETTER = ("rate", "ratio", "frames", "score")
 KINDS = LOWER_IS_BETTER + HIGHER_IS_BETTER + ("count", "change", "text")
@@ -183,6 +187,7 @@ class Record:
         self.plots: list[str] = []
         self.status = "running"
         self.started = _now()
+        self._written = False
 
     @property
     def json_path(self) -> Path:
@@ -231,7 +236,10 @@ class Record:
         }
 
     def flush(self) -> None:
-        """Write ``<name>.json`` and ``<name>.md`` atomically."""
+        """Write ``<name>.json`` and ``<name>.md`` atomically (the first write sets an earlier record aside)."""
+        if not self._written:
+            set_aside_earlier_record(self.out_dir, self.name)
+            self._written = True
         data = self.to_dict()
         text = json.dumps(data, indent=1, allow_nan=False)
         atomic_write(self.json_path, lambda f: f.write(text), binary=False)
@@ -257,3 +265,37 @@ def load_record(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict) or "benchmark" not in data or "tables" not in data:
         raise ValueError(f"{path} is JSON but not a benchmark results file (no 'benchmark'/'tables')")
     return data
+
+
+def set_aside_earlier_record(out_dir: Path, name: str) -> None:
+    """Keep a complete ``<name>.json`` already in ``out_dir`` (with its markdown and plots) as
+    ``<name>.previous.*``; drop an incomplete one's plots. Called before a new run's first write."""
+    out_dir = Path(out_dir)
+    path = out_dir / f"{name}.json"
+    if not path.exists():
+        return
+    try:
+        old: Optional[dict[str, Any]] = load_record(path)
+    except ValueError:
+        old = None
+    if old is not None and old.get("status") != "complete":
+        # a failed or interrupted run is what a new run replaces; its plots would pass for the new run's
+        for plot in old.get("plots", []):
+            (out_dir / plot).unlink(missing_ok=True)
+        return
+    if old is None:
+        # not a record this code can read: kept byte for byte, not overwritten
+        os.replace(path, out_dir / f"{name}{PREVIOUS}.json")
+        log.warning("%s is not a readable benchmark record; kept as %s%s.json", path, name, PREVIOUS)
+        return
+    plots = []
+    for plot in old.get("plots", []):
+        if (out_dir / plot).exists():
+            kept = f"{Path(plot).stem}{PREVIOUS}{Path(plot).suffix}"
+            os.replace(out_dir / plot, out_dir / kept)
+            plots.append(kept)
+    old["plots"] = plots
+    text, md = json.dumps(old, indent=1, allow_nan=False), record_markdown(old)
+    atomic_write(out_dir / f"{name}{PREVIOUS}.json", lambda f: f.write(text), binary=False)
+    atomic_write(out_dir / f"{name}{PREVIOUS}.md", lambda f: f.write(md), binary=False)
+    log.info("the earlier complete %s record in %s is kept as %s%s.json", name, out_dir, name, PREVIOUS)

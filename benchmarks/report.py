@@ -7,7 +7,7 @@ from typing import Optional
 
 from vita_train.utils.atomic import atomic_write
 
-from .record import load_record, record_markdown
+from .record import PREVIOUS, load_record, record_markdown
 
 
 def write_report(directory: Path, out: Optional[Path] = None) -> Path:
@@ -20,6 +20,8 @@ def write_report(directory: Path, out: Optional[Path] = None) -> Path:
     order = list(BENCHMARKS)
     records = []
     for path in sorted(directory.glob("*.json")):
+        if path.name.endswith(f"{PREVIOUS}.json"):
+            continue  # an earlier run's record, set aside by the run that replaced it
         try:
             records.append(load_record(path))
         except ValueError:

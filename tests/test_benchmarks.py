@@ -422,3 +422,58 @@ def test_stage_timer_counts_overlapping_detector_calls_once():
 
     _, wall = timer.run(segment)
     assert 0.19 <= timer.stages["detector"] <= wall < 0.35  # summed, the two calls would give 0.4
+
+
+def _bench(*args: str, cwd: Path = REPO, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m benchmarks ARGS`` as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "benchmarks", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+# the smallest real e2e run: vita_tiny, 2 frames, torch only, one timed run
+TINY_E2E = ("e2e", "--quick", "--frames", "2", "--repeats", "1", "--backend", "torch", "--threads", "2", "--device",
+            "cpu", "--no-progress")
+
+
+def test_compare_with_the_out_folder_itself_is_refused(tmp_path: Path):
+    """--out and --compare naming one folder: refused up front, the record there untouched (it was overwritten
+    by the new run's first row and the run then compared with itself)."""
+    old = tmp_path / "r"
+    old.mkdir()
+    (old / "e2e.json").write_text('{"benchmark": "e2e", "tables": [], "status": "complete"}')
+    proc = _bench(*TINY_E2E, "--out", str(old), "--compare", str(tmp_path / "." / "r"), timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: --compare") and "is the --out folder" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (old / "e2e.json").read_text() == '{"benchmark": "e2e", "tables": [], "status": "complete"}'
+
+
+def test_a_new_run_sets_an_earlier_complete_record_aside(tmp_path: Path):
+    """A new run into a folder that holds a complete record keeps that record (JSON, markdown, plots) as
+    <name>.previous.*, so a new run that fails after one row costs nothing; an incomplete one is replaced."""
+    from benchmarks.report import write_report
+
+    def run(status: str, seconds: list[float], plot: bool) -> None:
+        rec = Record("e2e", "End to end", tmp_path, {"threads": 1}, {})
+        table = rec.table("t", "A table", [Column("backend", "backend"), Column("s", "s/frame", "time")], keys=("backend",))
+        rec.add(table, {"backend": "torch", "s": stat(seconds)})
+        if plot:
+            (tmp_path / "e2e_stages.png").write_bytes(b"png of run " + status.encode())
+            rec.plots.append("e2e_stages.png")
+        rec.finish(status)
+
+    run("complete", [0.5], plot=True)
+    run("failed", [0.9], plot=False)
+    assert load_record(tmp_path / "e2e.json")["status"] == "failed"
+    kept = load_record(tmp_path / "e2e.previous.json")
+    assert kept["status"] == "complete" and kept["tables"][0]["rows"][0]["s"]["median"] == 0.5
+    # the earlier run's plot went with its record, not left beside the new one as if it were its own
+    assert kept["plots"] == ["e2e_stages.previous.png"] and not (tmp_path / "e2e_stages.png").exists()
+    assert (tmp_path / "e2e_stages.previous.png").read_bytes() == b"png of run complete"
+    assert "e2e_stages.previous.png" in (tmp_path / "e2e.previous.md").read_text()
+    # a failed record is replaced, the complete one set aside stays
+    run("complete", [0.6], plot=False)
+    assert load_record(tmp_path / "e2e.json")["tables"][0]["rows"][0]["s"]["median"] == 0.6
+    assert load_record(tmp_path / "e2e.previous.json")["tables"][0]["rows"][0]["s"]["median"] == 0.5
+    # the report renders the current records only
+    assert write_report(tmp_path).read_text().count("# End to end") == 1
