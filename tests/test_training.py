@@ -406,3 +406,36 @@ def test_dataset_naming_other_classes_than_the_model_warns(tmp_path, synthetic, 
     with caplog.at_level("WARNING", logger="vita_train.training.datasets"):
         build_dataset(TrainConfig.from_yaml(recipe(tmp_path, synthetic)))
     assert "other classes" not in caplog.text
+
+
+def _copy_run(run: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, dst)
+    return dst
+
+
+def test_resume_applies_a_changed_learning_rate(tmp_path, one_step_run, capsys):
+    """--resume with solver.base_lr changed trains at the new rate, which config.yaml then records."""
+    path, run = one_step_run
+    out = _copy_run(run, tmp_path / "run")
+    code, err = cli(capsys, "train", "--config", str(path), f"output_dir={out}", "solver.base_lr=2e-3",
+                    "solver.max_iter=2", "--resume", "--no-progress")
+    assert code == 0, err
+    with open(out / "metrics.csv", newline="") as f:
+        lr = {int(r["step"]): float(r["lr"]) for r in csv.DictReader(f)}
+    assert lr[2] == pytest.approx(2 * lr[1])  # base_lr 1e-3 -> 2e-3, no decay before step 4
+    assert yaml.safe_load((out / "config.yaml").read_text())["solver"]["base_lr"] == 2e-3
+
+
+def test_resume_with_another_model_is_a_resume_error(tmp_path, one_step_run, capsys):
+    """--resume with a changed model.* key names the key and the run's config.yaml; nothing is written."""
+    path, run = one_step_run
+    out = _copy_run(run, tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    code, err = cli(capsys, "train", "--config", str(path), f"output_dir={out}",
+                    "model.frame_decoder.num_queries=7", "--resume", "--no-progress")
+    assert code == 2, err
+    assert "model.frame_decoder.num_queries" in err and "run's own config.yaml" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import yaml
 from torch import nn
 
 from ..checkpoint.native import save_checkpoint
@@ -87,3 +88,20 @@ def load_training_checkpoint(path: Path) -> tuple[dict, TrainingState]:
             f"init={path} instead of resuming"
         )
     return raw["model"], TrainingState(**raw["training"])
+
+
+def config_changes(saved_yaml: str, current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (checkpoint's value, current value) for every setting ``current`` changes."""
+    saved = _flatten(yaml.safe_load(saved_yaml) or {})
+    now = _flatten(yaml.safe_load(yaml.safe_dump(current)))  # the same YAML round trip (tuples -> lists)
+    return {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -21,13 +21,14 @@ from .config import TrainConfig
 from .datasets import build_dataset, build_train_loader_from_config
 from .init_weights import freeze_detector, init_backbone, init_from_checkpoint
 from .metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsLogger
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, lr_factor, parameter_groups
 from .paths import is_within
 from .state import (
     CHECKPOINT_DIR,
     LAST_CHECKPOINT,
     ResumeError,
     TrainingState,
+    config_changes,
     last_checkpoint,
     load_training_checkpoint,
     rng_state,
@@ -171,6 +172,9 @@ def train(
     output_dir = Path(cfg.output_dir)
     inputs = {"recipe": str(recipe or ""), "init checkpoint": cfg.init, "backbone_init weights": cfg.backbone_init}
     resume_from = _check_output_dir(output_dir, resume, inputs)
+    if resume_from is not None:
+        weights, state = load_training_checkpoint(resume_from)
+        _check_resumable(cfg, state, resume_from)
     if cfg.solver.batch_size % dist_info.world_size:
         raise TrainingError(
             f"solver.batch_size={cfg.solver.batch_size} does not divide over {dist_info.world_size} processes"
@@ -189,13 +193,17 @@ def train(
 
     start = 0
     if resume_from is not None:
-        weights, state = load_training_checkpoint(resume_from)
-        model.load_state_dict(weights)
-        optimizer.load_state_dict(state.optimizer)
+        try:
+            model.load_state_dict(weights)
+            optimizer.load_state_dict(state.optimizer)
+        except (RuntimeError, ValueError) as err:  # a checkpoint whose recorded config does not describe it
+            raise ResumeError(f"{resume_from} does not fit the model of the config ({str(err).splitlines()[0]}); "
+                              "resume with the run's own config.yaml") from None
         scheduler.load_state_dict(state.scheduler)
         if state.scaler is not None and scaler.is_enabled():
             scaler.load_state_dict(state.scaler)
         start = state.step
+        _apply_solver(optimizer, scheduler, model, cfg, start)
         log.info("resuming %s at step %d", resume_from, start)
     if dist_info.world_size > 1:
         ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
@@ -287,6 +295,40 @@ def train(
         save_checkpoint(final, model, extra={"recipe": cfg.to_yaml()})
     distributed.barrier()
     return TrainResult(output_dir, final, cfg.solver.max_iter, last)
+
+
+# settings a resumed run cannot take from the config: the weights, and so the model, come from the checkpoint
+_FIXED_ON_RESUME = ("model.", "init", "backbone_init", "freeze_detector")
+
+
+def _check_resumable(cfg: TrainConfig, state: TrainingState, checkpoint: Path) -> None:
+    """Refuse a resume whose config changes what the checkpoint fixes; log the changes it will apply."""
+    changes = config_changes(state.train_config, cfg.to_dict())
+    fixed = {k: v for k, v in changes.items() if k.startswith(_FIXED_ON_RESUME)}
+    if fixed:
+        listed = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} in the config" for k, (old, new) in fixed.items())
+        raise ResumeError(
+            f"the checkpoint {checkpoint} was trained with another model or start than the config ({listed}); "
+            "resume with the run's own config.yaml, or start a new run from the checkpoint with init=CHECKPOINT"
+        )
+    for key, (old, new) in changes.items():
+        if key != "output_dir":
+            log.info("resume: %s changes from %r to %r", key, old, new)
+
+
+def _apply_solver(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, model: nn.Module,
+    cfg: TrainConfig, step: int,
+) -> None:
+    """Put the config's learning rates and weight decays over those the restored optimizer/schedule state holds,
+    so a resume that changes them (e.g. a lower solver.base_lr after a non-finite loss) uses them."""
+    groups = parameter_groups(model, cfg.solver)
+    factor = lr_factor(step, cfg.solver)
+    for group, fresh in zip(optimizer.param_groups, groups):
+        group["initial_lr"] = fresh["lr"]
+        group["lr"] = fresh["lr"] * factor
+        group["weight_decay"] = fresh["weight_decay"]
+    scheduler.base_lrs = [g["lr"] for g in groups]
 
 
 def _stop_if_not_finite(total: Tensor, losses: dict[str, Tensor], step: int, output_dir: Path) -> None:
