@@ -439,3 +439,20 @@ def test_resume_with_another_model_is_a_resume_error(tmp_path, one_step_run, cap
     assert "model.frame_decoder.num_queries" in err and "run's own config.yaml" in err and "Traceback" not in err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("device=gpu", "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+        ("data.num_workers=-1", "data.num_workers must be >= 0, got -1"),
+        ("data.frame_range=-1", "data.frame_range must be >= 0, got -1"),
+        ("solver.base_lr=-1e-4", "solver.base_lr must be >= 0"),
+        pytest.param("device=cuda", "device=cuda, but torch sees no CUDA device",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this host has a CUDA device")),
+    ],
+)
+def test_bad_config_value_is_a_clear_error(tmp_path, synthetic, capsys, override, message):
+    """Values that validate by type but cannot run exit 2 naming the key, before anything is written."""
+    code, err = cli(capsys, "train", "--config", str(recipe(tmp_path, synthetic)), override, "--no-progress")
+    assert code == 2 and message in err and err.startswith("error: "), err
+    assert not (tmp_path / "run").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -17,6 +18,7 @@ from ..presets import PRESET_NAMES, preset
 DATASET_FORMATS = ("ytvis", "coco")
 CATEGORY_MAPS = ("", "coco_to_ytvis_2019", "coco_to_ytvis_2021", "coco_to_ovis")
 AMP_MODES = ("off", "bf16", "fp16", "auto")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # the devices the trainer's autocast, scaler and DDP handle
 
 
 @dataclass
@@ -93,8 +95,18 @@ class TrainConfig:
             raise ConfigError(f"solver.steps must be increasing, got {list(s.steps)}")
         if s.amp not in AMP_MODES:
             raise ConfigError(f"solver.amp must be one of {', '.join(AMP_MODES)}, got {s.amp!r}")
+        for key, value in (("solver.base_lr", s.base_lr), ("solver.weight_decay", s.weight_decay),
+                           ("solver.weight_decay_norm", s.weight_decay_norm),
+                           ("solver.weight_decay_embed", s.weight_decay_embed),
+                           ("solver.backbone_lr_multiplier", s.backbone_lr_multiplier),
+                           ("solver.clip_grad_norm", s.clip_grad_norm), ("solver.warmup_iters", s.warmup_iters),
+                           ("data.frame_range", d.frame_range), ("data.num_workers", d.num_workers)):
+            if value < 0:
+                raise ConfigError(f"{key} must be >= 0, got {value}")
         if d.num_frames < 1:
             raise ConfigError(f"data.num_frames must be >= 1, got {d.num_frames}")
+        if not _DEVICE.fullmatch(self.device):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         for i, ds in enumerate(d.datasets):
             if ds.format not in DATASET_FORMATS:
                 raise ConfigError(f"data.datasets[{i}].format must be 'ytvis' or 'coco', got {ds.format!r}")

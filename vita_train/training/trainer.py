@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..config import ConfigError
 from ..losses import VitaLoss
 from ..utils.atomic import atomic_write
 from ..modeling.vita_model import VitaModel
@@ -81,7 +82,14 @@ def pick_device(name: str) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device={name}, but torch sees no CUDA device here; use device=cpu or device=auto")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"device={name}, but torch sees {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    return device
 
 
 def amp_dtype(mode: str, device: torch.device) -> Optional[torch.dtype]:
