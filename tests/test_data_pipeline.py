@@ -440,3 +440,40 @@ def test_labels_follow_category_ids_not_list_order(data_dir, tmp_path):
     (tmp_path / "shifted.json").write_text(json.dumps(gt))
     with pytest.raises(DatasetError, match=r"shifted.json: category ids are \[2, 3, 4\].*must be 1..K"):
         load_ytvis(tmp_path / "shifted.json", data_dir / "frames")
+
+
+def _set(*keys, value):
+    """A JSON edit setting data[k0][k1]...[kn] = value."""
+    def edit(d):
+        for k in keys[:-1]:
+            d = d[k]
+        d[keys[-1]] = value
+    return edit
+
+
+@pytest.mark.parametrize(
+    "source, edit, message",
+    [
+        ("ytvis", _set("videos", 0, "id", value="v1"), r"entry #0 of 'videos': 'id' must be an integer, got 'v1'"),
+        ("ytvis", _set("annotations", 0, "video_id", value=1.7), r"annotation 11: 'video_id' must be an integer"),
+        ("ytvis", _set("videos", 1, "length", value="four"), r"video 2: 'length' must be an integer, got 'four'"),
+        ("ytvis", _set("annotations", 2, "category_id", value="c"), r"annotation 21 \(video 2\): 'category_id'"),
+        ("ytvis", _set("annotations", 1, "id", value=None), r"annotation #1: 'id' must be an integer, got None"),
+        ("ytvis", _set("annotations", 0, "segmentations", 2, "size", value=None),
+         r"annotation 11 \(video 1\) frame 2: RLE 'size' must be \[height, width\], got None"),
+        ("ytvis", _set("annotations", 2, "segmentations", 1, 0, 3, value="40"),
+         r"annotation 21 \(video 2\) frame 1: 'segmentation polygon coordinate' must be a number, got '40'"),
+        ("ytvis", _set("videos", 0, "file_names", 3, value=5), r"video 1: 'file_names' entries must be non-empty"),
+        ("ytvis", _set("videos", 0, "height", value="tall"), r"video 1: 'height' must be an integer, got 'tall'"),
+        ("coco", _set("images", 1, "id", value="2"), r"entry #1 of 'images': 'id' must be an integer, got '2'"),
+        ("coco", _set("annotations", 0, "image_id", value="x"), r"annotation 101: 'image_id' must be an integer"),
+        ("coco", _set("annotations", 4, "area", value="big"), r"annotation 202 \(image 2\): 'area' must be a number"),
+        ("coco", _set("images", 0, "file_name", value=3), r"image 1: 'file_name' entries must be non-empty"),
+    ],
+)
+def test_wrong_typed_field_names_file_entry_and_field(data_dir, tmp_path, source, edit, message):
+    """A field of the wrong JSON type is a DatasetError naming the file, the entry and the field."""
+    json_path = _edit_json(data_dir / f"{source}.json", tmp_path / "typed.json", edit)
+    load = load_ytvis if source == "ytvis" else load_coco
+    with pytest.raises(DatasetError, match=r"typed\.json: " + message):
+        load(json_path, data_dir / ("frames" if source == "ytvis" else "coco"))

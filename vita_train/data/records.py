@@ -129,6 +129,29 @@ class ImageDataset:
 # ------------------------------------------------------------------------------------------------
 
 
+def _int(value: Any, where: str, field: str) -> int:
+    """A JSON integer (or integral number) field as an int; a DatasetError naming the entry and field otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise DatasetError(f"{where}: {field!r} must be an integer, got {value!r}; fix the JSON")
+
+
+def _number(value: Any, where: str, field: str) -> float:
+    """A JSON number field as a float; a DatasetError naming the entry and field otherwise."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise DatasetError(f"{where}: {field!r} must be a number, got {value!r}; fix the JSON")
+
+
+def _file_name(value: Any, where: str, field: str) -> str:
+    """A frame/image path field; a DatasetError naming the entry and field unless it is a non-empty string."""
+    if isinstance(value, str) and value:
+        return value
+    raise DatasetError(f"{where}: {field!r} entries must be non-empty file paths, got {value!r}; fix the JSON")
+
+
 def _normalize_segmentation(segm: Any, height: int, width: int, where: str) -> Optional[Segmentation]:
     """Validate one frame's segmentation; return a compressed RLE or valid polygons, or None if empty."""
     if segm is None:
@@ -136,7 +159,10 @@ def _normalize_segmentation(segm: Any, height: int, width: int, where: str) -> O
     if isinstance(segm, dict):
         if "counts" not in segm or "size" not in segm:
             raise DatasetError(f"{where}: an RLE segmentation needs 'counts' and 'size', got keys {sorted(segm)}")
-        size = [int(v) for v in segm["size"]]
+        size = segm["size"]
+        if not isinstance(size, (list, tuple)) or len(size) != 2:
+            raise DatasetError(f"{where}: RLE 'size' must be [height, width], got {size!r}")
+        size = [_int(v, where, "size") for v in size]
         if size != [height, width]:
             raise DatasetError(
                 f"{where}: RLE size {size} differs from the frame size [{height}, {width}] given in the JSON; "
@@ -157,7 +183,9 @@ def _normalize_segmentation(segm: Any, height: int, width: int, where: str) -> O
     if isinstance(segm, list):
         # polygons with fewer than 3 points are dropped, as in the official loader
         polys = [
-            [float(v) for v in p] for p in segm if isinstance(p, (list, tuple)) and len(p) >= 6 and len(p) % 2 == 0
+            [_number(v, where, "segmentation polygon coordinate") for v in p]
+            for p in segm
+            if isinstance(p, (list, tuple)) and len(p) >= 6 and len(p) % 2 == 0
         ]
         return polys or None
     raise DatasetError(
@@ -222,7 +250,7 @@ def _categories(
     for c in cats:
         if not isinstance(c, dict) or "id" not in c:
             raise DatasetError(f"{path}: every entry of 'categories' needs an 'id', got {c!r}")
-        cid = int(c["id"])
+        cid = _int(c["id"], f"{path}: category {c.get('name', c['id'])!r}", "id")
         if cid in name_of:
             raise DatasetError(f"{path}: category id {cid} appears twice in 'categories'")
         name_of[cid] = str(c.get("name", cid))
@@ -269,10 +297,11 @@ class _EmptyReporter:
 
 
 def _dims(entry: dict, path: str, what: str) -> tuple[int, int]:
-    try:
-        height, width = int(entry["height"]), int(entry["width"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise DatasetError(f"{path}: {what} needs integer 'height' and 'width' ({err!r})") from err
+    missing = [k for k in ("height", "width") if k not in entry]
+    if missing:
+        raise DatasetError(f"{path}: {what} needs integer 'height' and 'width' (no {', '.join(map(repr, missing))})")
+    height = _int(entry["height"], f"{path}: {what}", "height")
+    width = _int(entry["width"], f"{path}: {what}", "width")
     if height <= 0 or width <= 0:
         raise DatasetError(f"{path}: {what} has size {height}x{width}")
     return height, width
@@ -310,16 +339,18 @@ def load_ytvis(
         names = tuple(class_names)
 
     videos: dict[int, dict] = {}
-    for v in videos_json:
+    for index, v in enumerate(videos_json):
         if not isinstance(v, dict) or "id" not in v:
             raise DatasetError(f"{path}: every entry of 'videos' needs an 'id', got {str(v)[:200]}")
-        vid = int(v["id"])
+        vid = _int(v["id"], f"{path}: entry #{index} of 'videos'", "id")
         if vid in videos:
             raise DatasetError(f"{path}: video id {vid} appears twice in 'videos'")
         files = v.get("file_names")
         if not isinstance(files, list) or not files:
             raise DatasetError(f"{path}: video {vid} needs a non-empty 'file_names' list")
-        if "length" in v and int(v["length"]) != len(files):
+        for f in files:
+            _file_name(f, f"{path}: video {vid}", "file_names")
+        if "length" in v and _int(v["length"], f"{path}: video {vid}", "length") != len(files):
             raise DatasetError(
                 f"{path}: video {vid} has length {v['length']} but {len(files)} file_names; fix the JSON"
             )
@@ -329,22 +360,23 @@ def load_ytvis(
     per_video: dict[int, list[VideoInstance]] = {vid: [] for vid in videos}
     seen_ann: set[int] = set()
     unmapped = crowd = 0
-    for a in anns_json:
+    for index, a in enumerate(anns_json):
         if not isinstance(a, dict) or "id" not in a:
             raise DatasetError(f"{path}: every annotation needs an 'id', got {str(a)[:200]}")
-        aid = int(a["id"])
+        aid = _int(a["id"], f"{path}: annotation #{index}", "id")
         if aid in seen_ann:
             raise DatasetError(f"{path}: annotation id {aid} appears twice; track ids must be unique")
         seen_ann.add(aid)
         vid = a.get("video_id")
-        if vid is None or int(vid) not in videos:
+        vid = None if vid is None else _int(vid, f"{path}: annotation {aid}", "video_id")
+        if vid is None or vid not in videos:
             raise DatasetError(
                 f"{path}: annotation {aid} refers to video id {vid}, which is not in 'videos'; "
                 "the annotation file is inconsistent (re-export it or remove the annotation)"
             )
-        vid = int(vid)
         cat = a.get("category_id")
-        if cat is None or int(cat) not in known_cats:
+        cat = None if cat is None else _int(cat, f"{path}: annotation {aid} (video {vid})", "category_id")
+        if cat is None or cat not in known_cats:
             raise DatasetError(
                 f"{path}: annotation {aid} (video {vid}) has category_id {cat}, which is not in 'categories' "
                 f"(ids {sorted(known_cats)}); add the category or fix the annotation"
@@ -352,7 +384,7 @@ def load_ytvis(
         if a.get("iscrowd", 0):
             crowd += 1  # crowd regions are not training targets in the official mapper
             continue
-        label = label_of.get(int(cat))
+        label = label_of.get(cat)
         if label is None:
             unmapped += 1
             continue
@@ -428,10 +460,11 @@ def load_coco(
         names = tuple(class_names)
 
     images: dict[int, dict] = {}
-    for im in images_json:
+    for index, im in enumerate(images_json):
         if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
             raise DatasetError(f"{path}: every entry of 'images' needs 'id' and 'file_name', got {str(im)[:200]}")
-        iid = int(im["id"])
+        iid = _int(im["id"], f"{path}: entry #{index} of 'images'", "id")
+        _file_name(im["file_name"], f"{path}: image {iid}", "file_name")
         if iid in images:
             raise DatasetError(f"{path}: image id {iid} appears twice in 'images'")
         images[iid] = im
@@ -439,19 +472,20 @@ def load_coco(
     reporter = _EmptyReporter(path, strict)
     per_image: dict[int, list[ImageInstance]] = {iid: [] for iid in images}
     unmapped = crowd = 0
-    for a in anns_json:
+    for index, a in enumerate(anns_json):
         if not isinstance(a, dict) or "id" not in a:
             raise DatasetError(f"{path}: every annotation needs an 'id', got {str(a)[:200]}")
-        aid = int(a["id"])
+        aid = _int(a["id"], f"{path}: annotation #{index}", "id")
         iid = a.get("image_id")
-        if iid is None or int(iid) not in images:
+        iid = None if iid is None else _int(iid, f"{path}: annotation {aid}", "image_id")
+        if iid is None or iid not in images:
             raise DatasetError(
                 f"{path}: annotation {aid} refers to image id {iid}, which is not in 'images'; "
                 "the annotation file is inconsistent (re-export it or remove the annotation)"
             )
-        iid = int(iid)
         cat = a.get("category_id")
-        if cat is None or int(cat) not in known_cats:
+        cat = None if cat is None else _int(cat, f"{path}: annotation {aid} (image {iid})", "category_id")
+        if cat is None or cat not in known_cats:
             raise DatasetError(
                 f"{path}: annotation {aid} (image {iid}) has category_id {cat}, which is not in 'categories' "
                 f"(ids {sorted(known_cats)}); add the category or fix the annotation"
@@ -459,7 +493,7 @@ def load_coco(
         if a.get("iscrowd", 0):
             crowd += 1
             continue
-        label = label_of.get(int(cat))
+        label = label_of.get(cat)
         if label is None:
             unmapped += 1
             continue
@@ -468,7 +502,8 @@ def load_coco(
             a.get("segmentation"), height, width, f"{path}: annotation {aid} (image {iid})"
         )
         area = a.get("area")
-        if segm is None or (area is not None and float(area) <= 0):
+        area = None if area is None else _number(area, f"{path}: annotation {aid} (image {iid})", "area")
+        if segm is None or (area is not None and area <= 0):
             reporter(f"annotation {aid} (image {iid})")
             continue
         per_image[iid].append(ImageInstance(ann_id=aid, label=label, segmentation=segm))
