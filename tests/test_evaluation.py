@@ -238,3 +238,36 @@ def test_eval_out_never_overwrites_an_input(tmp_path: Path, capsys) -> None:
     code, err = _eval_cli(capsys, "--ytvis-json", gt_path, "--results", res_path, "--out", res_path)
     assert code == 2 and "--results input" in err, err
     assert all(p.read_bytes() == data for p, data in before.items())
+
+
+def test_eval_bad_ground_truth_is_one_line_before_the_model_runs(tmp_path: Path, capsys) -> None:
+    """A missing, COCO-format, non-integer-length or duplicate-video ground truth: exit 2 with one error line,
+    checked before --model segments anything."""
+    gt, results = _tiny()
+    model = Path(__file__).resolve().parents[1] / "vita_train" / "pretrained" / "vita_demo_synthetic.pth"
+    coco = {"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [], "categories": [{"id": 1}]}
+    bad_length = copy.deepcopy(gt)
+    bad_length["videos"][0]["length"] = "ten"
+    duplicate = copy.deepcopy(gt)
+    duplicate["videos"].append(dict(duplicate["videos"][0]))
+    cases = {"missing.json": None, "coco.json": coco, "length.json": bad_length, "duplicate.json": duplicate}
+    messages = {"missing.json": "does not exist", "coco.json": "no list 'videos'",
+                "length.json": "video 7 has length 'ten'", "duplicate.json": "video id 7 occurs more than once"}
+    res_path = tmp_path / "results.json"
+    res_path.write_text(json.dumps(results))
+    for file, data in cases.items():
+        path = tmp_path / file
+        if data is not None:
+            path.write_text(json.dumps(data))
+        for source in (["--results", res_path], ["--model", model, "--frames", tmp_path / "no_frames_needed"]):
+            code, err = _eval_cli(capsys, "--ytvis-json", path, *source)
+            assert code == 2 and err.startswith("error: ") and messages[file] in err, (file, err)
+            assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_result_video_id_of_another_type_is_shown_as_such(tmp_path: Path) -> None:
+    """A results file giving video_id "7" (a string) for the ground truth's 7 says so, quoting the value."""
+    gt, results = _tiny()
+    results[0]["video_id"] = "7"
+    with pytest.raises(EvaluationError, match=r"result #0 has video_id '7' \(str\), which is not a video"):
+        evaluate_ytvis(*_write(tmp_path, gt, results))

@@ -155,3 +155,22 @@ def test_moving_shapes_clip_shape():
     assert moving_shapes_clip(1, 8, 8).shape == (1, 8, 8, 3)
     with pytest.raises(ValueError, match="frame"):
         moving_shapes_clip(0, 40, 56)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--videos", "0"], "error: --videos must be >= 1, got 0"),
+        (["--split", "a/b"], "error: --split must be a plain directory name"),
+        (["--coco-images", "-1"], "error: --coco-images must be >= 0"),
+    ],
+)
+def test_cli_bad_flag_is_named(tmp_path, capsys, args, message):
+    """``synth`` with a flag out of range exits 2 naming the flag, not the Python parameter, and writes nothing."""
+    from vita_train.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["synth", "--out", str(tmp_path / "ds"), *args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "ds").exists()

@@ -65,7 +65,7 @@ def _eval(argv: list[str]) -> int:
     p.add_argument("--out", help="with --model: also keep the results JSON here (default: a temporary file)")
     p.add_argument("--json", action="store_true", help="print the 12 numbers as JSON")
     args = p.parse_args(argv)
-    from .evaluation import STAT_NAMES, evaluate_ytvis
+    from .evaluation import STAT_NAMES, check_ground_truth, evaluate_ytvis
 
     if bool(args.results) == bool(args.model):
         p.error("give exactly one of --results or --model")
@@ -81,6 +81,7 @@ def _eval(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="vita_eval_") as tmp:
         results = args.results
         if args.model:
+            check_ground_truth(args.ytvis_json)  # before the model spends minutes on every video
             results = Path(args.out) if args.out else Path(tmp) / "results.json"
             _segment_for_eval(args.model, Path(args.ytvis_json), Path(args.frames), results)
         stats = evaluate_ytvis(args.ytvis_json, results)
@@ -109,11 +110,17 @@ def _synth(argv: list[str]) -> int:
     p.add_argument("--coco-images", type=int, default=0, help="also write this many COCO-format still images")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    from .data.synthetic import write_synthetic_dataset
+    from .data.synthetic import SyntheticArgumentError, write_synthetic_dataset
 
-    paths = write_synthetic_dataset(
-        args.out, args.videos, args.frames, args.height, args.width, args.seed, args.split, args.coco_images
-    )
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out} is a file; give the folder the dataset goes in")
+    try:
+        paths = write_synthetic_dataset(
+            args.out, args.videos, args.frames, args.height, args.width, args.seed, args.split, args.coco_images
+        )
+    except SyntheticArgumentError as e:
+        flags = {"num_videos": "--videos", "num_frames": "--frames", "coco_images": "--coco-images"}
+        p.error(f"{flags.get(e.parameter, '--' + e.parameter)} {e.problem}")
     sys.stdout.write(f"{paths.ytvis_json}\n" + (f"{paths.coco_json}\n" if paths.coco_json else ""))
     return 0
 

@@ -26,6 +26,7 @@ from .synthetic_render import SYNTHETIC_CLASSES, SyntheticClip, render_clip, ren
 
 __all__ = [
     "SYNTHETIC_CLASSES",
+    "SyntheticArgumentError",
     "SyntheticClip",
     "SyntheticDatasetPaths",
     "moving_shapes_clip",
@@ -41,6 +42,15 @@ _JPEG_QUALITY = 95
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 # Stream tags mixed into the seed, so videos and COCO stills never share random numbers.
 _VIDEO_STREAM, _STILL_STREAM, _DEMO_STREAM = 0, 1, 2
+
+
+class SyntheticArgumentError(ValueError):
+    """An argument of ``write_synthetic_dataset`` out of range; ``parameter`` names it, so a CLI can name its flag."""
+
+    def __init__(self, parameter: str, problem: str) -> None:
+        super().__init__(f"{parameter} {problem}")
+        self.parameter = parameter
+        self.problem = problem
 
 
 @dataclass(frozen=True)
@@ -169,12 +179,14 @@ def _validate(
         ("coco_images", coco_images, 0),
     ):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
+            raise SyntheticArgumentError(name, f"must be an integer, got {value!r}")
         if value < low:
             what = "pixels" if name in ("height", "width") else ""
-            raise ValueError(f"{name} must be >= {low}{' ' + what if what else ''}, got {value}")
+            raise SyntheticArgumentError(name, f"must be >= {low}{' ' + what if what else ''}, got {value}")
     if not isinstance(split, str) or not _SPLIT_NAME.fullmatch(split) or split in (".", ".."):
-        raise ValueError(f"split must be a plain directory name (letters, digits, '_', '-', '.'), got {split!r}")
+        raise SyntheticArgumentError(
+            "split", f"must be a plain directory name (letters, digits, '_', '-', '.'), got {split!r}"
+        )
 
 
 def _rng(seed: int, split: str, stream: int, index: int) -> np.random.Generator:

@@ -52,6 +52,11 @@ class _PairResult:
     positives: list[int]  # per area range, number of non-ignored GTs
 
 
+def check_ground_truth(gt: str | Path | dict) -> None:
+    """Raise EvaluationError where ``gt`` cannot be evaluated against (read and checked as evaluate_ytvis does)."""
+    _parse_gt(*_load_json(gt, "ground truth"))
+
+
 def evaluate_ytvis(gt: str | Path | dict, results: str | Path | list) -> dict[str, float]:
     """The 12 official YouTube-VIS stats (STAT_NAMES order) of ``results`` against ``gt``; -1 means undefined."""
     gt_data, gt_name = _load_json(gt, "ground truth")
@@ -96,6 +101,22 @@ def _require(obj: Any, keys: tuple[str, ...], name: str, what: str) -> None:
         raise _bad(name, f"{what} has no {', '.join(repr(k) for k in missing)}", "add the missing field(s)")
 
 
+def _id(value: Any, name: str, where: str, field: str) -> int | str:
+    """A video/category id as JSON gives it: an integer or a string, never a float, bool, list or null."""
+    if isinstance(value, (int, str)) and not isinstance(value, bool):
+        return value
+    raise _bad(name, f"{where} has {field} {value!r} ({type(value).__name__})", f"make '{field}' an integer")
+
+
+def _count(value: Any, name: str, where: str, field: str) -> int:
+    """A frame count or size field as a non-negative int (an integral float is accepted)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise _bad(name, f"{where} has {field} {value!r}", f"make '{field}' a non-negative integer")
+
+
 def _parse_gt(data: Any, name: str) -> tuple[dict[int, _Video], list[int], dict[tuple[int, int], list[Track]]]:
     """Videos by id, sorted category ids and the GT tracks per (video, category) in file order."""
     if not isinstance(data, dict):
@@ -110,17 +131,24 @@ def _parse_gt(data: Any, name: str) -> tuple[dict[int, _Video], list[int], dict[
     videos: dict[int, _Video] = {}
     for v in data["videos"]:
         _require(v, ("id",), name, "a video entry")
+        vid = _id(v["id"], name, "a video entry", "id")
+        if vid in videos:
+            raise _bad(name, f"video id {vid!r} occurs more than once", "give every video a unique id")
+        where = f"video {vid!r}"
         if v.get("length") is not None:
-            length = int(v["length"])
+            length = _count(v["length"], name, where, "length")
         elif isinstance(v.get("file_names"), list):
             length = len(v["file_names"])
         else:
-            raise _bad(name, f"video {v['id']} has neither 'length' nor 'file_names'", "add its number of frames")
+            raise _bad(name, f"{where} has neither 'length' nor 'file_names'", "add its number of frames")
         h, w = v.get("height"), v.get("width")
-        videos[v["id"]] = _Video(v["id"], None if h is None else int(h), None if w is None else int(w), length)
+        h = None if h is None else _count(h, name, where, "height")
+        w = None if w is None else _count(w, name, where, "width")
+        videos[vid] = _Video(vid, h, w, length)
     for c in data["categories"]:
         _require(c, ("id",), name, "a category entry")
-    cat_ids = sorted({c["id"] for c in data["categories"]})
+    ids = {_id(c["id"], name, "a category entry", "id") for c in data["categories"]}
+    cat_ids = sorted(ids, key=lambda i: (isinstance(i, str), i))
     cat_set = set(cat_ids)
 
     gts: dict[tuple[int, int], list[Track]] = defaultdict(list)
@@ -129,14 +157,16 @@ def _parse_gt(data: Any, name: str) -> tuple[dict[int, _Video], list[int], dict[
     for ann in data["annotations"]:
         _require(ann, ("id", "video_id", "category_id", "segmentations"), name, "an annotation")
         ann_id = ann["id"]
+        if isinstance(ann_id, bool) or not isinstance(ann_id, int):
+            raise _bad(name, f"an annotation has id {ann_id!r}", "give every annotation a unique integer id")
         if ann_id in seen:
             raise _bad(name, f"annotation id {ann_id} occurs more than once", "give every annotation a unique id")
         if ann_id == 0:
             # the official matcher stores GT ids as match markers, where 0 means "unmatched"
             raise _bad(name, "annotation id 0 is not allowed", "renumber annotation ids from 1")
         seen.add(ann_id)
-        video = videos.get(ann["video_id"])
-        if video is None or ann["category_id"] not in cat_set:
+        video = videos.get(_id(ann["video_id"], name, f"annotation {ann_id}", "video_id"))
+        if video is None or _id(ann["category_id"], name, f"annotation {ann_id}", "category_id") not in cat_set:
             dropped += 1  # the official API silently leaves these out as well
             continue
         where = f"annotation {ann_id} (video {video.id})"
@@ -161,17 +191,20 @@ def _parse_results(
     for index, r in enumerate(data):
         what = f"result #{index}"
         _require(r, ("video_id", "category_id", "segmentations"), name, what)
-        video = videos.get(r["video_id"])
+        video = videos.get(_id(r["video_id"], name, what, "video_id"))
         if video is None:
+            # the repr and type tell '42' (a string) from the ground truth's 42
             raise _bad(
                 name,
-                f"{what} has video_id {r['video_id']}, which is not a video in {gt_name}",
-                "evaluate against the ground truth of the same split",
+                f"{what} has video_id {r['video_id']!r} ({type(r['video_id']).__name__}), which is not a video in "
+                f"{gt_name}",
+                "evaluate against the ground truth of the same split, with video ids of the same type",
             )
-        if r["category_id"] not in cat_ids:
+        if _id(r["category_id"], name, what, "category_id") not in cat_ids:
             raise _bad(
                 name,
-                f"{what} (video {video.id}) has category_id {r['category_id']}, not a category of {gt_name}",
+                f"{what} (video {video.id!r}) has category_id {r['category_id']!r} "
+                f"({type(r['category_id']).__name__}), not a category of {gt_name}",
                 "map predictions to the dataset's category ids",
             )
         if "score" not in r:
