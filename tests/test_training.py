@@ -456,3 +456,15 @@ def test_bad_config_value_is_a_clear_error(tmp_path, synthetic, capsys, override
     code, err = cli(capsys, "train", "--config", str(recipe(tmp_path, synthetic)), override, "--no-progress")
     assert code == 2 and message in err and err.startswith("error: "), err
     assert not (tmp_path / "run").exists()
+
+
+def test_override_after_a_bare_resume_is_an_override(tmp_path, one_step_run, capsys):
+    """``--resume solver.max_iter=2`` resumes the run in output_dir and applies the override, rather than reading
+    it as a checkpoint path; an override may also come between other options."""
+    path, run = one_step_run
+    out = _copy_run(run, tmp_path / "run")
+    code, err = cli(capsys, "train", "--config", str(path), f"output_dir={out}", "--resume", "solver.max_iter=2",
+                    "--no-progress", "log_period=1")
+    assert code == 0, err
+    assert sorted(losses_by_step(out)) == [1, 2]
+    assert yaml.safe_load((out / "config.yaml").read_text())["solver"]["max_iter"] == 2

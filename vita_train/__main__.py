@@ -42,9 +42,16 @@ def _train(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m vita_train train", description="Train VITA from a recipe.")
     p.add_argument("--config", required=True, help="recipe YAML path or packaged recipe name (see: recipes)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. solver.base_lr=1e-4 output_dir=runs/a")
-    p.add_argument("--resume", nargs="?", const=True, default=False, help="continue the run in output_dir, or from CKPT")
+    p.add_argument("--resume", nargs="?", const=True, default=False,
+                   help="continue the run in output_dir, or from CKPT (a key=value after --resume is an override)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may come on both sides of --resume / --no-progress
+    if (isinstance(args.resume, str) and "=" in args.resume and "--resume" in argv
+            and not Path(args.resume).is_file()):
+        # argparse gave the override after a bare --resume to it as CKPT; --resume=PATH is always a path
+        at = argv.index("--resume")
+        args.overrides.insert(sum(1 for a in argv[:at] if a in args.overrides), args.resume)
+        args.resume = True
     from .training.config import TrainConfig
     from .training.trainer import train
 
