@@ -183,6 +183,7 @@ def train(
     if resume_from is not None:
         weights, state = load_training_checkpoint(resume_from)
         _check_resumable(cfg, state, resume_from)
+    distributed.barrier()  # every process checks output_dir before the main one writes its first file there
     if cfg.solver.batch_size % dist_info.world_size:
         raise TrainingError(
             f"solver.batch_size={cfg.solver.batch_size} does not divide over {dist_info.world_size} processes"
