@@ -19,6 +19,12 @@ from .segmenter import Segmenter
 from .video_io import read_image
 
 log = logging.getLogger(__name__)
+
+
+class DatasetRunError(ValueError):
+    """The json or the ``<out>.parts`` folder of a dataset run cannot be used as given."""
+
+
 _RESULT_OPTIONS = ("prune_ratio", "window", "topk", "min_size", "max_size", "token_dtype")
 _WHAT = {"model": "model", "ytvis_json": "ground-truth json", "options": "set of options"}
 
@@ -65,7 +71,7 @@ def _claim_parts(parts: Path, identity: dict[str, Any]) -> None:
     if not record.exists():
         # (another rank may write the record meanwhile: it does so before any result of its own)
         if any(p.name != record.name for p in parts.glob("*.json")) and not record.exists():
-            raise ValueError(f"{parts} holds results that do not say which model and options made them; remove "
+            raise DatasetRunError(f"{parts} holds results that do not say which model and options made them; remove "
                              "that folder to start again, or choose another --out")
         atomic_write(record, lambda f: json.dump(identity, f, indent=1), binary=False)
     try:
@@ -74,7 +80,7 @@ def _claim_parts(parts: Path, identity: dict[str, Any]) -> None:
         earlier = None
     if earlier != identity:
         differ = [_WHAT[k] for k in identity if not isinstance(earlier, dict) or earlier.get(k) != identity[k]]
-        raise ValueError(f"{parts} holds the results of an earlier run made with a different {' and '.join(differ)}; "
+        raise DatasetRunError(f"{parts} holds the results of an earlier run made with a different {' and '.join(differ)}; "
                          "remove that folder to start again, or choose another --out")
 
 
@@ -90,7 +96,7 @@ def run_dataset(
         data = json.loads(Path(ytvis_json).read_text())
         videos = sorted(data["videos"], key=lambda v: v["id"])
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{ytvis_json} is not a readable YouTube-VIS json with a 'videos' list ({e})") from None
+        raise DatasetRunError(f"{ytvis_json} is not a readable YouTube-VIS json with a 'videos' list ({e})") from None
     _check_categories(data, segmenter.config.label_names(), ytvis_json)
     parts = out.with_name(out.name + ".parts")
     parts.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -39,3 +40,13 @@ def test_eval_cli_segments_then_scores_held_out_videos(tmp_path):
     stats = json.loads(proc.stdout)
     assert stats == evaluate_ytvis(paths.ytvis_json, out)
     assert stats["AP50"] >= 0.6, stats
+    # the same --out with another model: its parts are not scored as this model's, and the refusal is one line
+    other = tmp_path / "other.pth"
+    shutil.copy(DEMO_CHECKPOINT, other)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vita_train", "eval", "--model", str(other), "--ytvis-json",
+         str(paths.ytvis_json), "--frames", str(paths.ytvis_frames), "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "earlier run made with a different model" in proc.stderr and "Traceback" not in proc.stderr

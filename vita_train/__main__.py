@@ -157,10 +157,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         from .training.trainer import TrainingError
 
         known += (DatasetError, EvaluationError, ResumeError, TrainingError)
+        from runtime.dataset import DatasetRunError
         from runtime.segmenter import ModelPathError
         from runtime.video_io import VideoInputError
 
-        known += (ModelPathError, VideoInputError)
+        known += (DatasetRunError, ModelPathError, VideoInputError)
     except ImportError:
         pass
     try:
