@@ -469,6 +469,9 @@ def _set(*keys, value):
         ("coco", _set("annotations", 0, "image_id", value="x"), r"annotation 101: 'image_id' must be an integer"),
         ("coco", _set("annotations", 4, "area", value="big"), r"annotation 202 \(image 2\): 'area' must be a number"),
         ("coco", _set("images", 0, "file_name", value=3), r"image 1: 'file_name' entries must be non-empty"),
+        # a polygon not wrapped in its list read as no polygon at all: an empty mask, trained on silently
+        ("ytvis", _set("annotations", 2, "segmentations", 1, value=[10, 10, 40, 10, 40, 40]),
+         r"annotation 21 \(video 2\) frame 1: segmentation is a flat list of 6 coordinates"),
     ],
 )
 def test_wrong_typed_field_names_file_entry_and_field(data_dir, tmp_path, source, edit, message):

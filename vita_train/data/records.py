@@ -181,6 +181,9 @@ def _normalize_segmentation(segm: Any, height: int, width: int, where: str) -> O
             raise DatasetError(f"{where}: undecodable RLE segmentation ({err})") from err
         return rle if area > 0 else None
     if isinstance(segm, list):
+        if segm and not any(isinstance(p, (list, tuple)) for p in segm):  # would read as no polygon at all
+            raise DatasetError(f"{where}: segmentation is a flat list of {len(segm)} coordinates; polygons are a "
+                               "list of [x1, y1, x2, y2, ...] lists: wrap it as [[...]]")
         # polygons with fewer than 3 points are dropped, as in the official loader
         polys = [
             [_number(v, where, "segmentation polygon coordinate") for v in p]
