@@ -59,8 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--size", type=_size, default=None, help="generated clip size HxW (default 360x640)")
     g.add_argument("--compile", action="store_true", help="also run each torch row with the detector through torch.compile")
     g.add_argument("--official-s-per-frame", type=float, default=None, metavar="S",
-                   help="the official code's s/frame measured on this machine (e2e's speed-up column; default: "
-                        "the recorded figure for this CPU kind, if any)")
+                   help="the official code's s/frame measured on this machine with the full-size R-50 on the "
+                        "36-frame 360x640 clip (e2e's speed-up column, filled only for that setting; default: the "
+                        "recorded figure for this CPU kind, if any)")
     g.add_argument("--detector-streams", type=_ints, default=None, metavar="N[,N...]",
                    help="e2e: a CPU torch / onnxruntime row for each count of detector calls run at once (default: "
                         "the backend's choice, 2 with two threads or more)")

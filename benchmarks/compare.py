@@ -51,13 +51,42 @@ def changes(new: dict[str, Any], old: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def setting_differences(new: dict[str, Any], old: dict[str, Any]) -> list[str]:
+    """What two records were measured with that makes their figures incomparable: model, clip, threads, device,
+    CPU (each ``what: old -> new``; a field an older record lacks is not counted)."""
+    fields = [("model preset", ("model", "preset")), ("model weights sha256", ("model", "sha256")),
+              ("frames", ("settings", "frames")), ("size", ("settings", "size")), ("video", ("settings", "video")),
+              ("threads", ("settings", "threads")), ("device", ("settings", "device")),
+              ("CPU", ("environment", "cpu", "model"))]
+    out = []
+    for what, path in fields:
+        a, b = old, new
+        for key in path:
+            a = a.get(key) if isinstance(a, dict) else None
+            b = b.get(key) if isinstance(b, dict) else None
+        if a is not None and b is not None and a != b:
+            if what == "model weights sha256":
+                a, b = str(a)[:12], str(b)[:12]
+            out.append(f"{what} {a} -> {b}")
+    return out
+
+
 def compare_record(rec: Record, old_dir: Path) -> None:
-    """Add a comparison table against ``old_dir/<name>.json`` to ``rec``; warn about each regression."""
+    """Add a comparison table against ``old_dir/<name>.json`` to ``rec``; warn about each regression. A record
+    measured with other settings (model, clip, threads, device, CPU) is not compared: a note says what differs."""
     old_path = Path(old_dir) / f"{rec.name}.json"
     if not old_path.exists():
         rec.note(f"--compare: {old_path} does not exist, nothing to compare")
         return
-    found = changes(rec.to_dict(), load_record(old_path))
+    old = load_record(old_path)
+    differs = setting_differences(rec.to_dict(), old)
+    if differs:
+        text = (f"--compare {old_dir}: not compared, the old record was measured with other settings "
+                f"({'; '.join(differs)}), so its figures say nothing about a regression")
+        log.warning("%s: %s", rec.name, text)
+        rec.note(text)
+        return
+    found = changes(rec.to_dict(), old)
     table = rec.table(
         "comparison", f"Compared with {old_dir}",
         [Column("table", "table"), Column("row", "row"), Column("figure", "figure"), Column("old", "old", "count"),

@@ -75,14 +75,21 @@ def _per_frame(values: list[float], frames: int) -> dict[str, Any]:
     return stat([v / frames for v in values])
 
 
-def _official_figure(s: Settings, ws: Workspace, rec: Record) -> Optional[tuple[float, str]]:
-    """The official code's s/frame to compare with: --official-s-per-frame, else the figure for this CPU kind."""
+def official_figure(s: Settings, config: Any, clip: Clip, device: str, cpu: dict[str, Any]) -> tuple[Optional[float], str]:
+    """The official code's s/frame to compare with (--official-s-per-frame, else the figure for this CPU kind)
+    and what it is; None, and why, when the run is not the setting those figures are for."""
+    mismatch = references.reference_mismatch(config, clip.frames, (clip.height, clip.width))
+    if mismatch:
+        given = " (also the time given with --official-s-per-frame)" if s.official_s_per_frame is not None else ""
+        return None, (f"left empty: the official code's figure{given} is for {references.REFERENCE_TEXT}, and "
+                      f"{'; '.join(mismatch)}")
     if s.official_s_per_frame is not None:
         return s.official_s_per_frame, f"official code on this machine, {s.official_s_per_frame:g} s/frame (--official-s-per-frame)"
-    if ws.device != "cpu":
-        return None
-    figure = references.official_cpu_figure(rec.environment.get("cpu", {}))
-    return (figure[0], figure[1] + ", not measured here: machines of one kind differ") if figure else None
+    figure = references.official_cpu_figure(cpu) if device == "cpu" else None
+    if figure is None:
+        where = "this CPU kind" if device == "cpu" else device
+        return None, f"no official figure for {where} (give one with --official-s-per-frame)"
+    return figure[0], figure[1] + ", not measured here: machines of one kind differ"
 
 
 def run(s: Settings, ws: Workspace, rec: Record) -> None:
@@ -108,7 +115,9 @@ def run(s: Settings, ws: Workspace, rec: Record) -> None:
                 Column("first_result_s", "time to first result (s)", "time"),
                 Column("speedup_vs_reference", "speed-up vs torch fp32 reference (same run)", "ratio"),
                 Column("speedup_vs_official", "speed-up vs the official code (see caption)", "ratio")]
-    official = _official_figure(s, ws, rec)
+    official, official_text = official_figure(s, ws.config, clip, ws.device, rec.environment.get("cpu", {}))
+    if official is None:
+        rec.note(f"speed-up vs the official code: {official_text}")
     table = rec.table(
         "e2e", f"End to end: runtime.segment, {clip.description}", columns, keys=("backend", "precision", "kernels", "detector_streams"),
         caption=(f"{ws.device}, {s.threads} threads; median (min–max) over {s.repeats} runs after {s.warmup} warm-up. "
@@ -116,8 +125,7 @@ def run(s: Settings, ws: Workspace, rec: Record) -> None:
                  "result is loading plus the first (cold) segment call. Peak host RSS: this benchmark process, which "
                  "still holds the earlier rows' libraries and freed memory (a fresh process's: the memory benchmark). Speed-up = s/frame of the plain fp32 PyTorch "
                  "path (reference kernels) / this s/frame, both measured in this run. Speed-up vs the official code: "
-                 + (f"{official[1]} / this s/frame." if official
-                    else "no official figure for this CPU kind (give one with --official-s-per-frame).")),
+                 + (f"{official_text} / this s/frame." if official else f"{official_text}.")),
     )
     reference_s = None
     for spec in bar(specs, s.progress, desc="e2e"):
@@ -134,7 +142,7 @@ def run(s: Settings, ws: Workspace, rec: Record) -> None:
         row["peak_device_gb"] = m["peak_device"] / GB if m["peak_device"] else None
         row["first_result_s"] = m["first_result"]
         row["speedup_vs_reference"] = reference_s / per_frame["median"] if reference_s else None
-        row["speedup_vs_official"] = official[0] / per_frame["median"] if official else None
+        row["speedup_vs_official"] = official / per_frame["median"] if official else None
         rec.add(table, row)
     others = rec.table(
         "e2e_references", "Other machines' figures (not measured here)",

@@ -30,13 +30,17 @@ def run(s: Settings, ws: Workspace, rec: Record) -> None:
                  f"Weights: {ws.model_info()['weights']} — agreement figures mean little for an untrained model. "
                  "The paper's AP column is from trained models on YouTube-VIS 2019, for orientation."),
     )
+    # Table 6 is the trained full-size R-50; its AP says nothing about another architecture
+    paper_ap = {} if references.reference_mismatch(ws.config) else references.TABLE6_AP
+    if not paper_ap:
+        rec.note(f"paper AP column left empty: Table 6 is for the full-size R-50, and the model is {ws.config.name}")
     base = None
     for r in bar(ratios, s.progress, desc="prune"):
         m = segment_repeats(s, ws, TORCH, clip, s.repeats, prune_ratio=r)
         e2e = stat([w / clip.frames for w in m["walls"]])
         tokens = stat(m["stages"]["token engine"])
         row = {"ratio": r, "s_per_frame": e2e, "tokens_s": tokens, "instances": len(m["result"].instances),
-               "paper_ap": references.TABLE6_AP.get(r)}
+               "paper_ap": paper_ap.get(r)}
         if base is None:
             base = m
             row.update(speedup_tokens=None, speedup_e2e=None, mean_iou=None, label_agreement=None, score_diff=None)

@@ -2,6 +2,42 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from typing import Any, Optional
+
+# The setting every official and paper figure below was measured in: the full-size R-50 (vita_r50_ytvis19's
+# layers; its class count aside, which does not change the cost) on a 36-frame 360x640 clip.
+REFERENCE_PRESET = "vita_r50_ytvis19"
+REFERENCE_FRAMES = 36
+REFERENCE_SIZE = (360, 640)
+REFERENCE_TEXT = "the full-size R-50 (vita_r50_ytvis19's architecture) on a 36-frame 360x640 clip"
+# what decides the cost of running a model: its layers and the size frames are resized to
+_ARCHITECTURE = ("backbone", "resnet", "swin", "pixel_decoder", "frame_decoder", "vita")
+_RESIZE = ("min_size_test", "max_size_test")
+
+
+def _architecture(config: Any) -> dict[str, Any]:
+    # through JSON: a config read from a file holds lists where a preset holds tuples
+    layers = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+              for k, v in ((k, getattr(config, k)) for k in _ARCHITECTURE)}
+    layers["input"] = {k: getattr(config.input, k) for k in _RESIZE}
+    return json.loads(json.dumps(layers))
+
+
+def reference_mismatch(config: Any, frames: Optional[int] = None, size: Optional[tuple[int, int]] = None) -> list[str]:
+    """How a run (model config; clip frames and HxW where they matter) differs from the reference setting."""
+    from vita_train.presets import preset
+
+    out = []
+    if _architecture(config) != _architecture(preset(REFERENCE_PRESET)):
+        out.append(f"the model is {config.name}, not the full-size R-50 architecture")
+    if frames is not None and frames != REFERENCE_FRAMES:
+        out.append(f"the clip has {frames} frames, not {REFERENCE_FRAMES}")
+    if size is not None and tuple(size) != REFERENCE_SIZE:
+        out.append(f"the clip is {size[0]}x{size[1]}, not {REFERENCE_SIZE[0]}x{REFERENCE_SIZE[1]}")
+    return out
+
 # End-to-end speed of full-size VITA R-50 reported for other machines.
 E2E = [
     {"source": "official code (sukjunhwang/VITA)", "machine": "AMD EPYC CPU",
