@@ -6,12 +6,13 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
 
 from .settings import QUICK, Settings
-from .suite import BENCHMARKS, BenchmarkFailed
+from .suite import BENCHMARKS, BenchmarkFailed, InputError
 
 NAMES = list(BENCHMARKS) + ["all"]
 # the old single benchmark: the detector, torch vs onnxruntime, one frame per call at 360p
@@ -137,17 +138,58 @@ def settings_from(args: argparse.Namespace) -> Settings:
     else:
         s.device = args.device
     s.progress = sys.stderr.isatty() if args.progress is None else args.progress
+    check_settings(s)
+    return s
+
+
+def check_settings(s: Settings) -> None:
+    """Option values no benchmark can use, refused before anything runs: ValueError naming the option."""
+    if s.out.exists() and not s.out.is_dir():
+        raise ValueError(f"--out {s.out} is a file; give a directory (it is made if missing)")
     if s.compare is not None and s.compare.resolve() == s.out.resolve():
         # the first row written would replace the very record it is to be compared with
         raise ValueError(f"--compare {s.compare} is the --out folder; write the new run to another folder "
                          "(--out NEW) to compare it with the results already there")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", s.device):
+        raise ValueError(f"--device {s.device}: use cpu, cuda or cuda:N")
+    if s.device.startswith("cuda"):
+        import torch
+
+        index = int(s.device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--device {s.device}: torch sees {torch.cuda.device_count()} CUDA devices here; "
+                             "use --device cpu" + (f" or cuda:0..{torch.cuda.device_count() - 1}"
+                                                   if torch.cuda.device_count() else ""))
     if s.official_s_per_frame is not None and not s.official_s_per_frame > 0:
         raise ValueError(f"--official-s-per-frame must be a positive number of seconds, got {s.official_s_per_frame}")
-    if s.repeats < 1 or s.warmup < 0 or s.threads < 1:
-        raise ValueError("--repeats and --threads must be >= 1 and --warmup >= 0")
     if any(n < 1 for n in s.detector_streams):
         raise ValueError(f"--detector-streams: counts of detector calls at once must be >= 1, got {list(s.detector_streams)}")
-    return s
+    if s.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {s.warmup}")
+    counts = {"--repeats": [s.repeats], "--threads": [s.threads], "--frames": [s.frames], "--batches": s.batches,
+              "--resolutions": s.resolutions, "--min-frames": [s.min_frames], "--max-frames": [s.max_frames],
+              "--points": [s.points], "--prune-frames": [s.prune_frames], "--lengths": s.lengths,
+              "--windows": s.windows, "--frame-cap": [s.frame_cap],
+              "--runtime-frame-cap": [s.runtime_frame_cap] if s.runtime_frame_cap is not None else []}
+    for option, values in counts.items():
+        if any(v < 1 for v in values):
+            raise ValueError(f"{option} must be >= 1, got {','.join(map(str, values))}")
+    if min(s.size) < 1:
+        raise ValueError(f"--size must be HxW with both at least 1, e.g. 360x640, got {s.size[0]}x{s.size[1]}")
+    for option, values in {"--batches": s.batches, "--lengths": s.lengths, "--windows": s.windows,
+                           "--ratios": s.ratios, "--prune-ratios": s.prune_ratios}.items():
+        if not values:
+            raise ValueError(f"{option} needs at least one value")
+    if s.min_frames > s.max_frames:
+        raise ValueError(f"--min-frames {s.min_frames} is more than --max-frames {s.max_frames}")
+    for option, values in {"--ratios": s.ratios, "--prune-ratios": s.prune_ratios}.items():
+        if any(not 0 < r <= 1 for r in values):
+            raise ValueError(f"{option}: pruning ratios are the fraction of tokens kept, in (0, 1], got "
+                             f"{','.join(f'{r:g}' for r in values)}")
+    for option, value in {"--budget-gb": s.budget_gb, "--probe-timeout": s.probe_timeout,
+                          "--tolerance": s.tolerance}.items():
+        if not value > 0:
+            raise ValueError(f"{option} must be a positive number, got {value:g}")
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -183,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"interrupted: the results measured so far are in {s.out}", file=sys.stderr)
         return 130
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except BenchmarkFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

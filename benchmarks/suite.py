@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from . import environment
-from .record import Record
+from .record import Record, load_record
 from .settings import Settings
 from .workspace import Workspace
 
@@ -32,6 +32,70 @@ class BenchmarkFailed(RuntimeError):
     """One or more benchmarks raised; their JSON says ``failed`` and holds what was measured."""
 
 
+class InputError(ValueError):
+    """An option names something the benchmarks cannot use; found before anything was measured or written."""
+
+
+# the benchmarks whose rows are the --backend x --precision pairs asked for
+BY_BACKEND = ("e2e", "detector", "backends", "memory", "threads")
+
+
+def _check_backends(names: list[str], s: Settings) -> None:
+    """Each backend named runs one of the precisions asked for on this device, and each precision named runs on
+    one of the backends (a benchmark of nothing but rows this machine cannot run would be an empty table)."""
+    from .workspace import BackendSpec, available_specs, unavailable_reason
+
+    if not any(n in BY_BACKEND for n in names):
+        return
+    available, missing = available_specs(s.device)
+    backends, precisions = s.backends or ("torch", "onnxruntime"), s.precisions or ("fp32",)
+    runs = {(x.backend, x.precision) for x in available}
+    for backend in s.backends:
+        if not any((backend, p) in runs for p in precisions):
+            raise InputError(f"--backend {backend} runs none of the precisions asked for ({', '.join(precisions)}) on "
+                             f"{s.device}: {unavailable_reason(BackendSpec(backend, precisions[0]), missing)}")
+    for precision in s.precisions:
+        if not any((b, precision) in runs for b in backends):
+            why = "; ".join(dict.fromkeys(unavailable_reason(BackendSpec(b, precision), missing) for b in backends))
+            raise InputError(f"--precision {precision} runs on none of the backends asked for ({', '.join(backends)}) "
+                             f"on {s.device}: {why}")
+
+
+def check_inputs(names: list[str], s: Settings, ws: Workspace) -> None:
+    """The preset, model, video and --compare records the options name, checked once before any benchmark runs
+    (each would otherwise fail every benchmark in turn, or a comparison after the measuring)."""
+    from vita_train.presets import preset
+
+    try:
+        preset(s.preset)
+    except KeyError as e:
+        raise InputError(f"--preset: {e.args[0]}") from None
+    try:
+        ws.model_info()
+    except (ValueError, OSError) as e:  # the loaders' ModelPathError / CheckpointError / ExportFormatError
+        raise InputError(f"--model: {e}") from None
+    if s.backends or s.precisions:
+        _check_backends(names, s)
+    if s.video is not None:
+        from runtime.video_io import open_video
+
+        try:
+            open_video(s.video).close()
+        except (ValueError, OSError) as e:  # VideoInputError names the path and what is wrong with it
+            raise InputError(f"--video: {e}") from None
+    if s.compare is not None:
+        if not s.compare.is_dir():
+            raise InputError(f"--compare {s.compare} is not a directory; give a results directory of an earlier run")
+        present = [s.compare / f"{name}.json" for name in names if (s.compare / f"{name}.json").exists()]
+        if not present:
+            raise InputError(f"--compare {s.compare} holds no {' / '.join(f'{n}.json' for n in names)} to compare with")
+        for path in present:
+            try:
+                load_record(path)
+            except ValueError as e:
+                raise InputError(f"--compare: {e}") from None
+
+
 def configure(s: Settings) -> None:
     """Thread counts for torch (onnxruntime gets them per session)."""
     import torch
@@ -53,7 +117,11 @@ def run_one(name: str, s: Settings, ws: Workspace, env: dict[str, Any]) -> Recor
         if s.compare is not None:
             from .compare import compare_record
 
-            compare_record(rec, s.compare)
+            try:
+                compare_record(rec, s.compare)
+            except ValueError as e:  # an old record changed since the check: the measurements still stand
+                log.error("%s: --compare: %s", name, e)
+                rec.note(f"--compare: not compared ({e})")
     except KeyboardInterrupt:
         rec.finish("interrupted")
         raise
@@ -67,12 +135,17 @@ def run_one(name: str, s: Settings, ws: Workspace, env: dict[str, Any]) -> Recor
 
 
 def run(names: list[str], s: Settings) -> list[Record]:
-    """Run ``names`` in order into ``s.out``; a failure is logged with its traceback and the rest still run."""
+    """Run ``names`` in order into ``s.out``; a failure is logged with its traceback and the rest still run.
+    InputError, before anything is measured, when an option names something unusable."""
     configure(s)
-    env = environment.capture(s.threads)
-    ws = Workspace(s.preset, s.model, s.device, s.threads)
+    try:
+        ws = Workspace(s.preset, s.model, s.device, s.threads)
+    except FileNotFoundError as e:  # a --model that does not exist
+        raise InputError(str(e)) from None
     records, failed = [], []
     try:
+        check_inputs(names, s, ws)
+        env = environment.capture(s.threads)
         for name in names:
             try:
                 records.append(run_one(name, s, ws, env))

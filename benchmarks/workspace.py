@@ -69,6 +69,7 @@ class Workspace:
         self._clips: dict[tuple, Any] = {}
         self._checkpoint: Optional[Path] = None
         self._config: Any = None
+        self._info: Optional[dict[str, Any]] = None
         if self.model_path is not None and not self.model_path.exists():
             raise FileNotFoundError(f"--model {self.model_path} does not exist; give a checkpoint or an export directory")
 
@@ -102,16 +103,21 @@ class Workspace:
         return self._checkpoint
 
     def model_info(self) -> dict[str, Any]:
-        """Preset, where the weights come from and their hash (what every table states)."""
-        if self.is_export:
-            from vita_train.export_format import read_metadata
+        """Preset, where the weights come from and their hash (what every table states); made once, which loads
+        the model (the loaders' errors say what is wrong with --model)."""
+        if self._info is None:
+            if self.is_export:
+                from vita_train.export_format import read_metadata
 
-            meta = read_metadata(self.model_path)
-            return {"preset": meta["model_config"].get("name"), "weights": f"export directory {self.model_path}",
-                    "sha256": meta["source_checkpoint"]["sha256"]}
-        ckpt = self.checkpoint()
-        weights = f"checkpoint {self.model_path}" if self.model_path else "random init (torch seed 0), not trained"
-        return {"preset": self.config.name, "weights": weights, "sha256": sha256_file(ckpt)}
+                meta = read_metadata(self.model_path)
+                self._info = {"preset": meta["model_config"].get("name"),
+                              "weights": f"export directory {self.model_path}",
+                              "sha256": meta["source_checkpoint"]["sha256"]}
+            else:
+                ckpt = self.checkpoint()
+                weights = f"checkpoint {self.model_path}" if self.model_path else "random init (torch seed 0), not trained"
+                self._info = {"preset": self.config.name, "weights": weights, "sha256": sha256_file(ckpt)}
+        return dict(self._info)
 
     @property
     def config(self) -> Any:
@@ -263,7 +269,11 @@ def available_specs(device: str) -> tuple[list[BackendSpec], dict[str, str]]:
     return specs, missing
 
 
+def unavailable_reason(spec: BackendSpec, missing: dict[str, str]) -> str:
+    """Why this machine cannot run ``spec`` (``missing`` from available_specs)."""
+    return missing.get(f"{spec.backend} {spec.precision}") or missing.get(spec.backend) or "; ".join(missing.values())
+
+
 def skipped_note(spec: BackendSpec, missing: dict[str, str]) -> str:
     """The note for a requested row this machine cannot run: why, for that backend and precision."""
-    why = missing.get(f"{spec.backend} {spec.precision}") or missing.get(spec.backend) or "; ".join(missing.values())
-    return f"{spec.label} skipped: not available on this machine ({why})"
+    return f"{spec.label} skipped: not available on this machine ({unavailable_reason(spec, missing)})"

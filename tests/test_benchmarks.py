@@ -525,3 +525,76 @@ def test_compare_refuses_a_record_of_other_settings(tmp_path: Path):
     assert "not compared" in note and "frames 2 -> 3" in note and "threads 2 -> 1" in note
     assert "WARNING" in other.stderr and "frames 2 -> 3" in other.stderr
     assert "frames 2 -> 3" in (tmp_path / "other" / "e2e.md").read_text()
+
+
+def _refused(proc: subprocess.CompletedProcess, *words: str) -> None:
+    """Exit status 2 with one ``error: ...`` line naming ``words``, no traceback."""
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and all(w in errors[0] for w in words), errors
+
+
+def test_compare_is_checked_before_measuring(tmp_path: Path):
+    """--compare: a missing folder, one without this benchmark's record, or a malformed record is refused before
+    anything runs (a missing folder ran and exited 0; a malformed file failed the finished run with a traceback)."""
+    out = tmp_path / "new"
+    _refused(_bench(*TINY_E2E, "--out", str(out), "--compare", str(tmp_path / "nowhere")), "nowhere", "not a directory")
+    old = tmp_path / "old"
+    old.mkdir()
+    _refused(_bench(*TINY_E2E, "--out", str(out), "--compare", str(old)), "holds no e2e.json")
+    (old / "e2e.json").write_text("{not json")
+    _refused(_bench(*TINY_E2E, "--out", str(out), "--compare", str(old)), "e2e.json", "not a readable benchmark results")
+    assert not out.exists()
+
+
+def test_bad_model_preset_device_or_video_is_one_clear_error(tmp_path: Path):
+    """Each is checked once, up front, with the loaders' own message (each printed a long logged traceback, and
+    `all` repeated it once per benchmark)."""
+    import numpy as np
+
+    (tmp_path / "config.yaml").write_text("model: {}\n")
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    (tmp_path / "junk.pth").write_bytes(b"\x00\x01 not a checkpoint" * 40)
+    (tmp_path / "folder").mkdir()
+    out = tmp_path / "out"
+    cases = [
+        (("all", "--model", str(tmp_path / "missing.pth")), ("missing.pth", "does not exist")),
+        (("e2e", "--model", str(tmp_path / "config.yaml")), ("--model", "config.yaml", "config file")),
+        (("e2e", "--model", str(tmp_path / "array.npy")), ("--model", "array.npy", "NumPy array")),
+        (("e2e", "--model", str(tmp_path / "junk.pth")), ("--model", "junk.pth", "not a PyTorch checkpoint")),
+        (("e2e", "--model", str(tmp_path / "folder")), ("--model", "folder", "not an export")),
+        (("all", "--preset", "nope"), ("--preset", "unknown preset 'nope'", "vita_tiny")),
+        (("e2e", "--device", "gpu"), ("--device gpu", "cpu, cuda or cuda:N")),
+        (("e2e", "--video", str(tmp_path / "missing.mp4")), ("--video", "missing.mp4", "does not exist")),
+        (("e2e", "--video", str(tmp_path / "array.npy")), ("--video", "array.npy")),
+    ]
+    for args, words in cases:
+        _refused(_bench(args[0], "--quick", "--no-progress", "--out", str(out), *args[1:], timeout=300), *words)
+    assert not out.exists()
+
+
+def test_option_values_no_benchmark_can_use_are_refused(tmp_path: Path):
+    """Counts below 1, min > max, ratios outside (0, 1], a zero budget or size, a precision no backend runs on
+    this device and an --out that is a file: argparse-style errors (they ran into empty tables or tracebacks)."""
+    out = str(tmp_path / "out")
+    (tmp_path / "a_file").write_text("mine")
+    cases = [
+        (("e2e", "--frames", "0"), "--frames must be >= 1, got 0"),
+        (("e2e", "--frames", "-3"), "--frames must be >= 1, got -3"),
+        (("e2e", "--size", "0x0"), "--size must be HxW with both at least 1"),
+        (("detector", "--batches", "0"), "--batches must be >= 1"),
+        (("detector", "--resolutions", "0"), "--resolutions must be >= 1"),
+        (("tokens", "--min-frames", "0"), "--min-frames must be >= 1"),
+        (("tokens", "--points", "0"), "--points must be >= 1"),
+        (("tokens", "--prune-frames", "0"), "--prune-frames must be >= 1"),
+        (("tokens", "--min-frames", "100", "--max-frames", "10"), "--min-frames 100 is more than --max-frames 10"),
+        (("memory", "--lengths", "0"), "--lengths must be >= 1"),
+        (("maxframes", "--budget-gb", "0"), "--budget-gb must be a positive number"),
+        (("prune", "--prune-ratios", "0,1.5"), "--prune-ratios: pruning ratios are the fraction of tokens kept, in (0, 1]"),
+        (("e2e", "--out", str(tmp_path / "a_file")), "is a file; give a directory"),
+    ]
+    for args, words in cases:
+        _refused(_bench(args[0], "--quick", "--device", "cpu", "--no-progress", "--out", out, *args[1:], timeout=120), words)
+    _refused(_bench("memory", "--quick", "--device", "cpu", "--precision", "fp16", "--out", out, timeout=300),
+             "--precision fp16 runs on none of the backends", "fp16 only on CUDA")
+    assert not Path(out).exists() and (tmp_path / "a_file").read_text() == "mine"
