@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("detector-backends", parents=[common], help="old name of `detector --batches 1 --resolutions 360`")
     rep = sub.add_parser("report", help="render every results JSON of a directory into one markdown page")
     rep.add_argument("dir", type=Path)
-    rep.add_argument("--out", type=Path, default=None, help="markdown file (default DIR/report.md)")
+    rep.add_argument("--out", type=Path, default=None, help="markdown file, or a folder for report.md (default DIR/report.md)")
     return p
 
 

@@ -14,14 +14,19 @@ set -uo pipefail
 OUT=${1:-bench_results_gpu_$(date -u +%Y%m%dT%H%M%SZ)}
 shift $(( $# > 0 ? 1 : 0 ))
 PY=${PYTHON:-python}
-cd "$(dirname "$0")/.." || exit 2
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
+REPO=$(cd "$(dirname "$0")/.." && pwd) || exit 2
+# OUT and the options' paths (--model, --video, --compare) are the caller's, so this runs in the caller's folder;
+# the repository goes first on the module path instead of the folder (which may have a benchmarks/ of its own)
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+module() { "$PY" -c 'import importlib, sys; sys.path[0] = sys.argv.pop(1); sys.exit(importlib.import_module(sys.argv.pop(1)).main(sys.argv[1:]))' "$REPO" "$@"; }
+bench() { module benchmarks.__main__ "$@"; }
 
 if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     echo "gpu.sh: torch sees no CUDA device; run the suite on CPU with: $PY -m benchmarks all" >&2
     exit 2
 fi
+mkdir -p "$OUT" || exit 2
+OUT=$(cd "$OUT" && pwd)
 
 BACKENDS=(--backend torch)
 if "$PY" -c 'import onnxruntime as o, sys; sys.exit(0 if "CUDAExecutionProvider" in o.get_available_providers() else 1)' 2>/dev/null; then
@@ -53,23 +58,29 @@ step() {
     "$@" || { echo "gpu.sh: step failed: $*" >&2; status=1; }
 }
 
-step "$PY" -m benchmarks e2e "${BACKENDS[@]}" "${PRECISIONS[@]}" "${COMMON[@]}"
-step "$PY" -m benchmarks detector "${BACKENDS[@]}" "${PRECISIONS[@]}" "${COMMON[@]}"
-step "$PY" -m benchmarks tokens "${TOKENS[@]}" "${COMMON[@]}"
-step "$PY" -m benchmarks maxframes "${MAXFRAMES[@]}" "${COMMON[@]}"
-step "$PY" -m benchmarks prune "${COMMON[@]}"
-step "$PY" -m benchmarks backends "${COMMON[@]}"
-step "$PY" -m benchmarks kernels "${COMMON[@]}"
-step "$PY" -m benchmarks memory "${BACKENDS[@]}" "${PRECISIONS[@]}" "${COMMON[@]}"
-step "$PY" -m benchmarks threads "${BACKENDS[@]}" "${PRECISIONS[@]}" "${COMMON[@]}"
-step "$PY" -m benchmarks precision "${COMMON[@]}"
+step bench e2e "${BACKENDS[@]}" "${PRECISIONS[@]}" "${COMMON[@]}"
+step bench detector "${BACKENDS[@]}" "${PRECISIONS[@]}" "${COMMON[@]}"
+step bench tokens "${TOKENS[@]}" "${COMMON[@]}"
+step bench maxframes "${MAXFRAMES[@]}" "${COMMON[@]}"
+step bench prune "${COMMON[@]}"
+step bench backends "${COMMON[@]}"
+step bench kernels "${COMMON[@]}"
+step bench memory "${BACKENDS[@]}" "${PRECISIONS[@]}" "${COMMON[@]}"
+step bench threads "${BACKENDS[@]}" "${PRECISIONS[@]}" "${COMMON[@]}"
+step bench precision "${COMMON[@]}"
 if [[ $HAVE_TRT == 1 ]]; then
-    if "$PY" -c 'import benchmarks.trt_check' 2>/dev/null; then
-        step "$PY" -m benchmarks.trt_check --out "$OUT"
+    if [[ -f "$REPO/benchmarks/trt_check.py" ]]; then
+        step module benchmarks.trt_check --out "$OUT"
     else
         echo "gpu.sh: benchmarks.trt_check is not present yet: TensorRT check skipped" >&2
     fi
 fi
-step "$PY" -m benchmarks report "$OUT"
-echo "gpu.sh: results in $OUT (report: $OUT/report.md)" >&2
+# a report.md of an earlier run in OUT is not this run's: named only when this run's report step wrote it
+if bench report "$OUT"; then
+    echo "gpu.sh: results in $OUT (report: $OUT/report.md)" >&2
+else
+    echo "gpu.sh: step failed: report; no report written, results (if any) in $OUT" >&2
+    status=1
+fi
+[[ $status == 0 ]] || echo "gpu.sh: some steps failed (see above); exit status 1" >&2
 exit $status

@@ -42,9 +42,10 @@ def run_child(s: Settings, ws: Workspace, spec: BackendSpec, clip: Clip,
     size = ws.resized(clip.height, clip.width)
     model = ws.checkpoint() if spec.backend == "torch" else ws.export(size, tensorrt=spec.backend == "tensorrt",
                                                                       precision=spec.precision)
-    cmd = [sys.executable, "-m", "benchmarks.peak_child", str(model), str(clip.video), "--backend", spec.backend,
-           "--dtype", PRECISIONS[spec.precision], "--device", ws.device, "--threads", str(s.threads),
-           "--segment-on", segment_on]
+    # the child runs in the repository (to import benchmarks): the caller's relative paths would point there
+    cmd = [sys.executable, "-m", "benchmarks.peak_child", str(Path(model).absolute()), str(Path(clip.video).absolute()),
+           "--backend", spec.backend, "--dtype", PRECISIONS[spec.precision], "--device", ws.device,
+           "--threads", str(s.threads), "--segment-on", segment_on]
     try:
         # generous: a cold process (kernel builds included) at several seconds a frame
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120 + 10 * clip.frames)

@@ -11,7 +11,8 @@ from .record import PREVIOUS, load_record, record_markdown
 
 
 def write_report(directory: Path, out: Optional[Path] = None) -> Path:
-    """Render ``directory``'s ``*.json`` results (in suite order) into ``out`` (default DIR/report.md)."""
+    """Render ``directory``'s ``*.json`` results (in suite order) into ``out`` (default DIR/report.md; a folder
+    gets report.md in it)."""
     from .suite import BENCHMARKS
 
     directory = Path(directory)
@@ -30,6 +31,8 @@ def write_report(directory: Path, out: Optional[Path] = None) -> Path:
         raise FileNotFoundError(f"{directory} holds no benchmark results (*.json written by python -m benchmarks)")
     records.sort(key=lambda r: (order.index(r["benchmark"]) if r["benchmark"] in order else len(order), r["benchmark"]))
     out = Path(out) if out else directory / "report.md"
+    if out.is_dir():
+        out = out / "report.md"
     prefix = "" if out.parent.resolve() == directory.resolve() else f"{directory.resolve()}/"
     parts = ["# VITA benchmarks", "", "Contents: " + ", ".join(r["benchmark"] for r in records), ""]
     for data in records:

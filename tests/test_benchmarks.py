@@ -349,12 +349,22 @@ def test_gpu_script_refuses_a_machine_without_cuda(tmp_path: Path):
 
 def test_cpu_script_measures_the_cpu_list_into_one_directory(tmp_path: Path):
     """benchmarks/cpu.sh (QUICK=1): e2e per backend at 1 and 2 detector calls at once, bf16 rows only where the
-    CPU has bf16, fresh-process memory, the kernels, precision, and the report over them."""
+    CPU has bf16, fresh-process memory, the kernels, precision, and the report over them. Its OUT and --model are
+    the caller's relative paths (they were taken relative to the repository)."""
+    import torch
+
+    from vita_train import VitaModel, save_checkpoint
+    from vita_train.presets import preset
+
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "tiny.pth", VitaModel(preset("vita_tiny")).eval())
     out = tmp_path / "c"
-    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "cpu.sh"), str(out)], cwd=REPO, capture_output=True,
-                          text=True, timeout=900,
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "cpu.sh"), "c", "--model", "tiny.pth"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900,
                           env={**__import__("os").environ, "PYTHON": sys.executable, "QUICK": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"report: {out}/report.md" in proc.stderr
+    assert load_record(out / "e2e.json")["model"]["weights"].endswith("tiny.pth")
     precisions = {"fp32", "bf16"} if bf16_supported() else {"fp32"}
     rows = load_record(out / "e2e.json")["tables"][0]["rows"]
     assert {(r["backend"], r["precision"], r["detector_streams"]) for r in rows if r["kernels"] != "reference"} == {
@@ -363,6 +373,8 @@ def test_cpu_script_measures_the_cpu_list_into_one_directory(tmp_path: Path):
     memory = load_record(out / "memory.json")["tables"][0]["rows"]
     assert {(r["backend"], r["precision"]) for r in memory} == {
         (b, p) for b in ("torch", "onnxruntime") for p in precisions if not (b == "onnxruntime" and p == "bf16")}
+    # each fresh child process found the relative checkpoint (it runs in the repository)
+    assert all(r["peak_rss_gb_4"] and r["peak_rss_gb_8"] for r in memory), memory
     assert load_record(out / "precision.json")["tables"][0]["rows"][0]["compared"].startswith("bf16")
     assert (out / "kernels.json").exists()
     assert "End to end" in (out / "report.md").read_text()
@@ -598,3 +610,28 @@ def test_option_values_no_benchmark_can_use_are_refused(tmp_path: Path):
     _refused(_bench("memory", "--quick", "--device", "cpu", "--precision", "fp16", "--out", out, timeout=300),
              "--precision fp16 runs on none of the backends", "fp16 only on CUDA")
     assert not Path(out).exists() and (tmp_path / "a_file").read_text() == "mine"
+
+
+def test_cpu_script_with_failing_steps_exits_1_and_announces_no_report(tmp_path: Path):
+    """Every step failing (a --model that is not there): exit status 1, each step's one-line error, and no
+    "report: .../report.md" announced for a report that was not written."""
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "cpu.sh"), "c", "--model", "missing.pth"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHON": sys.executable, "QUICK": "1"})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.count("error: --model missing.pth does not exist") == 4
+    assert "report:" not in proc.stderr and "no report written" in proc.stderr
+    assert not (tmp_path / "c" / "report.md").exists() and "Traceback" not in proc.stderr
+
+
+def test_report_into_an_existing_folder_writes_report_md_there(tmp_path: Path):
+    """report DIR --out FOLDER: FOLDER/report.md, its plot links pointing back into DIR (an IsADirectoryError)."""
+    results, pages = tmp_path / "results", tmp_path / "pages"
+    pages.mkdir()
+    rec = Record("e2e", "End to end", results, {"threads": 1}, {})
+    rec.plots.append("e2e_stages.png")
+    rec.finish("complete")
+    proc = _bench("report", str(results), "--out", str(pages), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == str(pages / "report.md")
+    assert f"({results.resolve()}/e2e_stages.png)" in (pages / "report.md").read_text()
