@@ -16,14 +16,9 @@ set -uo pipefail
 OUT=${1:-bench_results_cpu_$(date -u +%Y%m%dT%H%M%SZ)}
 shift $(( $# > 0 ? 1 : 0 ))
 PY=${PYTHON:-python}
-REPO=$(cd "$(dirname "$0")/.." && pwd) || exit 2
-# OUT and the options' paths (--model, --video, --compare) are the caller's, so this runs in the caller's folder;
-# the repository goes first on the module path instead of the folder (which may have a benchmarks/ of its own)
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-module() { "$PY" -c 'import importlib, sys; sys.path[0] = sys.argv.pop(1); sys.exit(importlib.import_module(sys.argv.pop(1)).main(sys.argv[1:]))' "$REPO" "$@"; }
-bench() { module benchmarks.__main__ "$@"; }
-mkdir -p "$OUT" || exit 2
-OUT=$(cd "$OUT" && pwd)
+# shellcheck source=benchmarks/script_lib.sh
+. "$(dirname "$0")/script_lib.sh"
+OUT=$(make_out "$OUT") || exit 2
 
 PRECISIONS=(--precision fp32)
 if "$PY" -c 'import sys; sys.path[0] = sys.argv[1]; from vita_train.modeling.onednn import bf16_supported; sys.exit(0 if bf16_supported() else 1)' "$REPO"; then
@@ -35,22 +30,8 @@ BACKENDS=(--backend torch --backend onnxruntime)
 COMMON=(--device cpu --threads "${THREADS:-2}" --out "$OUT" --no-progress "$@")
 [[ "${QUICK:-0}" == 1 ]] && COMMON+=(--quick)
 
-status=0
-step() {
-    echo "== cpu.sh: $*" >&2
-    "$@" || { echo "cpu.sh: step failed: $*" >&2; status=1; }
-}
-
 step bench e2e "${BACKENDS[@]}" "${PRECISIONS[@]}" --detector-streams 1,2 "${COMMON[@]}"
 step bench memory "${BACKENDS[@]}" "${PRECISIONS[@]}" "${COMMON[@]}"
 step bench kernels "${COMMON[@]}"
 step bench precision "${COMMON[@]}"
-# a report.md of an earlier run in OUT is not this run's: named only when this run's report step wrote it
-if bench report "$OUT"; then
-    echo "cpu.sh: results in $OUT (report: $OUT/report.md)" >&2
-else
-    echo "cpu.sh: step failed: report; no report written, results (if any) in $OUT" >&2
-    status=1
-fi
-[[ $status == 0 ]] || echo "cpu.sh: some steps failed (see above); exit status 1" >&2
-exit $status
+finish "$OUT"

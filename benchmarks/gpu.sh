@@ -14,19 +14,14 @@ set -uo pipefail
 OUT=${1:-bench_results_gpu_$(date -u +%Y%m%dT%H%M%SZ)}
 shift $(( $# > 0 ? 1 : 0 ))
 PY=${PYTHON:-python}
-REPO=$(cd "$(dirname "$0")/.." && pwd) || exit 2
-# OUT and the options' paths (--model, --video, --compare) are the caller's, so this runs in the caller's folder;
-# the repository goes first on the module path instead of the folder (which may have a benchmarks/ of its own)
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-module() { "$PY" -c 'import importlib, sys; sys.path[0] = sys.argv.pop(1); sys.exit(importlib.import_module(sys.argv.pop(1)).main(sys.argv[1:]))' "$REPO" "$@"; }
-bench() { module benchmarks.__main__ "$@"; }
+# shellcheck source=benchmarks/script_lib.sh
+. "$(dirname "$0")/script_lib.sh"
 
 if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     echo "gpu.sh: torch sees no CUDA device; run the suite on CPU with: $PY -m benchmarks all" >&2
     exit 2
 fi
-mkdir -p "$OUT" || exit 2
-OUT=$(cd "$OUT" && pwd)
+OUT=$(make_out "$OUT") || exit 2
 
 BACKENDS=(--backend torch)
 if "$PY" -c 'import onnxruntime as o, sys; sys.exit(0 if "CUDAExecutionProvider" in o.get_available_providers() else 1)' 2>/dev/null; then
@@ -52,12 +47,6 @@ fi
 read -r -a MAXFRAMES <<< "${MAXFRAMES_ARGS-$MAXFRAMES_DEFAULT}"
 read -r -a TOKENS <<< "${TOKENS_ARGS-$TOKENS_DEFAULT}"
 
-status=0
-step() {
-    echo "== gpu.sh: $*" >&2
-    "$@" || { echo "gpu.sh: step failed: $*" >&2; status=1; }
-}
-
 step bench e2e "${BACKENDS[@]}" "${PRECISIONS[@]}" "${COMMON[@]}"
 step bench detector "${BACKENDS[@]}" "${PRECISIONS[@]}" "${COMMON[@]}"
 step bench tokens "${TOKENS[@]}" "${COMMON[@]}"
@@ -75,12 +64,4 @@ if [[ $HAVE_TRT == 1 ]]; then
         echo "gpu.sh: benchmarks.trt_check is not present yet: TensorRT check skipped" >&2
     fi
 fi
-# a report.md of an earlier run in OUT is not this run's: named only when this run's report step wrote it
-if bench report "$OUT"; then
-    echo "gpu.sh: results in $OUT (report: $OUT/report.md)" >&2
-else
-    echo "gpu.sh: step failed: report; no report written, results (if any) in $OUT" >&2
-    status=1
-fi
-[[ $status == 0 ]] || echo "gpu.sh: some steps failed (see above); exit status 1" >&2
-exit $status
+finish "$OUT"
