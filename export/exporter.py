@@ -257,14 +257,15 @@ def _check_options(opts: ExportOptions) -> None:
     if opts.msda not in ("plain", "trt-plugin"):
         raise ValueError(f"msda must be 'plain' or 'trt-plugin', got {opts.msda!r}")
     if opts.opset < MIN_OPSET:
-        raise ValueError(f"opset {opts.opset} is too old: the deformable attention's GridSample needs opset {MIN_OPSET} "
-                         f"or later (default {DEFAULT_OPSET})")
+        raise ValueError(f"opset {opts.opset} is too old: the deformable attention's GridSample needs opset "
+                         f"{MIN_OPSET} or later (default {DEFAULT_OPSET})")
     for name in ("min_size", "max_size"):
         value = getattr(opts, name)
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1 (leave it unset for the model's own), got {value}")
     if opts.validation_ort.threads < 0:
-        raise ValueError(f"validation threads must be >= 0 (0: ONNX Runtime's choice), got {opts.validation_ort.threads}")
+        raise ValueError("validation threads must be >= 0 (0: ONNX Runtime's choice), got "
+                         f"{opts.validation_ort.threads}")
 
 
 def export_model(ckpt: Path, opts: Optional[ExportOptions] = None) -> Path:
@@ -274,7 +275,7 @@ def export_model(ckpt: Path, opts: Optional[ExportOptions] = None) -> Path:
     out = Path(opts.out) if opts.out else ckpt.with_name(ckpt.stem + "_export")
     _check_options(opts)
     _check_target(out, opts.force)
-    model = load_model(ckpt, **({"dataset": opts.dataset} if opts.dataset is not None else {})).eval()
+    model = load_model(ckpt, dataset=opts.dataset).eval()
     cfg = model.config
     min_size = opts.min_size or cfg.input.min_size_test
     max_size = opts.max_size or cfg.input.max_size_test

@@ -71,8 +71,8 @@ def _claim_parts(parts: Path, identity: dict[str, Any]) -> None:
     if not record.exists():
         # (another rank may write the record meanwhile: it does so before any result of its own)
         if any(p.name != record.name for p in parts.glob("*.json")) and not record.exists():
-            raise DatasetRunError(f"{parts} holds results that do not say which model and options made them; remove "
-                             "that folder to start again, or choose another --out")
+            raise DatasetRunError(f"{parts} holds results that do not say which model and options made them; "
+                                  "remove that folder to start again, or choose another --out")
         atomic_write(record, lambda f: json.dump(identity, f, indent=1), binary=False)
     try:
         earlier = json.loads(record.read_text())
@@ -80,8 +80,8 @@ def _claim_parts(parts: Path, identity: dict[str, Any]) -> None:
         earlier = None
     if earlier != identity:
         differ = [_WHAT[k] for k in identity if not isinstance(earlier, dict) or earlier.get(k) != identity[k]]
-        raise DatasetRunError(f"{parts} holds the results of an earlier run made with a different {' and '.join(differ)}; "
-                         "remove that folder to start again, or choose another --out")
+        raise DatasetRunError(f"{parts} holds the results of an earlier run made with a different "
+                              f"{' and '.join(differ)}; remove that folder to start again, or choose another --out")
 
 
 def run_dataset(

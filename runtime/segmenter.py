@@ -97,7 +97,7 @@ def load(
 
     def build() -> Segmenter:
         try:
-            model = load_model(path, config=config, **({"dataset": dataset} if dataset is not None else {}))
+            model = load_model(path, config=config, dataset=dataset)
         except CheckpointError as e:
             raise ModelPathError(f"cannot use {path} as a model: {e}") from None
         backend = TorchBackend(model, device=device, dtype=dtype, kernels=opts.kernels,

@@ -268,6 +268,10 @@ def test_an_official_checkpoint_alone_gets_the_class_names_of_the_dataset_named(
     alone.write_bytes(r50.ckpt.read_bytes())
     assert runtime.load(alone).config.label_names() == YTVIS_2019
     assert runtime.load(alone, dataset="ytvis_2021").config.label_names() == YTVIS_2021
+    # dataset=None is "not given": a model of ours keeps its own names (None once meant "names from the class count")
+    from vita_train.pretrained import DEMO_CHECKPOINT
+
+    assert runtime.load(DEMO_CHECKPOINT, dataset=None).config.label_names() == ("disc", "square", "triangle", "ring")
     video = encode(tmp_path / "clip.mkv", r50.frames[:4], "ffv1", "bgr0")
     out = tmp_path / "r.json"
     assert cli([str(video), "--model", str(alone), "--out", str(out), "--dataset", "ytvis_2021"]) == 0

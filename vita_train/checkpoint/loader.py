@@ -225,7 +225,8 @@ def load_model(
     """
     path = Path(path)
     raw = read_checkpoint(path)
-    overrides = dict(overrides)
+    # dataset=None is "not given" (callers pass their optional argument through), never "no dataset"
+    overrides = {k: v for k, v in overrides.items() if not (k == "dataset" and v is None)}
     if is_native(raw):
         if raw.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(
