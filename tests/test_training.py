@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from tests.conftest import REPO, require_shared
+from vita_train.config import ConfigError
 from vita_train.data.synthetic import SYNTHETIC_CLASSES, write_synthetic_dataset
 
 TINY_MODEL = {
@@ -456,6 +457,26 @@ def test_bad_config_value_is_a_clear_error(tmp_path, synthetic, capsys, override
     code, err = cli(capsys, "train", "--config", str(recipe(tmp_path, synthetic)), override, "--no-progress")
     assert code == 2 and message in err and err.startswith("error: "), err
     assert not (tmp_path / "run").exists()
+
+
+def test_overrides_may_complete_a_recipe_that_is_not_valid_alone(tmp_path, synthetic):
+    """The recipe is checked once, with its overrides: ``init=`` on the command line for a ``preset: init`` model,
+    an ``output_dir`` left empty in a shared recipe. Both were refused before the overrides applied."""
+    from vita_train import save_checkpoint
+    from vita_train.modeling.vita_model import VitaModel
+    from vita_train.training.config import TrainConfig
+
+    start = tmp_path / "start.pth"
+    save_checkpoint(start, VitaModel(TrainConfig.from_yaml(recipe(tmp_path, synthetic)).model))
+    shared = recipe(tmp_path, synthetic, "shared.yaml", model={"preset": "init"}, output_dir="")
+    cfg = TrainConfig.from_yaml(shared, [f"init={start}", f"output_dir={tmp_path / 'mine'}", "model.test.topk=3"])
+    assert cfg.init == str(start) and cfg.output_dir == str(tmp_path / "mine") and cfg.model.test.topk == 3
+    assert cfg.model.num_classes == 4  # the architecture of the init checkpoint
+    # what no override fixes is still refused, and so is an override of a key the config does not have
+    with pytest.raises(ConfigError, match="output_dir is empty"):
+        TrainConfig.from_yaml(shared, [f"init={start}"])
+    with pytest.raises(ConfigError, match="unknown config key 'solver.base_lrr'"):
+        TrainConfig.from_yaml(shared, [f"init={start}", "output_dir=x", "solver.base_lrr=1"])
 
 
 def test_override_after_a_bare_resume_is_an_override(tmp_path, one_step_run, capsys):

@@ -149,16 +149,31 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Optional[list[str]] = None) -> "TrainConfig":
-        """Read a recipe (following ``_base_`` links) and apply ``key=value`` overrides."""
-        config = cls.from_dict(load_recipe_dict(Path(path)))
+        """Read a recipe (following ``_base_`` links) and apply ``key=value`` overrides; the result is checked
+        once, so an override may complete a recipe that is not valid alone (``init=`` for ``preset: init``)."""
         dotted = {}
         for item in overrides or []:
             key, sep, text = item.partition("=")
             if not sep or not key:
                 raise ConfigError(f"override {item!r} is not of the form key=value (e.g. solver.base_lr=1e-4)")
             dotted[key] = yaml.safe_load(text) if text else ""
-        # checked against the full config, not just the keys the recipe happens to spell out
-        return config.replace(**dotted) if dotted else config
+        data = load_recipe_dict(Path(path))
+        model = data.pop("model", None)
+        # every key of the full config, not just those the recipe happens to spell out, takes an override
+        full = _merge(config_to_dict(cls()), data)
+        for key, value in dotted.items():
+            if not key.startswith("model."):
+                set_dotted(full, key, value)
+        if isinstance(model, dict):
+            if "preset" in model:  # after the overrides: init= may name the preset's source
+                model = _resolve_preset(model, full["init"])
+            full["model"] = _merge(full["model"], model)
+        elif model is not None:
+            full["model"] = model  # not a section: from_dict names what is wrong with it
+        for key, value in dotted.items():
+            if key.startswith("model."):
+                set_dotted(full, key, value)
+        return cls.from_dict(full)
 
     def replace(self, **dotted: Any) -> "TrainConfig":
         """A copy with dotted-key overrides applied."""
