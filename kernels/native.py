@@ -115,8 +115,8 @@ def ms_deform_attn_from_projections(
 
 
 def winograd_input(x: Tensor, tile: int, rows: tuple[int, int]) -> Tensor:
-    """Channels-last float32 (N, C, H, W) -> (tiles, (tile+2)^2, C): the 3x3-conv input window (padding 1) of
-    every tile x tile block of output rows [rows[0], rows[1]), in the Winograd domain (B^T d B)."""
+    """Channels-last float32 or bfloat16 (N, C, H, W) -> float32 (tiles, (tile+2)^2, C): the 3x3-conv input
+    window (padding 1) of every tile x tile block of output rows [rows[0], rows[1]), in the Winograd domain (B^T d B)."""
     if not available():
         raise RuntimeError("the native CPU kernels are not available here; check kernels.native.available() first")
     return torch.ops.vita_kernels.winograd_input(x, tile, rows[0], rows[1])
@@ -124,8 +124,9 @@ def winograd_input(x: Tensor, tile: int, rows: tuple[int, int]) -> Tensor:
 
 def winograd_output(products: Tensor, bias: Optional[Tensor], relu: bool, out: Tensor, rows: tuple[int, int],
                     tile: int) -> None:
-    """Winograd-domain products (tiles, (tile+2)^2, C) -> output rows [rows[0], rows[1]) of the channels-last
-    ``out`` (N, C, H, W), written in place: A^T m A per tile, plus ``bias``, then ReLU when ``relu``."""
+    """Float32 Winograd-domain products (tiles, (tile+2)^2, C) -> output rows [rows[0], rows[1]) of the
+    channels-last float32 or bfloat16 ``out`` (N, C, H, W), written in place: A^T m A per tile, plus ``bias``,
+    then ReLU when ``relu`` (rounded once to bfloat16 at the end)."""
     if not available():
         raise RuntimeError("the native CPU kernels are not available here; check kernels.native.available() first")
     torch.ops.vita_kernels.winograd_output(products, bias, relu, out, rows[0], rows[1], tile)

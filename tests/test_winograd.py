@@ -19,7 +19,7 @@ SHAPES = [(2, 16, 7, 9), (1, 64, 13, 5), (1, 32, 8, 8), (1, 16, 1, 1)]
 
 @pytest.fixture
 def winograd_here(monkeypatch):
-    """The Winograd path taken wherever it applies, on every CPU kind (by default only AVX2-only CPUs take it)."""
+    """The Winograd path taken wherever it applies, on every CPU kind (by default x86 with AVX2 or AVX-512)."""
     require_native_kernels()
     monkeypatch.setattr(winograd, "winograd_cpu", lambda: True)
 
@@ -77,6 +77,38 @@ def test_the_kernels_are_as_accurate_as_the_direct_convolution(tile, shape, relu
     torch.testing.assert_close(got, ref.relu() if relu else ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("tile", [2, 4])
+@pytest.mark.parametrize("shape", [(2, 16, 7, 9), (1, 128, 13, 10)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_bf16_activations_are_as_accurate_as_the_direct_bf16_convolution(tile, shape, relu, monkeypatch):
+    """bf16 in and out, float32 Winograd domain: against float64 on the same bf16 input and weight, within 1.1x
+    the direct bf16 convolution's error (both are mostly the output's one rounding to bf16)."""
+    require_native_kernels()
+    monkeypatch.setattr(winograd, "tile_for", lambda cin, cout: tile)
+    x, weight, bias = _case(shape, 32)
+    xb, wb = x.to(torch.bfloat16), weight.to(torch.bfloat16)
+    conv = winograd.WinogradWeight()
+    with torch.no_grad():
+        got = conv.conv(xb.contiguous(memory_format=torch.channels_last), ("k",), lambda: (wb, bias.float()), relu=relu)
+    assert conv.tile == tile and got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
+    want = F.conv2d(xb.double(), wb.double(), bias, padding=1)
+    direct = F.conv2d(xb, wb, bias.to(torch.bfloat16), padding=1).double()
+    if relu:
+        want, direct = want.relu(), direct.relu()
+    scale = want.abs().max().item()
+    err, direct_err = ((got.double() - want).abs().max().item() / scale, (direct - want).abs().max().item() / scale)
+    assert err <= 1.1 * direct_err, (err, direct_err)
+    if tile == 4 and shape[1] >= 128:
+        # negative control: F(4x4) with bf16 tiles and products (the reference transforms run in bf16) fails it
+        bf16_domain = winograd.reference_conv(xb, wb, bias.to(torch.bfloat16), 4)
+        bf16_domain = bf16_domain.relu() if relu else bf16_domain
+        assert (bf16_domain.double() - want).abs().max().item() / scale > 1.1 * direct_err
+    # the same tiles as the float32 kernels: the float32 result on the same input, rounded once
+    same = conv.conv(xb.float().contiguous(memory_format=torch.channels_last), ("k",), lambda: (wb, bias.float()),
+                     relu=relu)
+    torch.testing.assert_close(got, same.to(torch.bfloat16), rtol=0, atol=0)
+
+
 def test_a_wrong_transform_is_caught(monkeypatch):
     """Negative control: the accuracy bound above fails for one Winograd point's weights 0.1% off."""
     require_native_kernels()
@@ -117,6 +149,21 @@ def test_resnet_convolutions_take_it_and_follow_weight_changes(winograd_here):
         torch.testing.assert_close(conv.forward_fused(x), F.relu(conv(x)), rtol=1e-4, atol=1e-4)
 
 
+def test_a_bf16_resnet_convolution_takes_it_with_the_norm_folded_in_float32(winograd_here):
+    """A bf16 detector's stride-1 3x3 (bf16 weight, float32 frozen norm): the Winograd path, nearer to the
+    float32 fold on the same bf16 input than oneDNN's direct bf16 convolution of the bf16-rounded fold."""
+    conv = _conv_norm(cin=128, cout=128)
+    conv.weight.data = conv.weight.data.to(torch.bfloat16)  # as precision.cast_detector leaves it
+    x = torch.randn(1, 128, 10, 14).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got = conv.forward_fused(x)
+        assert conv._winograd.tile is not None and got.dtype == torch.bfloat16
+        weight, bias = conv.folded(torch.float32)
+        want = F.relu(F.conv2d(x.double(), weight.double(), bias.double(), padding=1))
+        direct = F.relu(F.conv2d(x, weight.to(torch.bfloat16), bias.to(torch.bfloat16), padding=1)).double()
+    assert (got.double() - want).abs().max() <= (direct - want).abs().max()
+
+
 def test_reference_kernels_gradients_and_other_shapes_keep_the_direct_convolution(winograd_here):
     x = torch.randn(1, 64, 12, 12).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
@@ -127,7 +174,12 @@ def test_reference_kernels_gradients_and_other_shapes_keep_the_direct_convolutio
         ref.kernels = "reference"
         ref.forward_fused(x)
         assert ref._winograd.tile is None
+        # bf16 activations below BF16_MIN_CHANNELS keep oneDNN's direct bf16 convolution (faster there)
         assert not winograd.usable(x.to(torch.bfloat16), ref.weight.to(torch.bfloat16), 1, 1, "auto")
+        wide = torch.zeros(1, winograd.BF16_MIN_CHANNELS, 4, 4, dtype=torch.bfloat16)
+        weight = torch.zeros(16, winograd.BF16_MIN_CHANNELS, 3, 3, dtype=torch.bfloat16)
+        assert winograd.usable(wide, weight, 1, 1, "auto")
+        assert not winograd.usable(wide, weight.float(), 1, 1, "auto")  # mixed dtypes: the plain op
     trained = _conv_norm().train()
     trained.forward_fused(x.requires_grad_()).sum().backward()
     assert trained._winograd.tile is None and x.grad is not None

@@ -9,6 +9,8 @@ One rule for every backend, by dtype:
   - normalisations (LayerNorm, GroupNorm, the frozen batch norm): their parameters stay fp32 and the
     kernels reduce in fp32 (a frozen batch norm is folded into its convolution in fp32, then cast);
   - softmax reduces in fp32;
+  - a 3x3 convolution that runs as Winograd on the CPU (``vita_train.modeling.winograd``) takes its bf16 input
+    and gives bf16 output, but its Winograd domain (tiles, transformed weights, products) is fp32;
   - deformable sampling positions: reference points plus offsets are added and normalised in fp32, and
     the bilinear corner weights are computed from them in fp32 (the offset projection itself is bf16);
   - position encodings are computed in fp32 and rounded once when added;

@@ -114,7 +114,8 @@ class ConvNorm(nn.Module):
             return F.relu_(out) if relu else out
         key = self._key(x.dtype)
         if residual is None and winograd_usable(x, self.weight, self.stride, self.padding, self.kernels):
-            return self._winograd.conv(x, key, lambda: self._fold(x.dtype), relu)
+            # folded in float32 and not rounded: the Winograd domain is float32 for bf16 activations too
+            return self._winograd.conv(x, key, lambda: self._fold(torch.float32), relu)
         pad, stride = [self.padding] * 2, [self.stride] * 2
         key = (*key, pack_threads())
         if self._packed is None or self._packed[0] != key:

@@ -1,4 +1,4 @@
-"""3x3 convolutions (stride 1, padding 1) by Winograd's minimal filtering, for float32 CPU inference.
+"""3x3 convolutions (stride 1, padding 1) by Winograd's minimal filtering, for float32 and bfloat16 CPU inference.
 
 F(m x m, 3x3) computes each m x m output tile from its (m+2) x (m+2) input window as
 ``A^T [(G g G^T) * (B^T d B)] A``: the channel sums become (m+2)^2 independent matrix products of the
@@ -10,6 +10,13 @@ The result equals the direct convolution up to float rounding. Against a float64
 more accurate than oneDNN's direct float32 convolution and F(4x4) about twice as far off (the detector's mask
 features: 5.0e-6 and 1.3e-5 against 6.6e-6, full-size R-50 at 360x640); ``tests/test_winograd.py`` holds the
 bounds. ``kernels="reference"`` (``VitaModel.set_kernels``) turns it off with the other fast kernels.
+
+bfloat16 activations (a bf16 detector, ``vita_train.modeling.precision``) are widened as the tiles are
+transformed: the Winograd domain, the weights (transformed from the bf16 weight, or from the float32 fold of a
+frozen batch norm) and the products are float32, and the output is rounded to bf16 once. That is nearer to a
+float64 convolution than oneDNN's direct bf16 convolution (bf16 tiles and products were not: F(4x4) 9x as far
+off, F(2x2) 1.7x), and on an AMD EPYC Zen 4 (AVX-512-BF16, one thread) the pixel decoder's 256-channel 3x3 at
+96x160 took 58 ms as float32 Winograd against 78-81 ms as the direct bf16 convolution.
 """
 
 from __future__ import annotations
@@ -34,17 +41,22 @@ from .onednn import needs_plain_ops, pack_threads
 # 256 at 96x160 36.5 / 40.9 / 89. Peak memory decides between 4 and 16 MB (16: 36.5 -> 38.8 at 96x160, but the
 # 36-frame 360x640 clip's peak RSS 1.40 -> 1.49 GB, against 1.30 with direct convolutions)
 _BAND_BYTES = 4 << 20
+# bf16 activations take it from this many input channels: below, widening the tiles costs more than it saves
+# (AMD EPYC Zen 4, one thread, direct bf16 / Winograd ms: 64 channels at 96x160 4.96 / 5.62, 128 at 48x80
+# 4.94 / 4.43, 256 at 24x40 5.04 / 3.83, 512 at 12x20 6.3 / 5.34, 256 at 96x160 78 / 58)
+BF16_MIN_CHANNELS = 128
 
 
 @functools.lru_cache(maxsize=1)
 def winograd_cpu() -> bool:
-    """True where float32 3x3 convolutions run as Winograd: CPUs whose widest vectors are AVX2.
+    """True where 3x3 convolutions run as Winograd: x86 CPUs with AVX2 or AVX-512.
 
-    There (AMD EPYC Zen 2, 2 threads) oneDNN's direct convolution ran at ~200 GFLOP/s and the pixel decoder's
+    AMD EPYC Zen 2 (AVX2, 2 threads): oneDNN's direct convolution ran at ~200 GFLOP/s and the pixel decoder's
     256-channel 3x3 at 1/4 scale took 89 ms, as Winograd 37-41; ResNet's stride-1 3x3s went 5.7-6.9 -> 2.1-4.3 ms.
-    AVX-512 and AMX machines keep the direct convolution (not measured there with these kernels).
+    AMD EPYC Zen 4 (AVX-512, one thread): that 3x3 158 ms direct, 58 as Winograd; ResNet's 10.0-12.5 -> 3.5-5.6.
+    Not measured on an Intel AVX-512 / AMX Xeon (``python -m benchmarks kernels`` has the rows that decide it).
     """
-    return torch.backends.cpu.get_cpu_capability() == "AVX2"
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def band_rows(w: int, channels: int, tile: int) -> int:
@@ -59,7 +71,8 @@ def usable(x: Tensor, weight: Tensor, stride: int, padding: int, kernels: str) -
     if kernels == "reference" or needs_plain_ops(x, weight) or torch.is_autocast_enabled("cpu"):
         return False
     return (weight.shape[-2:] == (3, 3) and stride == 1 and padding == 1 and x.dim() == 4
-            and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.device.type == "cpu" and weight.dtype == x.dtype
+            and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and x.shape[1] >= BF16_MIN_CHANNELS))
             and x.shape[1] % 16 == 0 and weight.shape[0] % 16 == 0 and x.shape[1] == weight.shape[1]
             and x.numel() > 0 and winograd_cpu() and torch.backends.mkldnn.is_available()
             and kernels_lib.native.available())
@@ -107,9 +120,11 @@ class WinogradWeight:
 
     def conv(self, x: Tensor, key: tuple, weights: Callable[[], tuple[Tensor, Optional[Tensor]]],
              relu: bool = False) -> Tensor:
-        """conv2d(x, weight, bias, padding=1), then ReLU when ``relu``, where ``usable``; channels-last out.
+        """conv2d(x, weight, bias, padding=1), then ReLU when ``relu``, where ``usable``; channels-last out, in
+        ``x``'s dtype (the Winograd domain float32 for either).
 
-        ``weights()`` gives (weight, bias) and is called only when ``key`` differs from the packed one's.
+        ``weights()`` gives (weight, bias), in any floating dtype, and is called only when ``key`` differs from
+        the packed one's.
         """
         n, cin, h, w = x.shape
         key = (*key, pack_threads())
@@ -117,7 +132,7 @@ class WinogradWeight:
             weight, bias = weights()
             tile, cout = tile_for(cin, weight.shape[0]), weight.shape[0]
             points = (tile + 2) ** 2
-            u = transform_weight(weight, tile).contiguous(memory_format=torch.channels_last)
+            u = transform_weight(weight.float(), tile).contiguous(memory_format=torch.channels_last)
             # packed for one image's band of tiles: with a made-up shape oneDNN picked a layout it then
             # reordered on every call (3-30x slower); smaller bands run with this layout at full speed, but a
             # batch's larger ones did not (a batch of 2 ran ResNet's res4 10x slower): images go one at a time
