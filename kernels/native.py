@@ -21,7 +21,7 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = (_CSRC / "ms_deform_attn_cpu.cpp", _CSRC / "winograd_cpu.cpp")
+_SOURCES = (_CSRC / "ms_deform_attn_cpu.cpp", _CSRC / "winograd_cpu.cpp", _CSRC / "masked_attention_cpu.cpp")
 _HEADERS = (_CSRC / "ms_deform_attn_core.h", _CSRC / "fast_math.h", _CSRC / "winograd_core.h")
 # instruction sets by torch's own CPU capability: never -march=native, which would tie a cached build to
 # instructions (AMX, AVX-512-BF16) another CPU sharing the cache directory may lack
@@ -130,3 +130,13 @@ def winograd_output(products: Tensor, bias: Optional[Tensor], relu: bool, out: T
     if not available():
         raise RuntimeError("the native CPU kernels are not available here; check kernels.native.available() first")
     torch.ops.vita_kernels.winograd_output(products, bias, relu, out, rows[0], rows[1], tile)
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], heads: int) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v per head, keys where ``mask`` is True left out: q (N, Lq, C), k and v (N, Lk, C)
+    (head h is channels [h*d, (h+1)*d)), mask None or boolean (N or 1, Lq, Lk) shared by the heads; (N, Lq, C)
+    out, float32 or bfloat16 as the inputs (float32 inside); heads of 16, 32 or 64 channels. A query whose keys
+    are all blocked gets zeros."""
+    if not available():
+        raise RuntimeError("the native CPU kernels are not available here; check kernels.native.available() first")
+    return torch.ops.vita_kernels.masked_attention(q, k, v, mask, heads)

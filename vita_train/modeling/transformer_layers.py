@@ -12,10 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .onednn import PackedLinear, PackedWeight, exporting
+import kernels as kernels_lib
 
+from .onednn import PackedLinear, PackedWeight, exporting, needs_plain_ops
 
 KV_CONV_MIN_ROWS = 512
+# keys from which CPU inference runs the compiled masked attention (kernels/csrc/masked_attention_cpu.cpp)
+# instead of scaled_dot_product_attention: 100 queries, 8 heads of 32 channels, one thread, AMD EPYC Zen 4,
+# ms SDPA / compiled: 3840 keys bf16 9.4 / 5.4, fp32 8.5 / 5.5; 960 keys 2.3 / 1.3, 2.0 / 1.4; at 240 keys
+# and fewer about even (fp32 slower)
+NATIVE_ATTENTION_MIN_KEYS = 512
 
 
 class MultiheadAttention(nn.Module):
@@ -36,6 +42,12 @@ class MultiheadAttention(nn.Module):
         # as the plain op)
         self.packs = (PackedWeight(float32=False),
                       *(PackedWeight(float32="conv", min_rows=KV_CONV_MIN_ROWS) for _ in range(2)))
+        # "reference": scaled_dot_product_attention always (VitaModel.set_kernels)
+        self.kernels = "auto"
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("kernels", "auto")  # pickled before the compiled path existed
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """query (N, Lq, C), key/value (N, Lk, C); mask broadcastable to (N, heads, Lq, Lk).
@@ -48,9 +60,14 @@ class MultiheadAttention(nn.Module):
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3)
         pq, pk, pv = self.packs
-        q = pq.linear(query, w_q, b_q).view(n, lq, h, c // h).transpose(1, 2)
-        k = pk.linear(key, w_k, b_k).view(n, -1, h, c // h).transpose(1, 2)
-        v = pv.linear(value, w_v, b_v).view(n, -1, h, c // h).transpose(1, 2)
+        q, k, v = pq.linear(query, w_q, b_q), pk.linear(key, w_k, b_k), pv.linear(value, w_v, b_v)
+        shared = self._native_mask(q, k, mask)
+        if shared is not False:
+            # the projections as they lie, heads side by side; the output is what out_proj reads
+            return self.out_proj(kernels_lib.native.masked_attention(q, k, v, shared, h))
+        q = q.view(n, lq, h, c // h).transpose(1, 2)
+        k = k.view(n, -1, h, c // h).transpose(1, 2)
+        v = v.view(n, -1, h, c // h).transpose(1, 2)
         if exporting():
             out = _exported_attention(q, k, v, mask)
         else:
@@ -58,6 +75,26 @@ class MultiheadAttention(nn.Module):
                 mask = ~mask  # scaled_dot_product_attention takes True = allowed
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out_proj(out.transpose(1, 2).reshape(n, lq, c))
+
+
+    def _native_mask(self, q: Tensor, k: Tensor, mask: Optional[Tensor]) -> Union[Tensor, None, bool]:
+        """The (N or 1, Lq, Lk) boolean mask (or None: no mask) to hand the compiled masked attention, or False
+        where scaled_dot_product_attention runs instead: gradients, export, compilers, GPUs, reference kernels,
+        float masks or masks per head, and fewer than ``NATIVE_ATTENTION_MIN_KEYS`` keys."""
+        n, lq, c = q.shape
+        if (self.kernels == "reference" or needs_plain_ops(q, k) or q.device.type != "cpu"
+                or q.dtype not in (torch.float32, torch.bfloat16) or k.dtype != q.dtype
+                or k.shape[1] < NATIVE_ATTENTION_MIN_KEYS or c // self.num_heads not in (16, 32, 64)
+                or torch.is_autocast_enabled("cpu")):
+            return False
+        if mask is not None:
+            if not (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1
+                    and mask.shape[0] in (1, n) and tuple(mask.shape[2:]) == (lq, k.shape[1])):
+                return False
+            mask = mask[:, 0]
+            if mask.stride(-1) != 1:
+                return False
+        return mask if kernels_lib.native.available() else False
 
 
 def _exported_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:

@@ -18,6 +18,7 @@ from .pixel_decoder import ConvGN, MSDeformAttnPixelDecoder
 from .precision import detector_dtype
 from .resnet import ConvNorm, ResNet
 from .swin import SwinTransformer
+from .transformer_layers import MultiheadAttention
 from .vita_module import VitaModule, VitaOutput
 
 
@@ -88,7 +89,7 @@ class VitaModel(nn.Module):
         """Run every attention and convolution that has a fast form with kernels ``mode``: "auto" | "reference" |
         "triton" ("reference": the plain PyTorch ops, e.g. direct instead of Winograd convolutions)."""
         for module in self.modules():
-            if isinstance(module, (MSDeformAttn, VitaModule, ConvNorm, ConvGN)):
+            if isinstance(module, (MSDeformAttn, VitaModule, ConvNorm, ConvGN, MultiheadAttention)):
                 module.kernels = check_mode(mode)
 
     def normalize_and_pad(self, images: Tensor) -> Tensor:
