@@ -30,8 +30,7 @@ inline float widen(at::BFloat16 v) { return static_cast<float>(v); }
 // float -> bfloat16, rounding to nearest even, as a plain integer expression so that the store loops vectorise
 // (the results are finite: sums of finite products)
 inline uint16_t bf16_bits(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof(u));
+  const uint32_t u = __builtin_bit_cast(uint32_t, v);
   return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
@@ -99,9 +98,13 @@ void transform_output(const float* p, const float* bias, bool relu, int64_t n, i
 #pragma omp simd
               for (int64_t k = 0; k < kBlock; ++k) dst[k] = std::max(o[k] + bb[k], floor);
             } else {
-              uint16_t* bits = reinterpret_cast<uint16_t*>(dst);
+              alignas(64) uint16_t bits[kBlock];
 #pragma omp simd
-              for (int64_t k = 0; k < kBlock; ++k) bits[k] = bf16_bits(std::max(o[k] + bb[k], floor));
+              for (int64_t k = 0; k < kBlock; ++k) {
+                const float y = o[k] + bb[k];
+                bits[k] = bf16_bits(y > floor ? y : floor);
+              }
+              std::memcpy(dst, bits, sizeof(bits));
             }
           }
         }
