@@ -270,6 +270,9 @@ def test_official_figure_belongs_to_one_cpu_kind():
     assert official_cpu_figure({"model": "Intel(R) Xeon(R) Processor", "bf16": "amx_bf16, avx512_bf16",
                                 "amx": "amx_bf16, amx_int8, amx_tile"})[0] == 1.935
     assert official_cpu_figure({"model": "AMD EPYC 9454", "bf16": "avx512_bf16", "amx": "no"})[0] == 2.79
+    # the Zen 4 measured beside ours has its own figure
+    zen4 = {"model": "AMD EPYC", "bf16": "avx512_bf16", "amx": "no", "vector": "avx512", "family": "family 25 model 17"}
+    assert official_cpu_figure(zen4)[0] == 2.190
     # an AVX2-only EPYC is another kind: its own figure for the Zen 2 measured, none borrowed for another family
     zen2 = {"model": "AMD EPYC", "bf16": "no", "amx": "no", "vector": "avx2", "family": "family 23 model 49"}
     assert official_cpu_figure(zen2)[0] == 2.156
