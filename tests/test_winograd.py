@@ -149,9 +149,20 @@ def test_resnet_convolutions_take_it_and_follow_weight_changes(winograd_here):
         torch.testing.assert_close(conv.forward_fused(x), F.relu(conv(x)), rtol=1e-4, atol=1e-4)
 
 
-def test_a_bf16_resnet_convolution_takes_it_with_the_norm_folded_in_float32(winograd_here):
+def test_bf16_keeps_the_direct_convolution_on_amx_cpus(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    winograd.bf16_winograd_cpu.cache_clear()
+    try:
+        assert not winograd.bf16_winograd_cpu()
+    finally:
+        monkeypatch.undo()
+        winograd.bf16_winograd_cpu.cache_clear()
+
+
+def test_a_bf16_resnet_convolution_takes_it_with_the_norm_folded_in_float32(winograd_here, monkeypatch):
     """A bf16 detector's stride-1 3x3 (bf16 weight, float32 frozen norm): the Winograd path, nearer to the
     float32 fold on the same bf16 input than oneDNN's direct bf16 convolution of the bf16-rounded fold."""
+    monkeypatch.setattr(winograd, "bf16_winograd_cpu", lambda: True)
     conv = _conv_norm(cin=128, cout=128)
     conv.weight.data = conv.weight.data.to(torch.bfloat16)  # as precision.cast_detector leaves it
     x = torch.randn(1, 128, 10, 14).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
@@ -178,7 +189,7 @@ def test_reference_kernels_gradients_and_other_shapes_keep_the_direct_convolutio
         assert not winograd.usable(x.to(torch.bfloat16), ref.weight.to(torch.bfloat16), 1, 1, "auto")
         wide = torch.zeros(1, winograd.BF16_MIN_CHANNELS, 4, 4, dtype=torch.bfloat16)
         weight = torch.zeros(16, winograd.BF16_MIN_CHANNELS, 3, 3, dtype=torch.bfloat16)
-        assert winograd.usable(wide, weight, 1, 1, "auto")
+        assert winograd.usable(wide, weight, 1, 1, "auto") == winograd.bf16_winograd_cpu()
         assert not winograd.usable(wide, weight.float(), 1, 1, "auto")  # mixed dtypes: the plain op
     trained = _conv_norm().train()
     trained.forward_fused(x.requires_grad_()).sum().backward()
