@@ -108,6 +108,35 @@ def measure(quick: bool = False, device: str = "cpu") -> list[dict]:
     rows.append(row)
     if device == "cpu" and kernels.native.available():
         rows += _winograd_rows(quick, repeats)
+        rows += _masked_attention_rows(quick, repeats)
+    return rows
+
+
+def _masked_attention_rows(quick: bool, repeats: int) -> list[dict]:
+    """The compiled masked attention against scaled_dot_product_attention on the frame decoder's cross-attention
+    shapes (100 queries, 8 heads of 32 channels, a boolean mask), float32 and bf16 where the CPU has it."""
+    from vita_train.modeling.onednn import bf16_supported
+    from vita_train.modeling.transformer_layers import NATIVE_ATTENTION_MIN_KEYS
+
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for keys in ([3840] if quick else [3840, 960]):
+        for dtype in [torch.float32] + ([torch.bfloat16] if bf16_supported() else []):
+            q, k, v = (torch.randn(1, n, 256, generator=g).to(dtype) for n in (100, keys, keys))
+            blocked = torch.rand(1, 100, keys, generator=g) < 0.5
+            split = [t.view(1, t.shape[1], 8, 32).transpose(1, 2) for t in (q, k, v)]
+
+            def sdpa(split=split, allowed=~blocked.unsqueeze(1)):
+                return F.scaled_dot_product_attention(*split, attn_mask=allowed).transpose(1, 2).reshape(1, 100, 256)
+
+            with torch.no_grad():
+                row = _compare("masked attention (frame decoder)", f"100 queries, {keys} keys, 8 heads d=32, "
+                               f"{str(dtype).replace('torch.', '')}", sdpa,
+                               lambda q=q, k=k, v=v, m=blocked: kernels.native.masked_attention(q, k, v, m, 8),
+                               "cpu", repeats)
+            used = "on by default" if keys >= NATIVE_ATTENTION_MIN_KEYS else "off by default (below the key threshold)"
+            row["kernel"] = f"cpu compiled, {used}"
+            rows.append(row)
     return rows
 
 
@@ -117,6 +146,7 @@ def _winograd_rows(quick: bool, repeats: int) -> list[dict]:
     whether it would pay on another CPU kind)."""
     from runtime.host_memory import keep_freed_memory
     from vita_train.modeling import winograd
+    from vita_train.modeling.onednn import bf16_supported
 
     keep_freed_memory()  # the runtime's malloc settings: without them each buffer's pages fault in anew
     default = "on by default here" if winograd.winograd_cpu() else "off by default on this CPU"
@@ -136,6 +166,17 @@ def _winograd_rows(quick: bool, repeats: int) -> list[dict]:
         tile = conv.tile
         row["kernel"] = f"cpu F({tile}x{tile},3x3), {default}"
         rows.append(row)
+        if bf16_supported():
+            xb, wb, bb = x.to(torch.bfloat16), weight.to(torch.bfloat16), bias.to(torch.bfloat16)
+            conv16 = winograd.WinogradWeight()
+            with torch.no_grad():
+                row = _compare("conv3x3 (Winograd, bf16 in and out, float32 tiles)",
+                               f"{c}->{c} channels {h}x{w} (R-50 at 360x640)",
+                               lambda: F.conv2d(xb, wb, bb, padding=1),
+                               lambda: conv16.conv(xb, ("bench",), lambda: (wb, bias)), "cpu", repeats)
+            on = winograd.usable(xb, wb, 1, 1, "auto")
+            row["kernel"] = f"cpu F({conv16.tile}x{conv16.tile},3x3), {'on' if on else 'off'} by default here"
+            rows.append(row)
     return rows + _onnxruntime_winograd_rows(shapes, repeats)
 
 
