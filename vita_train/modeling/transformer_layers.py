@@ -61,10 +61,10 @@ class MultiheadAttention(nn.Module):
         b_q, b_k, b_v = self.in_proj_bias.chunk(3)
         pq, pk, pv = self.packs
         q, k, v = pq.linear(query, w_q, b_q), pk.linear(key, w_k, b_k), pv.linear(value, w_v, b_v)
-        shared = self._native_mask(q, k, mask)
-        if shared is not False:
+        native, shared_mask = self._native_attention(q, k, mask)
+        if native:
             # the projections as they lie, heads side by side; the output is what out_proj reads
-            return self.out_proj(kernels_lib.native.masked_attention(q, k, v, shared, h))
+            return self.out_proj(kernels_lib.native.masked_attention(q, k, v, shared_mask, h))
         q = q.view(n, lq, h, c // h).transpose(1, 2)
         k = k.view(n, -1, h, c // h).transpose(1, 2)
         v = v.view(n, -1, h, c // h).transpose(1, 2)
@@ -76,25 +76,23 @@ class MultiheadAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out_proj(out.transpose(1, 2).reshape(n, lq, c))
 
-
-    def _native_mask(self, q: Tensor, k: Tensor, mask: Optional[Tensor]) -> Union[Tensor, None, bool]:
-        """The (N or 1, Lq, Lk) boolean mask (or None: no mask) to hand the compiled masked attention, or False
-        where scaled_dot_product_attention runs instead: gradients, export, compilers, GPUs, reference kernels,
-        float masks or masks per head, and fewer than ``NATIVE_ATTENTION_MIN_KEYS`` keys."""
+    def _native_attention(self, q: Tensor, k: Tensor, mask: Optional[Tensor]) -> tuple[bool, Optional[Tensor]]:
+        """(whether the compiled masked attention runs, the (N or 1, Lq, Lk) boolean mask to hand it or None).
+        It does not run, and scaled_dot_product_attention does, under gradients, export, compilers, on GPUs, with
+        reference kernels, float masks or masks per head, and below ``NATIVE_ATTENTION_MIN_KEYS`` keys."""
         n, lq, c = q.shape
         if (self.kernels == "reference" or needs_plain_ops(q, k) or q.device.type != "cpu"
                 or q.dtype not in (torch.float32, torch.bfloat16) or k.dtype != q.dtype
                 or k.shape[1] < NATIVE_ATTENTION_MIN_KEYS or c // self.num_heads not in (16, 32, 64)
                 or torch.is_autocast_enabled("cpu")):
-            return False
+            return False, None
         if mask is not None:
             if not (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1
-                    and mask.shape[0] in (1, n) and tuple(mask.shape[2:]) == (lq, k.shape[1])):
-                return False
+                    and mask.shape[0] in (1, n) and tuple(mask.shape[2:]) == (lq, k.shape[1])
+                    and mask.stride(-1) == 1):
+                return False, None
             mask = mask[:, 0]
-            if mask.stride(-1) != 1:
-                return False
-        return mask if kernels_lib.native.available() else False
+        return kernels_lib.native.available(), mask
 
 
 def _exported_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
