@@ -48,4 +48,6 @@ def run(s: Settings, ws: Workspace, rec: Record) -> None:
         return
     rows = kernels.measure(quick=s.quick, device=ws.device)
     rows_table(rec, "kernels", "Fast kernels against their references", rows,
-               f"{ws.device}, {s.threads} threads; as measured by benchmarks.kernels.measure.")
+               f"{ws.device}, {s.threads} threads (the threads column: the Winograd and masked-attention rows run "
+               "with the threads of one detector call, two of which run at once by default); as measured by "
+               "benchmarks.kernels.measure.")

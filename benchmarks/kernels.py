@@ -106,9 +106,28 @@ def measure(quick: bool = False, device: str = "cpu") -> list[dict]:
     if impl == "cpu":
         row["kernel"] = "cpu (auto runs the reference when grad is needed)"
     rows.append(row)
+    for row in rows:
+        row["threads"] = torch.get_num_threads()
     if device == "cpu" and kernels.native.available():
-        rows += _winograd_rows(quick, repeats)
-        rows += _masked_attention_rows(quick, repeats)
+        rows += _detector_call_rows(quick, repeats)
+    return rows
+
+
+def _detector_call_rows(quick: bool, repeats: int) -> list[dict]:
+    """The Winograd and masked-attention rows at the thread count one detector call runs with by default
+    (two calls at once, each with half the threads): what decided their defaults, which differ at other counts
+    (bf16 Winograd at 512 channels: 1.18x at one thread, 0.88x at two; AMD EPYC Zen 4)."""
+    from runtime.backends.base import chosen_detector_streams
+
+    threads = torch.get_num_threads()
+    per_call = max(1, threads // chosen_detector_streams(None, True, threads))
+    torch.set_num_threads(per_call)
+    try:
+        rows = _winograd_rows(quick, repeats) + _masked_attention_rows(quick, repeats)
+    finally:
+        torch.set_num_threads(threads)
+    for row in rows:
+        row["threads"] = per_call
     return rows
 
 
@@ -181,7 +200,7 @@ def _winograd_rows(quick: bool, repeats: int) -> list[dict]:
 
 
 def _onnxruntime_winograd_rows(shapes: list[tuple[int, int, int]], repeats: int) -> list[dict]:
-    """The same shapes in ONNX Runtime (2 threads here as everywhere in the benchmarks' settings): a Conv graph
+    """The same shapes in ONNX Runtime (with the threads of one detector call, as the torch rows): a Conv graph
     against its Winograd rewrite (runtime/backends/onnxruntime_winograd.py); none where onnx, onnxruntime or
     the operator library is missing."""
     try:

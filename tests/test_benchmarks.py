@@ -116,6 +116,14 @@ def test_the_kernel_benchmark_times_winograd_against_the_direct_convolution(quic
     assert [r["shape"] for r in ort_rows] == [r["shape"] for r in winograd]
     assert all(r["kernel_s"] > 0 and r["max_abs_error"] < 5e-4 and r["kernel"].startswith("onnxruntime F(4x4,3x3)")
                for r in ort_rows), ort_rows
+    # the compiled masked attention against SDPA, float32 within its noise
+    attention = [r for r in rows if r["name"] == "masked attention (frame decoder)"]
+    assert attention and all(r["kernel_s"] > 0 for r in attention)
+    assert all(r["max_abs_error"] < 1e-5 for r in attention if r["shape"].endswith("float32")), attention
+    # these rows run with one detector call's threads (half the run's: two calls at once), the others with all
+    call_rows = [r for r in rows if r["name"].startswith(("conv3x3", "masked attention"))]
+    run_threads = {r["threads"] for r in rows if r not in call_rows}
+    assert len(run_threads) == 1 and {r["threads"] for r in call_rows} == {max(1, run_threads.pop() // 2)}
 
 
 def test_markdown_shows_the_json_and_figures_are_sane(quick_run: Path):
