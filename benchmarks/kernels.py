@@ -116,7 +116,7 @@ def measure(quick: bool = False, device: str = "cpu") -> list[dict]:
 def _detector_call_rows(quick: bool, repeats: int) -> list[dict]:
     """The Winograd and masked-attention rows at the thread count one detector call runs with by default
     (two calls at once, each with half the threads): what decided their defaults, which differ at other counts
-    (bf16 Winograd at 512 channels: 1.18x at one thread, 0.88x at two; AMD EPYC Zen 4)."""
+    (bf16 Winograd at 512 channels on an AMD EPYC Zen 4: 0.99-1.18x at one thread, 0.88x at two)."""
     from runtime.backends.base import chosen_detector_streams
 
     threads = torch.get_num_threads()

@@ -43,7 +43,8 @@ from .onednn import needs_plain_ops, pack_threads
 _BAND_BYTES = 4 << 20
 # bf16 activations take it from this many input channels: below, widening the tiles costs more than it saves
 # (AMD EPYC Zen 4, one thread, direct bf16 / Winograd ms: 64 channels at 96x160 4.96 / 5.62, 128 at 48x80
-# 4.94 / 4.43, 256 at 24x40 5.04 / 3.83, 512 at 12x20 6.3 / 5.34, 256 at 96x160 78 / 58)
+# 4.94 / 4.43, 256 at 24x40 5.04 / 3.83, 512 at 12x20 6.3 / 5.34 (another run 5.48 / 5.55: even), 256 at
+# 96x160 78 / 58; `python -m benchmarks kernels` has these rows)
 BF16_MIN_CHANNELS = 128
 
 
