@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = (_CSRC / "ms_deform_attn_cpu.cpp", _CSRC / "winograd_cpu.cpp", _CSRC / "masked_attention_cpu.cpp")
-_HEADERS = (_CSRC / "ms_deform_attn_core.h", _CSRC / "fast_math.h", _CSRC / "winograd_core.h")
+_HEADERS = (_CSRC / "ms_deform_attn_core.h", _CSRC / "fast_math.h", _CSRC / "winograd_core.h",
+            _CSRC / "thread_count.h")
 # instruction sets by torch's own CPU capability: never -march=native, which would tie a cached build to
 # instructions (AMX, AVX-512-BF16) another CPU sharing the cache directory may lack
 _ISA_FLAGS = {

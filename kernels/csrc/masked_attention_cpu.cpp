@@ -9,7 +9,6 @@
 // channels [h*d, (h+1)*d)); the output is (N, Lq, C), what the output projection reads, so no transposes.
 // float32 or bfloat16 in and out; the scores, weights and sums are float32 (bf16 inputs widened exactly).
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -19,6 +18,7 @@
 #include <vector>
 
 #include "fast_math.h"
+#include "thread_count.h"
 
 namespace {
 
@@ -156,7 +156,7 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   const uint8_t* mp = mask.defined() ? reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()) : nullptr;
   const int64_t m_bs = mask.defined() ? mask.stride(0) : 0, m_rs = mask.defined() ? mask.stride(1) : 0;
   auto head = d == 16 ? attend_head<T, 16> : d == 32 ? attend_head<T, 32> : attend_head<T, 64>;
-  at::parallel_for(0, n * heads, 1, [&](int64_t begin, int64_t end) {
+  vita_threads::parallel_for(0, n * heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / heads, h = t % heads;
       head(qp + b * q.stride(0) + h * d, q.stride(1), kp + b * k.stride(0) + h * d, k.stride(1),

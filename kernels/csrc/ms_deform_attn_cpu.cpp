@@ -2,7 +2,6 @@
 // checks the tensors and splits the queries over torch's threads; the computation is ms_deform_attn_core.h.
 // No autograd: the Python side uses it only where no gradient is asked for.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
@@ -10,6 +9,7 @@
 #include <vector>
 
 #include "ms_deform_attn_core.h"
+#include "thread_count.h"
 
 namespace {
 
@@ -25,7 +25,7 @@ void run(const at::Tensor& value, const std::vector<int64_t>& shapes, const at::
   const scalar_t* off = offsets.data_ptr<scalar_t>();
   const scalar_t* att = logits.data_ptr<scalar_t>();
   scalar_t* o = out.data_ptr<scalar_t>();
-  at::parallel_for(0, pr.n_batch * pr.lq, 16, [&](int64_t begin, int64_t end) {
+  vita_threads::parallel_for(0, pr.n_batch * pr.lq, 16, [&](int64_t begin, int64_t end) {
     vita_msda::run_range_any_d<scalar_t>(pr, lv, v, r, off, att, o, begin, end);
   });
 }

@@ -7,7 +7,6 @@
 // rounding, and tiles and products rounded to bf16 were 9x as far from a float64 convolution as bf16's direct
 // convolution (F(2x2): 1.7x), while with float32 tiles the bf16 convolution is nearer to it than the direct one.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -17,6 +16,7 @@
 #include <type_traits>
 
 #include "winograd_core.h"
+#include "thread_count.h"
 
 namespace {
 
@@ -41,7 +41,7 @@ void transform_input(const In* x, int64_t n, int64_t h, int64_t w, int64_t c, in
                      float* v) {
   constexpr int K = M + 2, P = K * K;
   const int64_t th = (row1 - row0 + M - 1) / M, tw = (w + M - 1) / M;
-  at::parallel_for(0, n * th * tw, 1, [&](int64_t begin, int64_t end) {
+  vita_threads::parallel_for(0, n * th * tw, 1, [&](int64_t begin, int64_t end) {
     alignas(64) float window[P * kBlock];
     alignas(64) float rows[P * kBlock];
     for (int64_t tile = begin; tile < end; ++tile) {
@@ -79,7 +79,7 @@ void transform_output(const float* p, const float* bias, bool relu, int64_t n, i
   constexpr int K = M + 2, P = K * K;
   const int64_t th = (row1 - row0 + M - 1) / M, tw = (w + M - 1) / M;
   const float floor = relu ? 0.f : -std::numeric_limits<float>::infinity();
-  at::parallel_for(0, n * th * tw, 1, [&](int64_t begin, int64_t end) {
+  vita_threads::parallel_for(0, n * th * tw, 1, [&](int64_t begin, int64_t end) {
     alignas(64) float cols[M * K * kBlock];
     alignas(64) float tile_out[M * M * kBlock];
     alignas(64) float zeros[kBlock] = {};

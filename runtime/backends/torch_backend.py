@@ -144,6 +144,11 @@ class TorchBackend:
         if self._call_threads == self.threads:
             yield
             return
+        # A thread's first torch op sets its OpenMP count from the process-wide one, which every detector thread
+        # writes (set_num_threads stores it there too): were that first op inside the call, a fresh worker thread
+        # could run it with another thread's count, its oneDNN packs and products with it (the first frame's mask
+        # features then differed from run to run). Reading the count makes that happen now, before setting ours.
+        torch.get_num_threads()
         torch.set_num_threads(self._call_threads)
         try:
             yield
