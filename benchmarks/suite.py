@@ -42,11 +42,15 @@ BY_BACKEND = ("e2e", "detector", "backends", "memory", "threads")
 
 def _check_backends(names: list[str], s: Settings) -> None:
     """Each backend named runs one of the precisions asked for on this device, and each precision named runs on
-    one of the backends (a benchmark of nothing but rows this machine cannot run would be an empty table)."""
+    one of the backends (a benchmark of nothing but rows this machine cannot run would be an empty table). Named
+    for benchmarks whose rows are fixed (kernels, precision, ...), they are refused: they were ignored."""
     from .workspace import BackendSpec, available_specs, unavailable_reason
 
     if not any(n in BY_BACKEND for n in names):
-        return
+        given = [o for o, v in (("--backend", s.backends), ("--precision", s.precisions)) if v]
+        verb = "choose" if len(given) == 2 else "chooses"
+        raise InputError(f"{' and '.join(given)} {verb} the rows of {', '.join(BY_BACKEND)}; {', '.join(names)} takes neither "
+                         "(its rows are fixed: see its title in --help); drop the option or run one of those")
     available, missing = available_specs(s.device)
     backends, precisions = s.backends or ("torch", "onnxruntime"), s.precisions or ("fp32",)
     runs = {(x.backend, x.precision) for x in available}

@@ -598,7 +598,8 @@ def test_bad_model_preset_device_or_video_is_one_clear_error(tmp_path: Path):
 
 def test_option_values_no_benchmark_can_use_are_refused(tmp_path: Path):
     """Counts below 1, min > max, ratios outside (0, 1], a zero budget or size, a precision no backend runs on
-    this device and an --out that is a file: argparse-style errors (they ran into empty tables or tracebacks)."""
+    this device, --precision / --backend for a benchmark whose rows are fixed, and an --out that is a file:
+    argparse-style errors (they ran into empty tables or tracebacks, or were ignored)."""
     out = str(tmp_path / "out")
     (tmp_path / "a_file").write_text("mine")
     cases = [
@@ -620,6 +621,11 @@ def test_option_values_no_benchmark_can_use_are_refused(tmp_path: Path):
         _refused(_bench(args[0], "--quick", "--device", "cpu", "--no-progress", "--out", out, *args[1:], timeout=120), words)
     _refused(_bench("memory", "--quick", "--device", "cpu", "--precision", "fp16", "--out", out, timeout=300),
              "--precision fp16 runs on none of the backends", "fp16 only on CUDA")
+    # benchmarks whose rows are fixed took --precision / --backend and ignored them
+    _refused(_bench("kernels", "--quick", "--device", "cpu", "--precision", "bf16", "--out", out, timeout=120),
+             "--precision chooses the rows of e2e", "kernels takes neither")
+    _refused(_bench("precision", "--quick", "--device", "cpu", "--backend", "onnxruntime", "--out", out, timeout=120),
+             "--backend chooses the rows of", "precision takes neither")
     assert not Path(out).exists() and (tmp_path / "a_file").read_text() == "mine"
 
 
