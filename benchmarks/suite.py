@@ -49,8 +49,9 @@ def _check_backends(names: list[str], s: Settings) -> None:
     if not any(n in BY_BACKEND for n in names):
         given = [o for o, v in (("--backend", s.backends), ("--precision", s.precisions)) if v]
         verb = "choose" if len(given) == 2 else "chooses"
-        raise InputError(f"{' and '.join(given)} {verb} the rows of {', '.join(BY_BACKEND)}; {', '.join(names)} takes neither "
-                         "(its rows are fixed: see its title in --help); drop the option or run one of those")
+        raise InputError(f"{' and '.join(given)} {verb} the rows of {', '.join(BY_BACKEND)}; {', '.join(names)} "
+                         "takes neither (its rows are fixed: see its title in --help); drop the option or run one "
+                         "of those")
     available, missing = available_specs(s.device)
     backends, precisions = s.backends or ("torch", "onnxruntime"), s.precisions or ("fp32",)
     runs = {(x.backend, x.precision) for x in available}
