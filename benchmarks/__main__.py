@@ -7,7 +7,6 @@ import dataclasses
 import logging
 import os
 import re
-import signal
 import sys
 from pathlib import Path
 
@@ -192,9 +191,6 @@ def check_settings(s: Settings) -> None:
             raise ValueError(f"{option} must be a positive number, got {value:g}")
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; exit status 1 when a benchmark failed, 130 when interrupted (results so far are written)."""
@@ -215,9 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from runtime.cli_options import end_like_ctrl_c_on_sigterm
+
     from .suite import run
 
-    signal.signal(signal.SIGTERM, _interrupt)  # a kill ends like Ctrl-C: results written, probes stopped
+    end_like_ctrl_c_on_sigterm()  # a kill ends like Ctrl-C: results written, probes stopped
     name = ALIASES.get(args.name, args.name)
     names = list(BENCHMARKS) if name == "all" else [name]
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 from pathlib import Path
 from typing import Any, Optional
 
@@ -78,3 +79,15 @@ def check_outputs(p: argparse.ArgumentParser, inputs: list[Optional[str]], outpu
             p.error(f"cannot write {target}: {folder} is not a folder this user can write to")
     if overlay and Path(overlay).suffix.lower() not in CONTAINERS:
         p.error(f"cannot tell the container from {Path(overlay).name!r}: use one of {', '.join(CONTAINERS)}")
+
+
+def end_like_ctrl_c_on_sigterm() -> None:
+    """SIGTERM (``kill``, ``docker stop``, systemd) raises KeyboardInterrupt in the main thread, as Ctrl-C does, so
+    a command ends through its Ctrl-C path: what it finished is written and its files closed (a stream's overlay
+    video had no index and did not play)."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+

@@ -345,17 +345,26 @@ def test_cli_writes_one_json_line_per_clip_and_an_overlay(tmp_path):
         assert sum(1 for _ in c.decode(video=0)) == 30
 
 
-def test_cli_ctrl_c_ends_cleanly_with_every_finished_clip_written(tmp_path):
+def _default_ctrl_c() -> None:
+    # a test run started as a background job ignores SIGINT, and its children would inherit that
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_cli_ctrl_c_or_sigterm_ends_cleanly_with_every_finished_clip_written(tmp_path, stop):
+    """Ctrl-C, and SIGTERM as ``kill`` or ``docker stop`` send it, end the stream with every finished clip's line
+    complete and the overlay video closed (killed by SIGTERM, an MP4 had no index and did not open)."""
     sender = Sender((f for _ in range(100) for f in clip_with_gt(24, 6).frames), pace_s=0.03, limit_s=90)
     sender.start()
-    out = tmp_path / "r.jsonl"
-    proc = _cli(sender.url, "--model", str(demo_checkpoint()), "--out", str(out), "--clip", "12", "--overlap", "3",
-                "--device", "cpu", "--timeout", "20")  # fmt: skip
+    out, overlay = tmp_path / "r.jsonl", tmp_path / "o.mp4"
+    proc = _cli(sender.url, "--model", str(demo_checkpoint()), "--out", str(out), "--render", str(overlay),
+                "--clip", "12", "--overlap", "3", "--device", "cpu", "--timeout", "20",
+                preexec_fn=_default_ctrl_c)  # fmt: skip
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 2):
         assert proc.poll() is None, proc.communicate()[1]
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted" in err
@@ -363,6 +372,8 @@ def test_cli_ctrl_c_ends_cleanly_with_every_finished_clip_written(tmp_path):
     assert len(lines) >= 2
     clips = [json.loads(line) for line in lines]  # every line complete
     assert [c["clip"] for c in clips] == list(range(len(clips)))
+    with av.open(str(overlay)) as c:
+        assert sum(1 for _ in c.decode(video=0)) >= clips[1]["end"] - 3  # the finalised frames of those clips
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from ..cli_options import add_run_options, check_outputs, load_segmenter, segment_options
+from ..cli_options import (add_run_options, check_outputs, end_like_ctrl_c_on_sigterm, load_segmenter,
+                           segment_options)
 from .outputs import JsonlWriter, OverlayWriter
 
 log = logging.getLogger(__name__)
@@ -19,7 +20,8 @@ def _key_value(text: str) -> tuple[str, str]:
 
 
 def stream_main(argv: list[str]) -> int:
-    """Run the ``stream`` subcommand; 0 when the stream ended, 130 on Ctrl-C (everything so far is written)."""
+    """Run the ``stream`` subcommand; 0 when the stream ended, 130 on Ctrl-C or SIGTERM (everything so far is
+    written and the files closed)."""
     p = argparse.ArgumentParser(
         prog="python -m runtime stream",
         description="Segment a live or endless video clip by clip; one JSON line per clip, written as it finishes.",
@@ -53,6 +55,7 @@ def stream_main(argv: list[str]) -> int:
         reconnect=args.reconnect, format=args.format, options=dict(args.option), keep_frames=bool(args.render),
         **options,
     )  # fmt: skip
+    end_like_ctrl_c_on_sigterm()
     out = JsonlWriter(args.out)
     overlay = OverlayWriter(args.render) if args.render else None
     try:
