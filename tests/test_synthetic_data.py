@@ -13,6 +13,7 @@ from PIL import Image
 from vita_train.data.synthetic import (
     SYNTHETIC_CLASSES,
     SyntheticDatasetPaths,
+    SyntheticTargetError,
     moving_shapes_clip,
     write_synthetic_dataset,
 )
@@ -174,3 +175,35 @@ def test_cli_bad_flag_is_named(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and message in err and "Traceback" not in err, err
     assert not (tmp_path / "ds").exists()
+
+
+def test_synth_never_writes_over_a_dataset_it_did_not_write(tmp_path, capsys):
+    """A split folder holding the user's own dataset (another instances.json, other frame folders, other files)
+    is refused with one error naming them, every file left as it was; a synthetic split written before is
+    rewritten alike (the same files for the same arguments), also after an interrupted run left frames only."""
+    from vita_train.__main__ import main
+
+    args = {"num_videos": 2, "num_frames": 2, "height": 32, "width": 40}
+    first = write_synthetic_dataset(tmp_path / "ds", seed=3, **args).ytvis_json.read_bytes()
+    assert write_synthetic_dataset(tmp_path / "ds", seed=3, **args).ytvis_json.read_bytes() == first
+    (tmp_path / "ds" / "train" / "instances.json").unlink()  # as an interrupted run leaves it: frames, no json
+    assert write_synthetic_dataset(tmp_path / "ds", seed=3, **args).ytvis_json.read_bytes() == first
+
+    theirs = tmp_path / "mine" / "train"
+    (theirs / "JPEGImages" / "0a1b2c").mkdir(parents=True)
+    (theirs / "JPEGImages" / "0a1b2c" / "00000.jpg").write_bytes(b"a frame of mine")
+    own = json.dumps({"videos": [], "annotations": [], "categories": [{"id": 1, "name": "person"}]})
+    (theirs / "instances.json").write_text(own)
+    with pytest.raises(SyntheticTargetError, match=r"instances.json.*nothing was written"):
+        write_synthetic_dataset(tmp_path / "mine", **args)
+    with pytest.raises(SystemExit) as exit_:
+        main(["synth", "--out", str(tmp_path / "mine"), "--videos", "1"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "did not write (JPEGImages/0a1b2c, instances.json)" in err, err
+    assert "Traceback" not in err
+    assert (theirs / "instances.json").read_text() == own
+    assert sorted(p.name for p in (theirs / "JPEGImages").iterdir()) == ["0a1b2c"]
+    (theirs / "notes.txt").write_text("x")
+    (theirs / "instances.json").unlink()
+    with pytest.raises(SyntheticTargetError, match="JPEGImages/0a1b2c, notes.txt"):
+        write_synthetic_dataset(tmp_path / "mine", **args)

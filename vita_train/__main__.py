@@ -117,7 +117,7 @@ def _synth(argv: list[str]) -> int:
     p.add_argument("--coco-images", type=int, default=0, help="also write this many COCO-format still images")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    from .data.synthetic import SyntheticArgumentError, write_synthetic_dataset
+    from .data.synthetic import SyntheticArgumentError, SyntheticTargetError, write_synthetic_dataset
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
         p.error(f"--out {args.out} is a file; give the folder the dataset goes in")
@@ -128,6 +128,8 @@ def _synth(argv: list[str]) -> int:
     except SyntheticArgumentError as e:
         flags = {"num_videos": "--videos", "num_frames": "--frames", "coco_images": "--coco-images"}
         p.error(f"{flags.get(e.parameter, '--' + e.parameter)} {e.problem}")
+    except SyntheticTargetError as e:
+        p.error(str(e))
     sys.stdout.write(f"{paths.ytvis_json}\n" + (f"{paths.coco_json}\n" if paths.coco_json else ""))
     return 0
 

@@ -29,6 +29,7 @@ __all__ = [
     "SyntheticArgumentError",
     "SyntheticClip",
     "SyntheticDatasetPaths",
+    "SyntheticTargetError",
     "moving_shapes_clip",
     "render_clip",
     "render_still",
@@ -51,6 +52,10 @@ class SyntheticArgumentError(ValueError):
         super().__init__(f"{parameter} {problem}")
         self.parameter = parameter
         self.problem = problem
+
+
+class SyntheticTargetError(ValueError):
+    """The split folder holds files this module did not write: nothing is written over them."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,7 @@ def write_synthetic_dataset(
     """Write ``root/<split>/`` with YouTube-VIS frames + ``instances.json`` and, if asked, a COCO still set."""
     _validate(num_videos, num_frames, height, width, seed, split, coco_images)
     split_dir = Path(root) / split
+    _check_target(split_dir)
     frames_dir = split_dir / "JPEGImages"
     categories = [{"id": i + 1, "name": name} for i, name in enumerate(SYNTHETIC_CLASSES)]
 
@@ -165,6 +171,38 @@ def _write_coco(
         coco_json,
     )
     return coco_json, images_dir
+
+
+def _check_target(split_dir: Path) -> None:
+    """``split_dir`` is new, empty, or a synthetic split written here before (rewritten alike, the same files for
+    the same arguments); anything else in it is the user's: SyntheticTargetError naming it, nothing written."""
+    if not split_dir.exists():
+        return
+    if not split_dir.is_dir():
+        raise SyntheticTargetError(f"{split_dir} is a file, not a folder for the split")
+    theirs = [p.name for p in split_dir.iterdir() if p.name not in ("JPEGImages", "instances.json", "coco")]
+    frames = split_dir / "JPEGImages"
+    if frames.is_dir():
+        theirs += [f"JPEGImages/{p.name}" for p in frames.iterdir() if not re.fullmatch(r"video_\d{5}", p.name)]
+    coco = split_dir / "coco"
+    if coco.is_dir():
+        theirs += [f"coco/{p.name}" for p in coco.iterdir() if p.name not in ("images", "instances.json")]
+    for name in ("instances.json", "coco/instances.json"):
+        if (split_dir / name).exists() and not _written_here(split_dir / name):
+            theirs.append(name)
+    if theirs:
+        shown = ", ".join(sorted(theirs)[:3]) + (f" and {len(theirs) - 3} more" if len(theirs) > 3 else "")
+        raise SyntheticTargetError(f"{split_dir} already holds files this command did not write ({shown}); give "
+                                   "another --out or --split: nothing was written")
+
+
+def _written_here(path: Path) -> bool:
+    """True where ``path`` is a json of this module's: its categories are the synthetic classes."""
+    try:
+        categories = json.loads(path.read_text()).get("categories")
+        return [c.get("name") for c in categories] == list(SYNTHETIC_CLASSES)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return False
 
 
 def _validate(
