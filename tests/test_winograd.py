@@ -149,6 +149,30 @@ def test_resnet_convolutions_take_it_and_follow_weight_changes(winograd_here):
         torch.testing.assert_close(conv.forward_fused(x), F.relu(conv(x)), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("stride", [1, 2], ids=["winograd", "direct"])
+def test_a_new_image_size_repacks_and_a_new_batch_size_does_not(winograd_here, stride):
+    """oneDNN packs a weight for the input's size: a pack kept from another image size (the last video's) was
+    reordered on every call. A ResNet convolution, Winograd (stride 1) or direct (stride 2), repacks once for a
+    new size and keeps its pack for a new batch size; its output equals the plain convolution's throughout."""
+    conv = _conv_norm(stride=stride)
+    folds = []
+    fold = conv._fold
+
+    def counted(dtype):  # the fused path folds the norm only when it (re)packs
+        folds.append(dtype)
+        return fold(dtype)
+
+    sizes = [(1, 24, 32), (2, 24, 32), (1, 24, 32), (1, 16, 48), (1, 16, 48), (1, 24, 32)]
+    with torch.no_grad():
+        for n, h, w in sizes:
+            x = torch.randn(n, 64, h, w).contiguous(memory_format=torch.channels_last)
+            want = F.relu(conv(x))
+            conv._fold = counted
+            torch.testing.assert_close(conv.forward_fused(x), want, rtol=1e-4, atol=1e-4)
+            del conv._fold
+    assert len(folds) == 3  # 24x32, 16x48, 24x32 again
+
+
 def test_bf16_keeps_the_direct_convolution_on_amx_cpus(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     winograd.bf16_winograd_cpu.cache_clear()

@@ -117,7 +117,9 @@ class ConvNorm(nn.Module):
             # folded in float32 and not rounded: the Winograd domain is float32 for bf16 activations too
             return self._winograd.conv(x, key, lambda: self._fold(torch.float32), relu)
         pad, stride = [self.padding] * 2, [self.stride] * 2
-        key = (*key, pack_threads())
+        # oneDNN picks the packed layout for the input's size: a pack made for another image size (the last
+        # video's) was reordered on every call (a batch size change does not repack)
+        key = (*key, pack_threads(), tuple(x.shape[2:]))
         if self._packed is None or self._packed[0] != key:
             weight, bias = self._fold(x.dtype)
             packed = torch.ops.mkldnn._reorder_convolution_weight(weight, pad, stride, [1, 1], 1, list(x.shape))

@@ -138,7 +138,11 @@ class WinogradWeight:
         the packed one's.
         """
         n, cin, h, w = x.shape
-        key = (*key, pack_threads())
+        # the pack is made for one image's band of tiles, which the image size decides: another size (the next
+        # video of a dataset) ran on a pack made for the last one, oneDNN reordering it on every call (this and
+        # ResNet's direct convolutions: the R-50 detector at 384x512 after 384x640 0.896-0.904 s a frame instead
+        # of 0.862, one thread, AMD EPYC Zen 4; repacking every convolution for a new size takes ~0.2 s once)
+        key = (*key, pack_threads(), h, w)
         if self._packed is None or self._packed[0] != key:
             weight, bias = weights()
             tile, cout = tile_for(cin, weight.shape[0]), weight.shape[0]
