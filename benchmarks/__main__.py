@@ -211,11 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from runtime.cli_options import end_like_ctrl_c_on_sigterm
+    from runtime.cli_options import StopSignals
 
     from .suite import run
 
-    end_like_ctrl_c_on_sigterm()  # a kill ends like Ctrl-C: results written, probes stopped
+    StopSignals()  # a kill ends like Ctrl-C: results written, probes stopped
     name = ALIASES.get(args.name, args.name)
     names = list(BENCHMARKS) if name == "all" else [name]
     try:

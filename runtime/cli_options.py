@@ -81,13 +81,19 @@ def check_outputs(p: argparse.ArgumentParser, inputs: list[Optional[str]], outpu
         p.error(f"cannot tell the container from {Path(overlay).name!r}: use one of {', '.join(CONTAINERS)}")
 
 
-def end_like_ctrl_c_on_sigterm() -> None:
-    """SIGTERM (``kill``, ``docker stop``, systemd) raises KeyboardInterrupt in the main thread, as Ctrl-C does, so
-    a command ends through its Ctrl-C path: what it finished is written and its files closed (a stream's overlay
-    video had no index and did not play)."""
-    signal.signal(signal.SIGTERM, _interrupt)
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM (``kill``, ``docker stop``, systemd) raise KeyboardInterrupt in the main thread,
+    and ``requested`` remembers that one came, so a command ends through its Ctrl-C path (what it finished
+    written, its files closed) also where a library turned the interrupt into another exception: pycocotools
+    under numpy 2 raised TypeError when Ctrl-C landed in its mask decoding. Made once per command, on the main
+    thread; a SIGINT ignored from the start (a background job) stays ignored."""
 
+    def __init__(self) -> None:
+        self.requested = False
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, self._stop)
+        signal.signal(signal.SIGTERM, self._stop)
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
+    def _stop(self, signum: int, frame: object) -> None:
+        self.requested = True
+        raise KeyboardInterrupt

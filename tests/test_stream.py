@@ -440,3 +440,39 @@ def test_onnxruntime_export_streams_the_same_tracks_as_torch(demo, tmp_path):
     for a, b in zip(ours.instances, graph.instances):
         assert a.label == b.label and a.masks == b.masks
         assert abs(a.score - b.score) < 1e-3
+
+
+def test_an_interrupt_a_library_turned_into_another_error_still_ends_the_stream_cleanly(tmp_path, monkeypatch):
+    """Ctrl-C landing inside pycocotools' mask decoding under numpy 2 came out as a TypeError: the CLI printed a
+    traceback and exited 1. Whatever surfaces after a stop signal is the stop: exit 130, lines written. The
+    control: the same TypeError without a signal is a real error and propagates."""
+    import runtime.streaming.cli as cli
+    import runtime.streaming.engine as engine
+
+    def clips_then(signalled: bool):
+        def fake_stream(*args, **kwargs):
+            yield from []
+            try:
+                if signalled:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(1)  # the handler runs here
+                raise TypeError("__array__() got an unexpected keyword argument 'copy'")
+            except KeyboardInterrupt:
+                raise TypeError("__array__() got an unexpected keyword argument 'copy'") from None
+        return fake_stream
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "load_segmenter", lambda args: None)
+    video = tmp_path / "in.mp4"
+    video.write_bytes(b"")
+    argv = [str(video), "--model", str(demo_checkpoint()), "--out", str(tmp_path / "r.jsonl")]
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        monkeypatch.setattr(engine, "stream", clips_then(True))
+        assert cli.stream_main(argv) == 130
+        monkeypatch.setattr(engine, "stream", clips_then(False))
+        with pytest.raises(TypeError, match="copy"):
+            cli.stream_main(argv)
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])

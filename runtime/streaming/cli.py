@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from ..cli_options import (add_run_options, check_outputs, end_like_ctrl_c_on_sigterm, load_segmenter,
-                           segment_options)
+from ..cli_options import StopSignals, add_run_options, check_outputs, load_segmenter, segment_options
 from .outputs import JsonlWriter, OverlayWriter
 
 log = logging.getLogger(__name__)
@@ -55,7 +54,7 @@ def stream_main(argv: list[str]) -> int:
         reconnect=args.reconnect, format=args.format, options=dict(args.option), keep_frames=bool(args.render),
         **options,
     )  # fmt: skip
-    end_like_ctrl_c_on_sigterm()
+    stops = StopSignals()
     out = JsonlWriter(args.out)
     overlay = OverlayWriter(args.render) if args.render else None
     try:
@@ -65,6 +64,11 @@ def stream_main(argv: list[str]) -> int:
                 overlay.write(clip)
             log.info("clip %d: frames %d-%d, %d instances, latency %.2f s (compute %.2f s)",
                      clip.index, clip.first_frame, clip.end - 1, len(clip.instances), clip.latency_s, clip.compute_s)
+    except Exception:
+        if not stops.requested:
+            raise
+        log.info("interrupted: %d clip(s) written to %s", out.lines, args.out)
+        return 130
     except KeyboardInterrupt:
         log.info("interrupted: %d clip(s) written to %s", out.lines, args.out)
         return 130
