@@ -64,12 +64,9 @@ def stream_main(argv: list[str]) -> int:
                 overlay.write(clip)
             log.info("clip %d: frames %d-%d, %d instances, latency %.2f s (compute %.2f s)",
                      clip.index, clip.first_frame, clip.end - 1, len(clip.instances), clip.latency_s, clip.compute_s)
-    except Exception:
-        if not stops.requested:
+    except (Exception, KeyboardInterrupt) as e:
+        if not (stops.requested or isinstance(e, KeyboardInterrupt)):
             raise
-        log.info("interrupted: %d clip(s) written to %s", out.lines, args.out)
-        return 130
-    except KeyboardInterrupt:
         log.info("interrupted: %d clip(s) written to %s", out.lines, args.out)
         return 130
     finally:
